@@ -1,0 +1,110 @@
+"""Sending results back to a key's owner: compress, mask, re-randomise.
+
+``compress`` folds ``k`` one-value ciphertexts into one by shifting and adding
+(``C = prod c_j^(2^(j*slot_bits))``), so the owner decrypts ``k`` times fewer.
+``add_mask`` adds, per value, a uniform mask ``r < 2^(value_bits + mask_bits)``
+by multiplying with a *fresh encryption* of the packed mask, which is also the
+re-randomisation the protocol rules demand. The owner decrypts exact masked
+integers; only the sender, who keeps the ``Mask``, can remove it.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import gmpy2
+import numpy as np
+from gmpy2 import mpz
+
+from fedps.engine.crypto.cipher import Encryptor
+from fedps.engine.crypto.encoding import MIN_MASK_BITS, PackingLayout, decode_ints
+from fedps.engine.crypto.keys import check_bound, check_same_key
+from fedps.engine.crypto.vector import CipherVector
+from fedps.errors import CryptoError
+
+
+def compress(vector: CipherVector, layout: PackingLayout | None = None) -> CipherVector:
+    """Pack a one-value-per-ciphertext vector into ``layout`` (default: as many slots as fit).
+
+    The default layout reserves room for a 40-bit mask; pass a layout with
+    ``mask_bits=0`` only for results the owner may see in the clear.
+    """
+    if vector.layout is not None or vector.masked:
+        raise CryptoError("only unpacked, unmasked vectors can be compressed")
+    key_bits = vector.public_key.n.bit_length()
+    layout = layout or PackingLayout.for_bound(key_bits, vector.bound)
+    if vector.bound > layout.value_bound:
+        raise CryptoError(f"values may reach 2^{vector.bound.bit_length()}, slots hold {layout.value_bits} bits")
+    layout.check_fits(key_bits)
+    nsq, shift = vector.nsquare, mpz(1) << layout.slot_bits
+    cts, k = vector.ciphertexts, layout.slots
+    out = []
+    for start in range(0, len(cts), k):
+        group = cts[start:start + k]
+        acc = group[-1]
+        for c in reversed(group[:-1]):
+            acc = gmpy2.powmod(acc, shift, nsq) * c % nsq
+        out.append(acc)
+    return vector.with_ciphertexts(out, layout=layout)
+
+
+@dataclass(frozen=True)
+class Mask:
+    """The sender's secret: one mask per value, plus what is needed to undo it."""
+
+    values: tuple[int, ...] = field(repr=False)
+    frac_bits: int
+    bound: int
+    key_fingerprint: bytes
+
+    def remove_exact(self, masked: Sequence[int]) -> list[int]:
+        """Exact integers from the owner's decryption of a masked vector."""
+        if len(masked) != len(self.values):
+            raise CryptoError(f"{len(masked)} masked values for a mask of {len(self.values)}")
+        out = [int(x) - r for x, r in zip(masked, self.values)]
+        if any(abs(v) > self.bound for v in out):
+            raise CryptoError("unmasked value exceeds its bound: the decryption does not belong to this mask")
+        return out
+
+    def remove(self, masked: Sequence[int]) -> np.ndarray:
+        """Decoded float64 values from the owner's decryption of a masked vector."""
+        return decode_ints(self.remove_exact(masked), self.frac_bits)
+
+
+def add_mask(vector: CipherVector, encryptor: Encryptor) -> tuple[CipherVector, Mask]:
+    """Mask every value and re-randomise; returns the vector to send and the mask to keep."""
+    if vector.masked:
+        raise CryptoError("vector is already masked")
+    check_same_key(encryptor.public_key, vector.fingerprint)
+    layout = vector.layout
+    if layout is None:
+        value_bits, mask_bits = max(1, vector.bound.bit_length()), MIN_MASK_BITS
+        check_bound(vector.public_key, 1 << (value_bits + mask_bits + 1), "masked vector")
+    elif layout.mask_bits == 0:
+        raise CryptoError("the packing layout reserves no mask bits: plan it with mask_bits >= 40")
+    else:
+        value_bits, mask_bits = layout.value_bits, layout.mask_bits
+    masks = [secrets.randbits(value_bits + mask_bits) for _ in range(vector.length)]
+    k = vector.slots
+    plains = masks if layout is None else [layout.pack(masks[i:i + k]) for i in range(0, len(masks), k)]
+    enc_masks = encryptor.raw.encrypt(plains)
+    nsq = vector.nsquare
+    out = [c * m % nsq for c, m in zip(vector.ciphertexts, enc_masks)]
+    mask = Mask(tuple(masks), vector.frac_bits, vector.bound, vector.fingerprint)
+    return vector.with_ciphertexts(out, masked=True), mask
+
+
+def seal_for_owner(
+    vector: CipherVector, encryptor: Encryptor, layout: PackingLayout | None = None
+) -> tuple[CipherVector, Mask]:
+    """Compress (when unpacked), mask and re-randomise a result bound for the key's owner."""
+    packed = compress(vector, layout) if vector.layout is None else vector
+    return add_mask(packed, encryptor)
+
+
+def compressed_count(length: int, layout: PackingLayout) -> int:
+    """Ciphertexts needed for ``length`` values in ``layout``."""
+    return math.ceil(length / layout.slots)

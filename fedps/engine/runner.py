@@ -1,0 +1,85 @@
+"""Run one party of a federated job: open its channels, run its algorithm's role.
+
+The algorithm is looked up by name: ``job.algorithm = "channel_demo"`` runs
+``fedps.algorithms.channel_demo.run(context)``. (``engine`` never imports an
+algorithm statically; the arrows point from algorithms down to engine.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedps.engine.config import FedpsConfig
+from fedps.errors import ConfigError
+from fedps.messaging.channel import Channel
+from fedps.messaging.tags import Scope
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PartyContext:
+    """What an algorithm's role function gets: its configuration and open channels."""
+
+    config: FedpsConfig
+    channels: dict[str, Channel]
+    output_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def me(self) -> str:
+        return self.config.party.name
+
+    @property
+    def role(self) -> str:
+        return self.config.party.role
+
+    def scope(self, phase: str) -> Scope:
+        return Scope(self.config.job.id, phase)
+
+    def write_metrics(self) -> Path:
+        path = self.output_dir / "metrics.json"
+        path.write_text(json.dumps(self.metrics, indent=2, sort_keys=True))
+        return path
+
+
+def resolve_algorithm(name: str) -> Any:
+    if not name.replace("_", "").isalnum():
+        raise ConfigError(f"job.algorithm {name!r} is not a valid algorithm name")
+    try:
+        module = importlib.import_module(f"fedps.algorithms.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"fedps.algorithms.{name}":
+            raise ConfigError(f"job.algorithm {name!r} does not exist in fedps.algorithms") from None
+        raise
+    if not hasattr(module, "run"):
+        raise ConfigError(f"algorithm {name!r} has no run(context) entry point")
+    return module.run
+
+
+def run_party(config: FedpsConfig) -> dict[str, Any]:
+    """Run this party's role of the configured job; returns its metrics."""
+    run = resolve_algorithm(config.job.algorithm)
+    output = Path(config.party.output_dir or f"out/{config.job.id}/{config.party.name}")
+    output.mkdir(parents=True, exist_ok=True)
+    channel_config = config.channel_config()
+    started = time.perf_counter()
+    with ExitStack() as stack:
+        channels = {}
+        for peer in sorted(config.peers):
+            channel = Channel(config.job.id, config.party.name, peer, channel_config)
+            channels[peer] = stack.enter_context(channel.open())
+        log.info("%s: channels open to %s in %.2fs", config.party.name, ", ".join(channels),
+                 time.perf_counter() - started)
+        context = PartyContext(config, channels, output)
+        run(context)
+    context.metrics.setdefault("wall_s", round(time.perf_counter() - started, 3))
+    context.write_metrics()
+    return context.metrics

@@ -1,0 +1,54 @@
+"""Session-wide fixtures: the embedded broker, Spark and Ray start once per test run.
+
+DESIGN.md ("Tests that fit in CI"): starting these is slow, so every test
+shares one of each; Spark and Ray start only if some test asks for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import pytest
+
+from fedps.messaging.broker import EmbeddedBroker
+from fedps.messaging.config import KafkaConfig
+
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+logging.getLogger("kafka").setLevel(logging.CRITICAL)
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """One embedded Kafka-compatible broker for the whole test session."""
+    with EmbeddedBroker() as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def kafka_config(broker) -> KafkaConfig:
+    return KafkaConfig(bootstrap_servers=broker.bootstrap_servers)
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """A local[2] SparkSession shared by all tests (executors use this interpreter)."""
+    from fedps.engine.config import SparkConfig
+    from fedps.engine.session import start_spark, stop_spark
+
+    session = start_spark(SparkConfig(master="local[2]", conf={"spark.sql.shuffle.partitions": "2"}))
+    yield session
+    stop_spark(session)
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """A local Ray cluster shared by all tests; yields its GCS address."""
+    from fedps.engine.config import RayConfig
+    from fedps.engine.session import start_ray, stop_ray
+
+    address = start_ray(RayConfig(object_store_mb=128, num_cpus=2))
+    yield address
+    stop_ray()
