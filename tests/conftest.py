@@ -52,3 +52,34 @@ def ray_address():
     address = start_ray(RayConfig(object_store_mb=128, num_cpus=2))
     yield address
     stop_ray()
+
+
+@pytest.fixture
+def make_parties(tmp_path, kafka_config):
+    """Factory: ``make_parties("a", "b")`` gives each party an identity and a ChannelConfig
+    that pins every other party; ``chunk_bytes`` and timeouts may be overridden."""
+    from fedps.messaging.config import ChannelConfig
+    from fedps.messaging.identity import generate_identity
+
+    def make(*names: str, **settings):
+        public = {n: generate_identity(tmp_path / "keys" / f"{n}.key") for n in names}
+        return {
+            n: ChannelConfig(
+                kafka=kafka_config,
+                identity_key=str(tmp_path / "keys" / f"{n}.key"),
+                peers={p: public[p] for p in names if p != n},
+                state_dir=str(tmp_path / "state" / n),
+                **settings,
+            )
+            for n in names
+        }
+
+    return make
+
+
+@pytest.fixture
+def job_id(request) -> str:
+    """A job id unique to the test, so tests never share topics."""
+    import uuid
+
+    return f"t{uuid.uuid4().hex[:12]}"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedps.errors import ConfigError
-from fedps.messaging.config import ChannelConfig, KafkaConfig, check_name
+from fedps.messaging.config import ChannelConfig, KafkaConfig, check_channel_settings, check_name
 
 
 def _path() -> Any:
@@ -55,6 +55,10 @@ class ChannelSettings:
     recv_timeout_s: float = 120.0
     handshake_timeout_s: float = 120.0
     on_bad_message: str = "raise"
+
+    def __post_init__(self) -> None:
+        check_channel_settings(self.chunk_bytes, self.recv_timeout_s, self.handshake_timeout_s,
+                               self.on_bad_message)
 
 
 @dataclass(frozen=True)

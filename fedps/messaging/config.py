@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, Mapping
 
 from fedps.errors import ConfigError
@@ -120,15 +119,24 @@ class ChannelConfig:
     on_bad_message: str = "raise"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "peers", MappingProxyType(dict(self.peers)))
+        object.__setattr__(self, "peers", dict(self.peers))
         for name in self.peers:
             check_name("peer", name)
-        if not 1024 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
-            raise ConfigError(
-                f"channel.chunk_bytes must be between 1024 and {MAX_CHUNK_BYTES}, "
-                f"got {self.chunk_bytes}"
-            )
-        if self.recv_timeout_s <= 0 or self.handshake_timeout_s <= 0:
-            raise ConfigError("channel timeouts must be positive")
-        if self.on_bad_message not in ("raise", "skip"):
-            raise ConfigError("channel.on_bad_message must be 'raise' or 'skip'")
+        check_channel_settings(self.chunk_bytes, self.recv_timeout_s, self.handshake_timeout_s,
+                               self.on_bad_message)
+
+
+def check_channel_settings(
+    chunk_bytes: int, recv_timeout_s: float, handshake_timeout_s: float, on_bad_message: str
+) -> None:
+    """Validate the ``[channel]`` settings; shared with the engine's configuration."""
+    if not 4096 <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ConfigError(
+            f"channel.chunk_bytes must be between 4096 and {MAX_CHUNK_BYTES}, got {chunk_bytes}"
+        )
+    if recv_timeout_s <= 0:
+        raise ConfigError(f"channel.recv_timeout_s must be positive, got {recv_timeout_s}")
+    if handshake_timeout_s <= 0:
+        raise ConfigError(f"channel.handshake_timeout_s must be positive, got {handshake_timeout_s}")
+    if on_bad_message not in ("raise", "skip"):
+        raise ConfigError(f"channel.on_bad_message must be 'raise' or 'skip', got {on_bad_message!r}")
