@@ -40,7 +40,6 @@ def from_phe(
     least to integer scale), so the result's ``frac_bits`` may exceed
     ``fixed.frac_bits``.
     """
-    want = fingerprint(public_key)
     for num in numbers:
         check_same_key(public_key, fingerprint(num.public_key), "phe number")
     if not numbers:
@@ -53,5 +52,4 @@ def from_phe(
         step = num.exponent - low
         cts.append(gmpy2.powmod(c, mpz(16) ** step, nsq) if step else c)
     frac = -low * _BASE_BITS
-    del want
     return CipherVector(public_key, cts, len(cts), frac, 1 << (fixed.int_bits + frac))
