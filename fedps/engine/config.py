@@ -54,6 +54,7 @@ class ChannelSettings:
     chunk_bytes: int = 900_000
     recv_timeout_s: float = 120.0
     handshake_timeout_s: float = 120.0
+    commit_interval_s: float = 0.2
     on_bad_message: str = "raise"
 
     def __post_init__(self) -> None:

@@ -75,6 +75,8 @@ class Channel:
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._seq = 0
+        self._pending: deque = deque()   # (tag, future) of sends not yet acknowledged
+        self._last_commit = 0.0
         self._partition = TopicPartition(self.in_topic, 0)
         self._ready: dict[str, deque[_Ready]] = defaultdict(deque)
         self._assembly: dict[tuple[int, int], _Assembly] = {}
@@ -108,7 +110,7 @@ class Channel:
             auto_offset_reset="earliest",
             fetch_max_wait_ms=self.config.kafka.fetch_max_wait_ms,
             fetch_min_bytes=1,
-            max_partition_fetch_bytes=max(1 << 20, 2 * self.config.chunk_bytes),
+            max_partition_fetch_bytes=max(8 << 20, 4 * self.config.chunk_bytes),
         )
         self._consumer.assign([self._partition])
         saved = self._file.load()
@@ -126,6 +128,8 @@ class Channel:
     def close(self) -> None:
         """Commit what was handed over and release the Kafka clients."""
         try:
+            if self._producer is not None and self._state.keyed:
+                self.flush()
             if self._consumer is not None and self._state.keyed:
                 self.commit(wait=True)
         finally:
@@ -141,8 +145,14 @@ class Channel:
         self.close()
 
     # ------------------------------------------------------------------ sending
-    def send(self, tag: Tag, value: Any) -> None:
-        """Seal ``value`` under ``tag`` and deliver it to the broker before returning."""
+    def send(self, tag: Tag, value: Any, *, wait: bool = False) -> None:
+        """Seal ``value`` under ``tag`` and hand it to the producer.
+
+        Sends are pipelined: the value is on its way when this returns, and
+        :meth:`flush` (called by ``close`` and before a checkpoint) waits until
+        the broker has everything. ``wait=True`` flushes at once. A delivery
+        failure surfaces as PeerError from the next send, flush or recv.
+        """
         self._require_open()
         if not isinstance(tag, Tag) or tag.job != self.job:
             raise ProtocolError(f"send needs a Tag of job {self.job!r}, got {tag!r}")
@@ -151,27 +161,33 @@ class Channel:
         pieces = [body[i : i + size] for i in range(0, len(body), size)] or [b""]
         key = bytes.fromhex(self._state.send_key)
         with self._send_lock:
+            self._check_deliveries()
             self._seq += 1
-            futures = [
-                self._producer.send(
-                    self.out_topic,
-                    partition=0,
-                    value=wire.seal(
-                        key, job=self.job, sender=self.me, receiver=self.peer,
-                        tag=tag.encode(), epoch=self._state.send_epoch, seq=self._seq,
-                        chunk=i, chunks=len(pieces), plaintext=piece,
-                    ),
+            for i, piece in enumerate(pieces):
+                frame = wire.seal(
+                    key, job=self.job, sender=self.me, receiver=self.peer,
+                    tag=tag.encode(), epoch=self._state.send_epoch, seq=self._seq,
+                    chunk=i, chunks=len(pieces), plaintext=piece,
                 )
-                for i, piece in enumerate(pieces)
-            ]
+                self._pending.append((tag, self._producer.send(self.out_topic, partition=0, value=frame)))
+        if wait:
+            self.flush()
+
+    def flush(self) -> None:
+        """Wait until the broker holds every value sent so far."""
+        self._require_open()
+        with self._send_lock:
             self._producer.flush()
-            for future in futures:
-                try:
-                    future.get(timeout=0)
-                except KafkaError as exc:
-                    raise PeerError(
-                        f"could not deliver {tag} to topic {self.out_topic}: {exc}"
-                    ) from exc
+            self._check_deliveries()
+
+    def _check_deliveries(self) -> None:
+        while self._pending and self._pending[0][1].is_done:
+            tag, future = self._pending.popleft()
+            if future.failed():
+                self._pending.clear()
+                raise PeerError(
+                    f"could not deliver {tag} to topic {self.out_topic}: {future.exception}"
+                )
 
     # ------------------------------------------------------------------ receiving
     def recv(self, tag: Tag, timeout: float | None = None) -> Any:
@@ -181,7 +197,8 @@ class Channel:
         limit = self.config.recv_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + limit
         with self._recv_lock:
-            self.commit()
+            if time.monotonic() - self._last_commit >= self.config.commit_interval_s:
+                self.commit()
             while not self._ready.get(key):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -189,6 +206,8 @@ class Channel:
                         f"timed out after {limit:g}s waiting for {tag} from peer "
                         f"{self.peer!r} on topic {self.in_topic}"
                     )
+                with self._send_lock:
+                    self._check_deliveries()
                 self._poll(min(remaining, _POLL_S))
             ready = self._ready[key].popleft()
             self._handed.append(ready)
@@ -215,6 +234,7 @@ class Channel:
         position = self.position()
         if self._handed or position.offset != (self._state.position.offset if self._state.position else 0):
             self._handed.clear()
+            self._last_commit = time.monotonic()
             self._delivered = {m for m in self._delivered if m > position.last_id[:2]}
             self._state.position = position
             self._file.save(self._state)

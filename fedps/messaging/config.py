@@ -115,6 +115,9 @@ class ChannelConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     recv_timeout_s: float = 120.0
     handshake_timeout_s: float = 120.0
+    #: How often ``recv`` records the position of values handed over (state file
+    #: and Kafka); ``close`` and ``commit`` always do. 0 commits on every recv.
+    commit_interval_s: float = 0.2
     #: What ``recv`` does with a tampered or foreign message: raise, or log and skip.
     on_bad_message: str = "raise"
 
@@ -124,6 +127,8 @@ class ChannelConfig:
             check_name("peer", name)
         check_channel_settings(self.chunk_bytes, self.recv_timeout_s, self.handshake_timeout_s,
                                self.on_bad_message)
+        if self.commit_interval_s < 0:
+            raise ConfigError("channel.commit_interval_s must be 0 or more")
 
 
 def check_channel_settings(
