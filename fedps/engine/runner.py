@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedps.engine.config import FedpsConfig
+from fedps.engine.session import start_ray, start_spark, stop_ray, stop_spark
 from fedps.errors import ConfigError
 from fedps.messaging.channel import Channel
 from fedps.messaging.tags import Scope
@@ -32,6 +33,31 @@ class PartyContext:
     channels: dict[str, Channel]
     output_dir: Path
     metrics: dict[str, Any] = field(default_factory=dict)
+    _spark: Any = None
+    _ray_address: str | None = None
+
+    @property
+    def spark(self) -> Any:
+        """This party's SparkSession, started on first use from ``[spark]``."""
+        if self._spark is None:
+            self._spark = start_spark(self.config.spark)
+        return self._spark
+
+    @property
+    def ray_address(self) -> str:
+        """The GCS address of this party's Ray, started on first use from ``[ray]``."""
+        if self._ray_address is None:
+            self._ray_address = start_ray(self.config.ray)
+        return self._ray_address
+
+    def close(self) -> None:
+        """Stop the sessions this context started."""
+        if self._spark is not None:
+            stop_spark(self._spark)
+            self._spark = None
+        if self._ray_address is not None:
+            stop_ray()
+            self._ray_address = None
 
     @property
     def me(self) -> str:
@@ -79,6 +105,7 @@ def run_party(config: FedpsConfig) -> dict[str, Any]:
         log.info("%s: channels open to %s in %.2fs", config.party.name, ", ".join(channels),
                  time.perf_counter() - started)
         context = PartyContext(config, channels, output)
+        stack.callback(context.close)
         run(context)
     context.metrics.setdefault("wall_s", round(time.perf_counter() - started, 3))
     context.write_metrics()
