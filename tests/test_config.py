@@ -79,3 +79,13 @@ def test_identity_key_readable_by_others_is_refused(tmp_path):
     os.chmod(key, 0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         load_identity(key)
+
+
+def test_every_example_configuration_loads():
+    from pathlib import Path
+
+    examples = sorted(Path(__file__).parents[1].joinpath("conf").rglob("*.toml"))
+    assert examples
+    for path in examples:
+        loaded = config.load(path)
+        assert loaded.party.name and loaded.peers, path
