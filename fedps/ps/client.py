@@ -1,0 +1,172 @@
+"""The client of one table: batch ``pull`` and ``push`` of numpy arrays.
+
+A client routes each key to its shard with one vectorised hash, sends one
+request per shard in parallel and puts the answers back in the caller's order.
+It works wherever Ray is connected: on the driver, and in a Spark executor,
+where ``connect`` joins the cluster once per Python worker with
+``ray.init(address=...)`` and finds the shard actors by name, so later tasks
+in the same worker reuse both the connection and the handles.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedps.errors import ConfigError, PeerError
+from fedps.ps.config import PSConfig, TableSpec
+from fedps.ps.keys import as_keys, as_rows, shard_of
+from fedps.ps.shard import actor_name
+
+log = logging.getLogger(__name__)
+
+_CLIENTS: dict[tuple[str, str, str, str], "TableClient"] = {}
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """What an executor needs to reach a table: picklable, small, ship it in a closure.
+
+    ``address`` is the Ray address to join when this process is not connected
+    yet: a GCS ``host:port`` (a process on a Ray node, e.g. a Spark executor in
+    local mode) or ``ray://host:10001`` (Ray client, from outside the cluster).
+    """
+
+    ps_name: str
+    table: str
+    namespace: str
+    address: str = ""
+
+    def client(self) -> "TableClient":
+        """The cached client of this table in this process (connecting if needed)."""
+        return connect(self)
+
+
+def _ensure_ray(address: str, namespace: str) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if not address:
+        raise ConfigError("Ray is not connected here and the table reference has no address to join")
+    log.info("joining ray at %s", address)
+    ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def connect(ref: TableRef) -> "TableClient":
+    """A client of ``ref``'s table, cached per process; joins Ray if this process has not."""
+    key = (ref.ps_name, ref.table, ref.namespace, ref.address)
+    client = _CLIENTS.get(key)
+    if client is None:
+        _ensure_ray(ref.address, ref.namespace)
+        client = TableClient.lookup(ref.ps_name, ref.table, ref.namespace)
+        _CLIENTS[key] = client
+    return client
+
+
+def forget_clients() -> None:
+    """Drop cached clients (after the server's actors were replaced)."""
+    _CLIENTS.clear()
+
+
+class TableClient:
+    """Batch access to the shards of one table."""
+
+    def __init__(self, config: PSConfig, spec: TableSpec, shards: list[Any]) -> None:
+        self.config = config
+        self.spec = spec
+        self.shards = shards
+        self.dtype = np.dtype(spec.dtype)
+
+    @classmethod
+    def lookup(cls, ps_name: str, table: str, namespace: str) -> "TableClient":
+        """Find the shard actors of ``table`` by name (Ray must be connected)."""
+        import ray
+
+        try:
+            first = ray.get_actor(actor_name(ps_name, table, 0), namespace=namespace)
+            info = ray.get(first.describe.remote())
+            config: PSConfig = info["config"]
+            shards = [first] + [
+                ray.get_actor(actor_name(ps_name, table, i), namespace=namespace)
+                for i in range(1, config.num_shards)
+            ]
+        except ValueError as exc:
+            raise PeerError(f"no shards of table {table!r} of ps {ps_name!r} in namespace {namespace!r}") from exc
+        return cls(config, config.table(table), shards)
+
+    def _route(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Permutation grouping keys by shard, and the group boundaries."""
+        owner = shard_of(keys, self.spec, self.config.num_shards)
+        order = np.argsort(owner, kind="stable")
+        bounds = np.searchsorted(owner[order], np.arange(self.config.num_shards + 1))
+        return order, bounds
+
+    def pull(self, keys: object, step: int | None = None) -> np.ndarray:
+        """Rows of ``keys`` as a ``(len(keys), width)`` array, in the order given.
+
+        With ``step``, waits for that step's barrier (synchronous mode) or for the
+        staleness bound (bounded-staleness mode) before reading.
+        """
+        import ray
+
+        keys = as_keys(keys, self.spec.dim)
+        order, bounds = self._route(keys)
+        grouped = keys[order]
+        pending = {
+            i: self.shards[i].pull.remote(grouped[bounds[i] : bounds[i + 1]], step)
+            for i in range(self.config.num_shards)
+            if bounds[i + 1] > bounds[i]
+        }
+        out = np.empty((keys.size, self.spec.width), dtype=self.dtype)
+        for i, rows in zip(pending, ray.get(list(pending.values()))):
+            out[order[bounds[i] : bounds[i + 1]]] = rows
+        return out
+
+    def push(self, keys: object, grads: object, step: int | None = None, worker: int = 0, seq: int = 0) -> None:
+        """Send gradients of ``keys`` (``(len(keys), width)``; equal keys are summed).
+
+        In synchronous mode the shards buffer them until step ``step`` ends;
+        ``(worker, seq)`` orders the pushes of a step and a repeated pair
+        replaces the earlier push. Returns once every shard has the batch.
+        """
+        import ray
+
+        keys = as_keys(keys, self.spec.dim)
+        grads = as_rows(grads, keys.size, self.spec.width, self.dtype)
+        order, bounds = self._route(keys)
+        grouped_keys, grouped_grads = keys[order], grads[order]
+        refs = [
+            self.shards[i].push.remote(
+                grouped_keys[bounds[i] : bounds[i + 1]], grouped_grads[bounds[i] : bounds[i + 1]], step, worker, seq
+            )
+            for i in range(self.config.num_shards)
+            if bounds[i + 1] > bounds[i]
+        ]
+        ray.get(refs)
+
+    def finish_step(self, worker: int, step: int) -> None:
+        """Tell every shard that ``worker`` is done with ``step`` (worker-driven barrier)."""
+        import ray
+
+        ray.get([shard.finish_step.remote(worker, step) for shard in self.shards])
+
+    def stats(self) -> list[dict[str, int]]:
+        """Per-shard rows, bytes of row storage and process memory."""
+        import ray
+
+        return ray.get([shard.stats.remote() for shard in self.shards])
+
+    def dump(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Every stored row of the table in key order, with optimizer state."""
+        import ray
+
+        parts = ray.get([shard.dump.remote() for shard in self.shards])
+        keys = np.concatenate([p[0] for p in parts])
+        order = np.argsort(keys, kind="stable")
+        weights = np.concatenate([p[1] for p in parts])[order]
+        state = {name: np.concatenate([p[2][name] for p in parts])[order] for name in parts[0][2]}
+        return keys[order], weights, state

@@ -1,0 +1,159 @@
+"""The driver's handle on a parameter server: start shards, end steps, checkpoint, restore.
+
+``ParameterServer.start(config)`` creates one named actor per (table, shard)
+in the configured Ray namespace. The driver ends each synchronous step with
+``end_step()`` (the barrier: every shard applies that step's pushes) and gets
+a checkpoint every ``checkpoint_every`` steps; ``checkpoint()`` and
+``restore()`` also work on request. Executors reach tables through
+``ref(table)``, a small picklable reference, and never need this object.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fedps.errors import DataError, PeerError
+from fedps.ps import checkpoint
+from fedps.ps.client import TableClient, TableRef, forget_clients
+from fedps.ps.config import PSConfig, TableSpec
+from fedps.ps.shard import actor_name, start_shard
+
+log = logging.getLogger(__name__)
+
+
+def _layout(spec: TableSpec) -> dict[str, Any]:
+    """What a checkpoint's rows must agree on to be loaded into ``spec`` (settings may change)."""
+    return {"kind": spec.kind, "width": spec.width, "dim": str(spec.dim), "dtype": spec.dtype,
+            "optimizer": spec.optimizer.name}
+
+
+class ParameterServer:
+    """All tables of one PS, as seen from the driver."""
+
+    def __init__(self, config: PSConfig, shards: dict[str, list[Any]], step: int = 0) -> None:
+        self.config = config
+        self.shards = shards
+        self.step = step
+        self._clients = {name: TableClient(config, config.table(name), handles) for name, handles in shards.items()}
+
+    @classmethod
+    def start(cls, config: PSConfig) -> "ParameterServer":
+        """Create the shard actors of every table (Ray must be connected)."""
+        import ray
+
+        for spec in config.tables:
+            try:
+                ray.get_actor(actor_name(config.name, spec.name, 0), namespace=config.namespace)
+            except ValueError:
+                continue
+            raise PeerError(f"ps {config.name!r} already runs in namespace {config.namespace!r}; stop it first")
+        shards = {
+            spec.name: [start_shard(config, spec.name, i) for i in range(config.num_shards)] for spec in config.tables
+        }
+        server = cls(config, shards)
+        ray.get([h.describe.remote() for h in server._handles()])  # wait until all are up
+        forget_clients()
+        log.info("ps %s started: %d tables x %d shards", config.name, len(config.tables), config.num_shards)
+        return server
+
+    def _handles(self) -> list[Any]:
+        return [handle for handles in self.shards.values() for handle in handles]
+
+    def table(self, name: str) -> TableClient:
+        """The client of table ``name`` for use on the driver."""
+        if name not in self._clients:
+            raise DataError(f"ps {self.config.name} has no table {name!r}")
+        return self._clients[name]
+
+    def ref(self, name: str) -> TableRef:
+        """A picklable reference to table ``name`` for Spark executors."""
+        import ray
+
+        self.table(name)
+        address = ray.get_runtime_context().gcs_address
+        return TableRef(self.config.name, name, self.config.namespace, address)
+
+    def end_step(self) -> int:
+        """Barrier: apply the current step's pushes on every shard; checkpoint when due."""
+        import ray
+
+        ray.get([h.end_step.remote(self.step) for h in self._handles()])
+        self.step += 1
+        every = self.config.checkpoint_every
+        if every and self.step % every == 0:
+            self.checkpoint()
+        return self.step
+
+    def sync_step(self) -> int:
+        """Read the step of the shards (after workers ended steps with ``finish_step``)."""
+        import ray
+
+        steps = {info["step"] for info in ray.get([h.stats.remote() for h in self._handles()])}
+        if len(steps) != 1:
+            raise PeerError(f"shards disagree on the step: {sorted(steps)}; wait for the slowest worker")
+        self.step = steps.pop()
+        return self.step
+
+    def checkpoint(self) -> str:
+        """Write a checkpoint of the current step; returns its folder URI."""
+        import ray
+
+        root = self.config.checkpoint_dir
+        if not root:
+            raise DataError("ps.checkpoint_dir is not set; nowhere to write a checkpoint")
+        tmp = checkpoint.tmp_dir(self.step)
+        fs, root_path = checkpoint.filesystem(root)
+        fs.create_dir(f"{root_path}/{tmp}")
+        tables: dict[str, Any] = {}
+        for spec in self.config.tables:
+            fs.create_dir(f"{root_path}/{tmp}/{spec.name}")
+            files = [f"{spec.name}/shard-{i:05d}.parquet" for i in range(self.config.num_shards)]
+            saved = ray.get(
+                [h.save.remote(checkpoint.join(root, tmp, f)) for h, f in zip(self.shards[spec.name], files)]
+            )
+            tables[spec.name] = {
+                "num_shards": self.config.num_shards,
+                "layout": _layout(spec),
+                "spec": repr(spec),
+                "files": [{"path": f, "rows": s["rows"], "bytes": s["bytes"]} for f, s in zip(files, saved)],
+            }
+        uri = checkpoint.commit(root, tmp, self.step, tables)
+        checkpoint.prune(root, self.config.keep_checkpoints)
+        return uri
+
+    def restore(self, step: int | None = None) -> int:
+        """Load the checkpoint of ``step`` (default: the last complete one); returns its step."""
+        import ray
+
+        root = self.config.checkpoint_dir
+        complete = checkpoint.complete_steps(root) if root else []
+        if step is None and not complete:
+            raise DataError(f"no complete checkpoint under {root!r}")
+        step = complete[-1] if step is None else step
+        manifest = checkpoint.read_manifest(root, step)
+        if manifest is None:
+            raise DataError(f"no complete checkpoint of step {step} under {root!r}; complete ones: {complete}")
+        loads = []
+        for spec in self.config.tables:
+            entry = manifest["tables"].get(spec.name)
+            if entry is None or entry["layout"] != _layout(spec):
+                raise DataError(f"checkpoint of step {step} does not hold table {spec.name} as configured now")
+            folder = checkpoint.join(root, checkpoint.step_dir(step))
+            paths = [checkpoint.join(folder, f["path"]) for f in entry["files"]]
+            same = entry["num_shards"] == self.config.num_shards
+            for i, handle in enumerate(self.shards[spec.name]):
+                loads.append(handle.load.remote([paths[i]] if same else paths, step))
+        ray.get(loads)
+        self.step = step
+        log.info("ps %s restored from the checkpoint of step %d", self.config.name, step)
+        return step
+
+    def stop(self) -> None:
+        """Kill every shard actor of this server."""
+        import ray
+
+        for handle in self._handles():
+            ray.kill(handle)
+        forget_clients()
+        log.info("ps %s stopped", self.config.name)
