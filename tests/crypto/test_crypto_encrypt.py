@@ -115,3 +115,14 @@ def test_plaintext_in_the_overflow_gap_decrypts_to_an_error_not_a_value(keypair,
     pub = keypair[0]
     with pytest.raises(CryptoError, match="overflow gap"):
         dec.raw.decrypt([mpz(pub.raw_encrypt(pub.n // 2))])
+
+
+@pytest.mark.parametrize("frac_bits", [8, 300])
+def test_small_and_wide_plaintexts_decrypt_like_phe(keypair, owner_enc, dec, frac_bits):
+    """Bounds below min(p, q)/2 decrypt modulo one prime; wider ones need both."""
+    values = np.array([-7.25, 0.0, 3.5, -1e-2])
+    vec = owner_enc.encrypt(values, FixedPoint(frac_bits=frac_bits, int_bits=8))
+    priv = keypair[1]
+    assert dec.decrypt_exact(vec) == [int(priv.decrypt(n) * 2**frac_bits) if frac_bits < 60 else e
+                                      for n, e in zip(to_phe(vec), dec.raw.decrypt(vec.ciphertexts))]
+    assert dec.decrypt_exact(vec) == FixedPoint(frac_bits=frac_bits, int_bits=8).encode(values)

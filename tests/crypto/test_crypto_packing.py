@@ -31,8 +31,9 @@ def test_pack_then_unpack_returns_signed_values(slots, width, data):
 def test_capacity_follows_key_size_precision_and_headroom():
     plan = PackingLayout.plan(2048, FixedPoint(frac_bits=16, int_bits=4), additions=1023)
     assert plan.value_bits == 4 + 16 + 10 + 1
-    assert plan.slot_bits == plan.value_bits + 40 + 2
-    assert plan.slots == capacity(2048, plan.slot_bits) == 2045 // plan.slot_bits
+    assert plan.slot_bits == plan.value_bits + 1
+    assert plan.slots == capacity(2048, plan.slot_bits, 40) == (2048 - 3 - 41) // plan.slot_bits
+    assert plan.mask_range_bits + 1 <= 2048 - 3
     unmasked = PackingLayout.plan(2048, FixedPoint(frac_bits=16, int_bits=4), additions=1023, mask_bits=0)
     assert unmasked.slots > plan.slots
     assert PackingLayout.plan(4096, FixedPoint(frac_bits=16, int_bits=4), additions=1023).slots > plan.slots
@@ -127,3 +128,12 @@ def test_compressing_values_wider_than_the_layout_raises(keypair, peer_enc):
     vec = peer_enc.encrypt([1.0, 2.0], FIX)
     with pytest.raises(CryptoError):
         compress(vec, PackingLayout(slots=2, value_bits=8))
+
+
+def test_mask_is_at_least_40_bits_wider_than_the_packed_value(peer_enc):
+    packed = compress(peer_enc.encrypt(np.ones(30), FIX))
+    hidden_bits = packed.layout.slots * packed.layout.slot_bits
+    assert packed.layout.mask_range_bits >= hidden_bits + 40
+    _, mask = add_mask(packed, peer_enc)
+    assert all(0 <= r < 2 ** packed.layout.mask_range_bits for r in mask.values)
+    assert max(r.bit_length() for r in mask.values) > hidden_bits + 30

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedps.engine.crypto.encoding import DEFAULT_FIXED, FixedPoint, PackingLayout, decode_ints
+from fedps.engine.crypto.encoding import DEFAULT_FIXED, MIN_MASK_BITS, FixedPoint, PackingLayout, decode_ints
 from fedps.engine.crypto.fast import DEFAULT_WINDOW, Obfuscator, RawDecryptor, RawEncryptor
 from fedps.engine.crypto.keys import PrivateKey, PublicKey, check_same_key, fingerprint
 from fedps.engine.crypto.vector import CipherVector
@@ -85,10 +85,14 @@ class Decryptor:
         self.raw = RawDecryptor(private_key)
 
     def decrypt_exact(self, vector: CipherVector) -> list[int]:
-        """Exact signed integers, one per logical value (packed slots are split)."""
+        """Exact signed integers: one per value, or one per ciphertext for a masked vector.
+
+        A masked vector's plaintexts are returned whole (value plus mask);
+        the sender's ``Mask.remove`` takes them, unmasks and unpacks.
+        """
         check_same_key(self.public_key, vector.fingerprint)
-        plains = self.raw.decrypt(vector.ciphertexts)
-        if vector.layout is None:
+        plains = self.raw.decrypt(vector.ciphertexts, _plain_bound(vector))
+        if vector.layout is None or vector.masked:
             return plains
         out: list[int] = []
         for p in plains:
@@ -103,3 +107,12 @@ class Decryptor:
         if any(abs(v) > vector.bound for v in ints):
             raise CryptoError("decrypted value exceeds the vector's declared bound: overflow or tampering")
         return decode_ints(ints, vector.frac_bits)
+
+
+def _plain_bound(vector: CipherVector) -> int | None:
+    """A bound on ``|plaintext|`` when one is known to be small, else ``None``."""
+    if vector.layout is not None:
+        return None
+    if vector.masked:
+        return 1 << (max(1, vector.bound.bit_length()) + MIN_MASK_BITS + 1)
+    return vector.bound

@@ -2,10 +2,11 @@
 
 ``compress`` folds ``k`` one-value ciphertexts into one by shifting and adding
 (``C = prod c_j^(2^(j*slot_bits))``), so the owner decrypts ``k`` times fewer.
-``add_mask`` adds, per value, a uniform mask ``r < 2^(value_bits + mask_bits)``
-by multiplying with a *fresh encryption* of the packed mask, which is also the
-re-randomisation the protocol rules demand. The owner decrypts exact masked
-integers; only the sender, who keeps the ``Mask``, can remove it.
+``add_mask`` adds to every plaintext a uniform mask ``mask_bits`` (>= 40) wider
+than the plaintext's value, by multiplying with a *fresh encryption* of the
+mask, which is also the re-randomisation the protocol rules demand. The owner
+decrypts exact masked integers (one per ciphertext); only the sender, who
+keeps the ``Mask``, can remove it and unpack the slots.
 """
 
 from __future__ import annotations
@@ -53,47 +54,54 @@ def compress(vector: CipherVector, layout: PackingLayout | None = None) -> Ciphe
 
 @dataclass(frozen=True)
 class Mask:
-    """The sender's secret: one mask per value, plus what is needed to undo it."""
+    """The sender's secret: one mask per ciphertext, plus what is needed to undo it."""
 
     values: tuple[int, ...] = field(repr=False)
+    layout: PackingLayout | None
+    length: int
     frac_bits: int
     bound: int
-    key_fingerprint: bytes
 
     def remove_exact(self, masked: Sequence[int]) -> list[int]:
-        """Exact integers from the owner's decryption of a masked vector."""
+        """Exact integers from the owner's ``decrypt_exact`` of the masked vector."""
         if len(masked) != len(self.values):
-            raise CryptoError(f"{len(masked)} masked values for a mask of {len(self.values)}")
-        out = [int(x) - r for x, r in zip(masked, self.values)]
+            raise CryptoError(f"{len(masked)} masked plaintexts for a mask of {len(self.values)}")
+        plains = [int(x) - r for x, r in zip(masked, self.values)]
+        if self.layout is None:
+            out = plains
+        else:
+            out = [v for p in plains for v in self.layout.unpack(p)][:self.length]
         if any(abs(v) > self.bound for v in out):
             raise CryptoError("unmasked value exceeds its bound: the decryption does not belong to this mask")
         return out
 
     def remove(self, masked: Sequence[int]) -> np.ndarray:
-        """Decoded float64 values from the owner's decryption of a masked vector."""
+        """Decoded float64 values from the owner's ``decrypt_exact`` of the masked vector."""
         return decode_ints(self.remove_exact(masked), self.frac_bits)
 
 
 def add_mask(vector: CipherVector, encryptor: Encryptor) -> tuple[CipherVector, Mask]:
-    """Mask every value and re-randomise; returns the vector to send and the mask to keep."""
+    """Mask every plaintext and re-randomise; returns the vector to send and the mask to keep.
+
+    Each plaintext ``V`` (a value, or a packed integer) gets ``V + R`` with
+    ``R`` uniform below ``2^(bits(V) + mask_bits)``, added as a fresh
+    encryption of ``R``.
+    """
     if vector.masked:
         raise CryptoError("vector is already masked")
     check_same_key(encryptor.public_key, vector.fingerprint)
     layout = vector.layout
     if layout is None:
-        value_bits, mask_bits = max(1, vector.bound.bit_length()), MIN_MASK_BITS
-        check_bound(vector.public_key, 1 << (value_bits + mask_bits + 1), "masked vector")
+        bits = max(1, vector.bound.bit_length()) + MIN_MASK_BITS
+        check_bound(vector.public_key, 1 << (bits + 1), "masked vector")
     elif layout.mask_bits == 0:
         raise CryptoError("the packing layout reserves no mask bits: plan it with mask_bits >= 40")
     else:
-        value_bits, mask_bits = layout.value_bits, layout.mask_bits
-    masks = [secrets.randbits(value_bits + mask_bits) for _ in range(vector.length)]
-    k = vector.slots
-    plains = masks if layout is None else [layout.pack(masks[i:i + k]) for i in range(0, len(masks), k)]
-    enc_masks = encryptor.raw.encrypt(plains)
+        bits = layout.mask_range_bits
+    masks = [secrets.randbits(bits) for _ in vector.ciphertexts]
     nsq = vector.nsquare
-    out = [c * m % nsq for c, m in zip(vector.ciphertexts, enc_masks)]
-    mask = Mask(tuple(masks), vector.frac_bits, vector.bound, vector.fingerprint)
+    out = [c * m % nsq for c, m in zip(vector.ciphertexts, encryptor.raw.encrypt(masks))]
+    mask = Mask(tuple(masks), layout, vector.length, vector.frac_bits, vector.bound)
     return vector.with_ciphertexts(out, masked=True), mask
 
 

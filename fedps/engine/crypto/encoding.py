@@ -7,8 +7,12 @@ parameters and shapes, never from the data (bounds travel in vector headers).
 
 Packing puts ``slots`` signed integers in one plaintext, slot ``j`` at bit
 ``j * slot_bits``. A slot holds ``value_bits`` of value (already including the
-headroom for the declared additions), plus ``mask_bits + 1`` bits for a
-statistical mask when one is reserved, plus a sign bit.
+headroom for the declared additions) plus a sign bit. When a layout reserves a
+mask (``mask_bits`` >= 40), the plaintext keeps ``mask_bits + 1`` spare bits
+above the slots: the whole packed integer is hidden by one uniform mask that
+is ``mask_bits`` wider than it (statistical distance below ``2^-mask_bits``
+for all slots together), rather than by one mask per slot, which would cost
+``mask_bits + 1`` bits in every slot.
 """
 
 from __future__ import annotations
@@ -77,14 +81,15 @@ def decode_ints(ints: Sequence[int], frac_bits: int) -> np.ndarray:
         raise CryptoError("decoded value is too large for float64") from exc
 
 
-def slot_bits_for(value_bits: int, mask_bits: int) -> int:
-    """Width of a slot holding ``value_bits`` of signed value and optionally a mask."""
-    return value_bits + (mask_bits + 1 if mask_bits else 0) + 1
+def slot_bits_for(value_bits: int) -> int:
+    """Width of a slot holding ``value_bits`` of signed value (plus the sign bit)."""
+    return value_bits + 1
 
 
-def capacity(key_bits: int, slot_bits: int) -> int:
-    """Slots per plaintext: packed values stay below ``2^(key_bits-3)`` (< n/3)."""
-    return max(0, (key_bits - 3) // slot_bits)
+def capacity(key_bits: int, slot_bits: int, mask_bits: int = 0) -> int:
+    """Slots per plaintext, so that packed value plus mask stays below ``2^(key_bits-3)`` (< n/3)."""
+    spare = mask_bits + 1 if mask_bits else 0
+    return max(0, (key_bits - 3 - spare) // slot_bits)
 
 
 @dataclass(frozen=True)
@@ -92,9 +97,10 @@ class PackingLayout:
     """How signed values share one plaintext: ``slots`` of ``slot_bits`` each.
 
     ``value_bits`` bounds every slot's value after the declared additions
-    (``|v| < 2^value_bits``); ``mask_bits`` (0, or at least 40) is the extra
-    width of a uniform mask that hides a slot at statistical distance
-    ``2^-mask_bits`` when the result goes back to the key owner.
+    (``|v| < 2^value_bits``); ``mask_bits`` (0, or at least 40) is how much
+    wider than the packed value the uniform mask is that hides a plaintext
+    (statistical distance below ``2^-mask_bits``) when it goes back to the key
+    owner; 0 reserves no room, for results the owner may see in the clear.
     """
 
     slots: int
@@ -111,7 +117,12 @@ class PackingLayout:
 
     @property
     def slot_bits(self) -> int:
-        return slot_bits_for(self.value_bits, self.mask_bits)
+        return slot_bits_for(self.value_bits)
+
+    @property
+    def mask_range_bits(self) -> int:
+        """A plaintext's mask is uniform below ``2^mask_range_bits``."""
+        return self.slots * self.slot_bits + self.mask_bits
 
     @property
     def value_bound(self) -> int:
@@ -139,7 +150,7 @@ class PackingLayout:
     ) -> PackingLayout:
         """Layout whose slots hold any integer with ``|v| <= bound``."""
         value_bits = max(1, int(bound).bit_length())
-        fit = capacity(key_bits, slot_bits_for(value_bits, mask_bits))
+        fit = capacity(key_bits, slot_bits_for(value_bits), mask_bits)
         if fit < 1:
             raise CryptoError(f"a {value_bits}-bit value with a {mask_bits}-bit mask does not fit a {key_bits}-bit key")
         if slots is not None and not 1 <= slots <= fit:
@@ -148,7 +159,7 @@ class PackingLayout:
 
     def check_fits(self, key_bits: int) -> None:
         """Raise unless ``slots`` of this width fit a ``key_bits`` plaintext."""
-        if self.slots > capacity(key_bits, self.slot_bits):
+        if self.slots > capacity(key_bits, self.slot_bits, self.mask_bits):
             raise CryptoError(f"layout of {self.slots} x {self.slot_bits} bits does not fit a {key_bits}-bit key")
 
     def pack(self, values: Sequence[int]) -> int:

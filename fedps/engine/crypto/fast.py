@@ -167,9 +167,17 @@ class RawDecryptor:
         self.hp = gmpy2.invert((gmpy2.powmod(g, self.p - 1, self.p2) - 1) // self.p, self.p)
         self.hq = gmpy2.invert((gmpy2.powmod(g, self.q - 1, self.q2) - 1) // self.q, self.q)
         self.p_inv = gmpy2.invert(self.p, self.q)
+        self.small = (self.p, self.p2, self.hp) if self.p < self.q else (self.q, self.q2, self.hq)
+        self.half_prime = int(self.small[0]) // 2
 
-    def decrypt(self, ciphertexts: Sequence[int]) -> list[int]:
-        """Plaintexts as signed ints; a value in phe's overflow gap raises ``CryptoError``."""
+    def decrypt(self, ciphertexts: Sequence[int], bound: int | None = None) -> list[int]:
+        """Plaintexts as signed ints; a value in phe's overflow gap raises ``CryptoError``.
+
+        With a ``bound`` below ``min(p, q) / 2`` on ``|m|``, the plaintext is
+        already determined modulo the smaller prime: half the work.
+        """
+        if bound is not None and bound < self.half_prime:
+            return self._decrypt_small(ciphertexts)
         p, q = self.p, self.q
         xp = gmpy2.powmod_base_list([mpz(c) % self.p2 for c in ciphertexts], p - 1, self.p2)
         xq = gmpy2.powmod_base_list([mpz(c) % self.q2 for c in ciphertexts], q - 1, self.q2)
@@ -178,6 +186,16 @@ class RawDecryptor:
             mp = (a - 1) // p * self.hp % p
             mq = (b - 1) // q * self.hq % q
             out.append(self._signed(int(mp + p * ((mq - mp) * self.p_inv % q))))
+        return out
+
+    def _decrypt_small(self, ciphertexts: Sequence[int]) -> list[int]:
+        p, p2, hp = self.small
+        xs = gmpy2.powmod_base_list([mpz(c) % p2 for c in ciphertexts], p - 1, p2)
+        half = p >> 1
+        out = []
+        for x in xs:
+            m = int((x - 1) // p * hp % p)
+            out.append(m - int(p) if m > half else m)
         return out
 
     def _signed(self, m: int) -> int:
