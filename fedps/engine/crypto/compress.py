@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import gmpy2
@@ -80,12 +80,17 @@ class Mask:
         return decode_ints(self.remove_exact(masked), self.frac_bits)
 
 
-def add_mask(vector: CipherVector, encryptor: Encryptor) -> tuple[CipherVector, Mask]:
+def add_mask(
+    vector: CipherVector, encryptor: Encryptor, randbits: Callable[[int], int] | None = None
+) -> tuple[CipherVector, Mask]:
     """Mask every plaintext and re-randomise; returns the vector to send and the mask to keep.
 
     Each plaintext ``V`` (a value, or a packed integer) gets ``V + R`` with
     ``R`` uniform below ``2^(bits(V) + mask_bits)``, added as a fresh
-    encryption of ``R``.
+    encryption of ``R``. ``randbits`` draws the masks (default
+    ``secrets.randbits``); a protocol that must replay a step after a crash
+    passes a keyed, deterministic one so the replayed masks match. The
+    re-randomisation stays fresh either way.
     """
     if vector.masked:
         raise CryptoError("vector is already masked")
@@ -98,7 +103,8 @@ def add_mask(vector: CipherVector, encryptor: Encryptor) -> tuple[CipherVector, 
         raise CryptoError("the packing layout reserves no mask bits: plan it with mask_bits >= 40")
     else:
         bits = layout.mask_range_bits
-    masks = [secrets.randbits(bits) for _ in vector.ciphertexts]
+    draw = randbits or secrets.randbits
+    masks = [draw(bits) for _ in vector.ciphertexts]
     nsq = vector.nsquare
     out = [c * m % nsq for c, m in zip(vector.ciphertexts, encryptor.raw.encrypt(masks))]
     mask = Mask(tuple(masks), layout, vector.length, vector.frac_bits, vector.bound)
@@ -106,11 +112,14 @@ def add_mask(vector: CipherVector, encryptor: Encryptor) -> tuple[CipherVector, 
 
 
 def seal_for_owner(
-    vector: CipherVector, encryptor: Encryptor, layout: PackingLayout | None = None
+    vector: CipherVector,
+    encryptor: Encryptor,
+    layout: PackingLayout | None = None,
+    randbits: Callable[[int], int] | None = None,
 ) -> tuple[CipherVector, Mask]:
     """Compress (when unpacked), mask and re-randomise a result bound for the key's owner."""
     packed = compress(vector, layout) if vector.layout is None else vector
-    return add_mask(packed, encryptor)
+    return add_mask(packed, encryptor, randbits)
 
 
 def compressed_count(length: int, layout: PackingLayout) -> int:
