@@ -225,6 +225,26 @@ class Channel:
             if predicate(Tag.decode(key)):
                 self.dropped += len(self._ready.pop(key))
 
+    def rewind(self, position: Position) -> None:
+        """Go back to a position recorded by a job checkpoint (resume after a crash).
+
+        Everything buffered is forgotten and the consumer re-reads from there;
+        values handed over after that position are handed over again.
+        """
+        self._require_open()
+        if position.topic != self.in_topic:
+            raise ProtocolError(f"position of topic {position.topic} cannot rewind channel {self.in_topic}")
+        with self._recv_lock:
+            self._ready.clear()
+            self._assembly.clear()
+            self._handed.clear()
+            self._next_offset = position.offset
+            self._last_id = tuple(position.last_id)  # type: ignore[assignment]
+            self._delivered = set(map(tuple, position.delivered))
+            self._consumer.seek(self._partition, position.offset)
+            self._state.position = position
+            self._file.save(self._state)
+
     def commit(self, wait: bool = False) -> Position:
         """Record as consumed everything handed over so far; returns the new position.
 

@@ -1,0 +1,89 @@
+"""Reading a party's training rows: PSI output (Parquet) or an id-keyed CSV/Parquet file.
+
+Rows are put in the order of a hash of the canonical id, so two parties with
+the same ids hold them in the same order; PSI output is already in that order.
+Column problems (missing, text or NaN in a numeric column, no label on the
+guest) are DataErrors that name the column and the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedps.algorithms.hetero_lr.trainer import PartyData
+from fedps.errors import DataError
+
+#: Column of PSI output holding the keyed hash of the canonical id (int64).
+HASHED_ID = "hashed_id"
+
+
+def canonical(ids: pd.Series) -> pd.Series:
+    """Strings trimmed; integers as decimal strings without leading zeros."""
+    if pd.api.types.is_integer_dtype(ids):
+        return ids.astype("int64").astype(str)
+    text = ids.astype(str).str.strip()
+    numeric = text.str.fullmatch(r"[+-]?\d+")
+    return text.where(~numeric, text[numeric].map(lambda v: str(int(v)) if isinstance(v, str) else v))
+
+
+def id_hash(ids: pd.Series) -> np.ndarray:
+    """A 63-bit hash of each canonical id (row order and validation split)."""
+    return np.array([int.from_bytes(hashlib.sha256(v.encode()).digest()[:8], "big") >> 1
+                     for v in canonical(ids)], dtype=np.int64)
+
+
+def read_frame(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    try:
+        if path.is_dir() or path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except FileNotFoundError:
+        raise DataError(f"training data {path} does not exist") from None
+    except (ValueError, OSError) as exc:
+        raise DataError(f"training data {path} cannot be read: {exc}") from exc
+
+
+def load_party_data(path: str | Path, id_column: str, label_column: str | None,
+                    feature_columns: tuple[str, ...] = ()) -> PartyData:
+    """Features (and labels for the guest) in canonical row order."""
+    frame = read_frame(path)
+    if HASHED_ID in frame.columns:
+        keys = frame[HASHED_ID].to_numpy(dtype=np.int64)
+        drop = {HASHED_ID, id_column, "row_index"}
+    else:
+        if id_column not in frame.columns:
+            raise DataError(f"id column {id_column!r} is missing from {path}; it has {list(frame.columns)[:10]}")
+        if frame[id_column].isna().any():
+            raise DataError(f"id column {id_column!r} of {path} has empty values")
+        keys = id_hash(frame[id_column])
+        drop = {id_column}
+    if label_column is not None:
+        if label_column not in frame.columns:
+            raise DataError(f"label column {label_column!r} is missing from {path}")
+        drop.add(label_column)
+    names = list(feature_columns) or [c for c in frame.columns if c not in drop]
+    missing = [c for c in names if c not in frame.columns]
+    if missing:
+        raise DataError(f"feature column {missing[0]!r} is missing from {path}")
+    for name in names:
+        column = frame[name]
+        if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+            sample = column[pd.to_numeric(column, errors="coerce").isna()].iloc[:1].tolist()
+            raise DataError(f"feature column {name!r} of {path} is not numeric (e.g. {sample})")
+        if column.isna().any():
+            raise DataError(f"feature column {name!r} of {path} has {int(column.isna().sum())} "
+                            "missing values (NaN); impute them before training")
+    order = np.argsort(keys, kind="stable") if HASHED_ID not in frame.columns else np.arange(len(keys))
+    y = None
+    if label_column is not None:
+        labels = pd.to_numeric(frame[label_column], errors="coerce")
+        if labels.isna().any() or not set(labels.unique()) <= {0, 1}:
+            raise DataError(f"label column {label_column!r} of {path} must hold only 0 and 1")
+        y = labels.to_numpy(dtype=np.float64)[order]
+    x = frame[names].to_numpy(dtype=np.float64)[order]
+    return PartyData(x=x, row_keys=keys[order], y=y, feature_names=names)

@@ -1,0 +1,110 @@
+"""Settings of a vertical logistic regression job (``[job] params``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from fedps.errors import ConfigError
+
+_OPTIMIZERS = ("sgd", "adagrad", "adam", "ftrl")
+
+
+@dataclass(frozen=True)
+class LRParams:
+    """Training settings; both parties must agree on those marked *shared*."""
+
+    # data
+    train: str = ""                 # Parquet from PSI, or a CSV/Parquet file with ``id_column``
+    id_column: str = "id"
+    label_column: str = "y"         # guest only
+    feature_columns: tuple[str, ...] = ()   # empty: every column but id and label
+    # optimisation (shared)
+    epochs: int = 10
+    batch_size: int = 256
+    learning_rate: float = 0.15
+    optimizer: str = "sgd"
+    l1: float = 0.0
+    l2: float = 0.0
+    schedule: str = "constant"
+    decay_rate: float = 1.0
+    decay_steps: int = 1
+    tolerance: float = 1e-4         # stop when the epoch loss changes less than this
+    fit_intercept: bool = True
+    seed: int = 0
+    # privacy (shared)
+    min_batch_ratio: float = 4.0    # batch >= ratio x the largest party's feature count
+    d_noise: float = 0.0            # std. dev. of Gaussian noise the guest adds to d
+    # crypto
+    key_bits: int = 2048
+    frac_bits: int = 24
+    # evaluation (shared)
+    validation_fraction: float = 0.3
+    evaluate_every: int = 1         # epochs between validation metrics; 0: only at the end
+    loss_every: int = 1             # batches between encrypted loss computations
+    # checkpoints
+    checkpoint_every: int = 0       # batches between job checkpoints; 0: never
+    # compute
+    spark_partitions: int = 0       # >0: run X^T[[d]] over this many Spark partitions
+
+    def __post_init__(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size,
+                    "learning_rate": self.learning_rate, "min_batch_ratio": self.min_batch_ratio}
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"job.params.{key} must be positive, got {value!r}")
+        if self.optimizer not in _OPTIMIZERS:
+            raise ConfigError(f"job.params.optimizer must be one of {', '.join(_OPTIMIZERS)}")
+        if self.l1 < 0 or self.l2 < 0 or self.d_noise < 0:
+            raise ConfigError("job.params.l1, l2 and d_noise must not be negative")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError("job.params.validation_fraction must be in [0, 1)")
+        if self.key_bits not in (512, 1024, 2048, 3072, 4096):
+            raise ConfigError("job.params.key_bits must be 512, 1024, 2048, 3072 or 4096")
+        if self.key_bits < 2048:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "job.params.key_bits = %d is for tests only; use 2048 or more", self.key_bits)
+        if not 8 <= self.frac_bits <= 40:
+            raise ConfigError("job.params.frac_bits must be between 8 and 40")
+        for key in ("evaluate_every", "loss_every", "checkpoint_every", "spark_partitions"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"job.params.{key} must not be negative")
+
+    def shared(self) -> dict[str, Any]:
+        """The settings both parties must agree on, compared at the start of a job."""
+        names = ("epochs", "batch_size", "tolerance", "seed", "min_batch_ratio", "d_noise",
+                 "validation_fraction", "evaluate_every", "loss_every", "checkpoint_every")
+        return {name: getattr(self, name) for name in names}
+
+    @classmethod
+    def from_mapping(cls, params: Mapping[str, Any]) -> LRParams:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown key job.params.{unknown[0]}; known: {', '.join(sorted(known))}")
+        values = dict(params)
+        if "feature_columns" in values:
+            values["feature_columns"] = tuple(values["feature_columns"])
+        for name, value in values.items():
+            expected = type(known[name].default)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                values[name] = float(value)
+            elif not isinstance(values[name], expected) or (expected is int and isinstance(value, bool)):
+                raise ConfigError(f"job.params.{name} must be {expected.__name__}, got {value!r}")
+        return cls(**values)
+
+
+@dataclass
+class TrainState:
+    """The protocol state a checkpoint records (besides the PS rows and channel positions)."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    batch_losses: list[float] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+    done: bool = False
