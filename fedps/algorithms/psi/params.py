@@ -1,0 +1,110 @@
+"""PSI settings: ``[job] params = {...}`` read into one frozen dataclass.
+
+Unknown keys and bad values are ConfigErrors naming ``job.params.<key>``.
+The settings both parties must share are compared with the peer's before any
+data is read (:func:`agreed_view`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedps.errors import ConfigError
+
+_CHOICES = {
+    "format": ("auto", "csv", "parquet"),
+    "id_type": ("auto", "string", "integer"),
+    "protocol": ("ecdh", "rsa"),
+    "on_null": ("refuse", "drop"),
+    "on_duplicate": ("refuse", "drop"),
+    "result": ("both", "guest", "host"),
+    "rsa_key_holder": ("guest", "host"),
+}
+#: Settings that must be equal on both sides (the rest are each party's own business).
+SHARED = ("protocol", "buckets", "result", "rsa_key_holder", "rsa_bits")
+
+
+@dataclass(frozen=True)
+class PsiParams:
+    #: CSV or Parquet file or folder with one row per sample; relative to the config file.
+    input: str
+    id_column: str = "id"
+    format: str = "auto"
+    #: ``auto``: integral Parquet columns and all-digit CSV columns are integers.
+    id_type: str = "auto"
+    protocol: str = "ecdh"
+    #: Ids are split by a keyed hash into this many buckets; bucket i meets only bucket i.
+    buckets: int = 8
+    #: Points (or RSA values) per channel message.
+    batch_size: int = 8192
+    on_null: str = "refuse"
+    on_duplicate: str = "refuse"
+    #: Who learns the intersection; a one-sided result feeds no training.
+    result: str = "both"
+    rsa_key_holder: str = "host"
+    rsa_bits: int = 2048
+    #: Output folder, relative to the party's output_dir.
+    output: str = "psi"
+    keep_work: bool = False
+
+    def __post_init__(self) -> None:
+        for key, choices in _CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"job.params.{key} must be one of {', '.join(choices)}, "
+                                  f"got {getattr(self, key)!r}")
+        if not self.input:
+            raise ConfigError("job.params.input must name a CSV or Parquet path")
+        if not self.id_column:
+            raise ConfigError("job.params.id_column must name the id column")
+        if not 1 <= self.buckets <= 65536:
+            raise ConfigError(f"job.params.buckets must be in 1..65536, got {self.buckets}")
+        if not 1 <= self.batch_size <= 1_000_000:
+            raise ConfigError(f"job.params.batch_size must be in 1..1000000, got {self.batch_size}")
+        if self.rsa_bits < 1024 or self.rsa_bits % 256:
+            raise ConfigError(f"job.params.rsa_bits must be a multiple of 256 and at least 1024, "
+                              f"got {self.rsa_bits}")
+        if self.protocol == "rsa" and self.result == self.rsa_key_holder:
+            raise ConfigError("job.params.result: with protocol rsa a one-sided result goes to the "
+                              "party that does not hold the key (job.params.rsa_key_holder)")
+
+    def learns(self, role: str) -> bool:
+        """Whether the party with ``role`` ends with the intersection."""
+        return self.result in ("both", role)
+
+    def agreed_view(self) -> dict[str, Any]:
+        """The settings the peer must have set the same way."""
+        return {key: getattr(self, key) for key in SHARED}
+
+
+def from_mapping(raw: Mapping[str, Any], base: Path) -> PsiParams:
+    """Validate ``job.params``; ``input`` is resolved against ``base`` unless absolute or a URL."""
+    fields = {f.name: f for f in dataclasses.fields(PsiParams)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {', '.join('job.params.' + k for k in unknown)}; "
+                          f"known keys: {', '.join(sorted(fields))}")
+    if "input" not in raw:
+        raise ConfigError("missing key job.params.input (the CSV or Parquet path of the ids)")
+    hints = typing.get_type_hints(PsiParams)
+    values = {}
+    for name, value in raw.items():
+        expected = hints[name]
+        if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
+            raise ConfigError(f"job.params.{name} must be {expected.__name__}, got {value!r}")
+        values[name] = value
+    path = values["input"]
+    if "://" not in path and not Path(path).is_absolute():
+        values["input"] = str((base / path).resolve())
+    return PsiParams(**values)
+
+
+def check_agreement(mine: Mapping[str, Any], theirs: Mapping[str, Any], peer: str) -> None:
+    """ConfigError naming the first shared setting the peer has set differently."""
+    for key in SHARED:
+        if mine.get(key) != theirs.get(key):
+            raise ConfigError(f"job.params.{key} is {mine.get(key)!r} here but {theirs.get(key)!r} "
+                              f"at {peer}; both parties must set it the same way")

@@ -1,0 +1,180 @@
+"""Bucketed streams of fixed-width values between Parquet on disk and the channel.
+
+Executors do the cryptography over Parquet files partitioned by bucket; the
+driver only moves bytes: it reads one bucket at a time and sends it in
+batches, or receives a bucket batch by batch and appends it to a Parquet file.
+So the driver holds at most one bucket, and the executors one Arrow batch per
+task, whatever the total number of ids.
+
+A stream is: ``<name>_counts`` (int64 per bucket), then for bucket ``b``
+messages ``<name>`` at ``iteration=b, batch=k``, each a ``uint8`` array of
+shape ``(rows, width)``, in the order of the sender's ``seq`` column.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fedps.algorithms.psi.params import PsiParams
+from fedps.errors import DataError, ProtocolError
+from fedps.messaging.tags import Message, Scope
+
+log = logging.getLogger(__name__)
+
+_FILE_SCHEMA = pa.schema([("seq", pa.int64()), ("value", pa.binary())])
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A bucketed stream declared beside its protocol: name, direction, value width."""
+
+    name: str
+    sender: str
+    receiver: str
+    width: int
+
+    @property
+    def counts(self) -> Message:
+        return Message(f"{self.name}_counts", self.sender, self.receiver, np.ndarray)
+
+    @property
+    def items(self) -> Message:
+        return Message(self.name, self.sender, self.receiver, np.ndarray)
+
+
+@dataclass
+class PsiRun:
+    """One party's side of a PSI run: where its files live and whom it talks to."""
+
+    spark: Any
+    channel: Any
+    scope: Scope
+    params: PsiParams
+    role: str
+    peer: str
+    peer_role: str
+    work: Path
+    #: Waits that span the peer's computation use this, not the channel's default.
+    wait_s: float = 3600.0
+    #: Values sent and received per stream, for the metrics.
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def path(self, name: str) -> Path:
+        return self.work / name
+
+    def write(self, frame: Any, name: str) -> Path:
+        """Write a frame with a ``bucket`` column as Parquet partitioned by bucket."""
+        path = self.path(name)
+        frame.write.mode("overwrite").partitionBy("bucket").parquet(str(path))
+        return path
+
+    def read(self, name: str, schema: str) -> Any:
+        return self.spark.read.schema(schema).parquet(str(self.path(name)))
+
+    def send(self, stream: Stream, name: str, column: str = "value") -> int:
+        sent = send_stream(self.channel, self.scope, stream, self.path(name), column,
+                           self.params.buckets, self.params.batch_size)
+        self.stats[f"{stream.name}_sent"] = sent
+        return sent
+
+    def recv(self, stream: Stream, name: str) -> int:
+        received = recv_stream(self.channel, self.scope, stream, self.path(name),
+                               self.params.buckets, self.wait_s)
+        self.stats[f"{stream.name}_received"] = received
+        return received
+
+    def cleanup(self) -> None:
+        if not self.params.keep_work:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def to_matrix(values: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
+    """A binary column of equal-width values as a ``(rows, width)`` uint8 array (no copy per row)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks else pa.array([], pa.binary())
+    rows = len(values)
+    if rows == 0:
+        return np.empty((0, width), dtype=np.uint8)
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)[values.offset:values.offset + rows + 1]
+    data = np.frombuffer(values.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+    if data.size != rows * width or values.null_count:
+        raise DataError(f"expected {rows} values of {width} bytes")
+    return data.reshape(rows, width)
+
+
+def from_matrix(matrix: np.ndarray) -> pa.Array:
+    """A ``(rows, width)`` uint8 array as an Arrow binary column."""
+    rows, width = matrix.shape
+    offsets = np.arange(0, (rows + 1) * width, width, dtype=np.int32)
+    return pa.Array.from_buffers(pa.binary(), rows, [None, pa.py_buffer(offsets),
+                                                     pa.py_buffer(np.ascontiguousarray(matrix))])
+
+
+def bucket_counts(path: Path, buckets: int) -> np.ndarray:
+    counts = np.zeros(buckets, dtype=np.int64)
+    for bucket in range(buckets):
+        for file in (path / f"bucket={bucket}").glob("*.parquet"):
+            counts[bucket] += pq.ParquetFile(file).metadata.num_rows
+    return counts
+
+
+def read_bucket(path: Path, bucket: int, columns: list[str]) -> pa.Table:
+    """One bucket's rows, ordered by ``seq`` (which must run 0, 1, 2, ... without gaps)."""
+    files = sorted((path / f"bucket={bucket}").glob("*.parquet"))
+    if not files:
+        return pa.table({c: pa.array([], _FILE_SCHEMA.field(c).type if c in _FILE_SCHEMA.names
+                                     else pa.binary()) for c in columns})
+    table = pa.concat_tables(pq.read_table(f, columns=["seq", *columns]) for f in files)
+    table = table.sort_by("seq")
+    if not np.array_equal(table.column("seq").to_numpy(), np.arange(table.num_rows)):
+        raise DataError(f"bucket {bucket} of {path} does not hold seq 0..{table.num_rows - 1}")
+    return table.select(columns)
+
+
+def send_stream(channel: Any, scope: Scope, stream: Stream, path: Path, column: str,
+                buckets: int, batch_size: int) -> int:
+    """Send the ``column`` of every bucket under ``path`` in ``seq`` order; returns the rows sent."""
+    counts = bucket_counts(path, buckets)
+    channel.send(scope.tag(stream.counts.name), stream.counts.check(counts))
+    for bucket in np.flatnonzero(counts):
+        matrix = to_matrix(read_bucket(path, int(bucket), [column]).column(column), stream.width)
+        for batch, start in enumerate(range(0, len(matrix), batch_size)):
+            tag = scope.at(iteration=int(bucket), batch=batch).tag(stream.items.name)
+            channel.send(tag, stream.items.check(matrix[start:start + batch_size]))
+    channel.flush()
+    return int(counts.sum())
+
+
+def recv_stream(channel: Any, scope: Scope, stream: Stream, path: Path, buckets: int,
+                wait_s: float) -> int:
+    """Receive a stream into ``path/bucket=<b>/part-0.parquet`` (``seq``, ``value``); returns rows."""
+    counts = stream.counts.check(channel.recv(scope.tag(stream.counts.name), timeout=wait_s))
+    if counts.shape != (buckets,) or counts.dtype.kind not in "iu" or (counts < 0).any():
+        raise ProtocolError(f"{stream.name}: the peer announced counts of shape {counts.shape}, "
+                            f"expected {buckets} non-negative integers")
+    for bucket in range(buckets):
+        folder = path / f"bucket={bucket}"
+        folder.mkdir(parents=True, exist_ok=True)
+        with pq.ParquetWriter(folder / "part-0.parquet", _FILE_SCHEMA) as writer:
+            got, batch = 0, 0
+            while got < counts[bucket]:
+                tag = scope.at(iteration=bucket, batch=batch).tag(stream.items.name)
+                matrix = stream.items.check(channel.recv(tag, timeout=wait_s))
+                if (matrix.dtype != np.uint8 or matrix.ndim != 2 or matrix.shape[1] != stream.width
+                        or not 0 < len(matrix) <= counts[bucket] - got):
+                    raise ProtocolError(f"{stream.name}: bucket {bucket} batch {batch} has shape "
+                                        f"{matrix.shape} {matrix.dtype}, expected rows of "
+                                        f"{stream.width} bytes")
+                seq = pa.array(np.arange(got, got + len(matrix), dtype=np.int64))
+                writer.write_batch(pa.RecordBatch.from_arrays([seq, from_matrix(matrix)],
+                                                              schema=_FILE_SCHEMA))
+                got, batch = got + len(matrix), batch + 1
+    return int(counts.sum())
