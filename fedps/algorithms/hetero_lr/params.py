@@ -15,6 +15,9 @@ _OPTIMIZERS = ("sgd", "adagrad", "adam", "ftrl")
 class LRParams:
     """Training settings; both parties must agree on those marked *shared*."""
 
+    # parties (shared); empty: a guest with its peers as hosts, or a host with one peer
+    guest: str = ""
+    hosts: tuple[str, ...] = ()
     # data
     train: str = ""                 # Parquet from PSI, or a CSV/Parquet file with ``id_column``
     id_column: str = "id"
@@ -86,8 +89,11 @@ class LRParams:
         if unknown:
             raise ConfigError(f"unknown key job.params.{unknown[0]}; known: {', '.join(sorted(known))}")
         values = dict(params)
-        if "feature_columns" in values:
-            values["feature_columns"] = tuple(values["feature_columns"])
+        for name in ("feature_columns", "hosts"):
+            if name in values:
+                if not isinstance(values[name], (list, tuple)):
+                    raise ConfigError(f"job.params.{name} must be a list of names")
+                values[name] = tuple(values[name])
         for name, value in values.items():
             expected = type(known[name].default)
             if expected is float and isinstance(value, int) and not isinstance(value, bool):

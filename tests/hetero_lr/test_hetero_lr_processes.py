@@ -1,0 +1,138 @@
+"""Vertical LR end to end: each party its own `fedps run` process, through the embedded broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedps.messaging.identity import generate_identity
+
+DATA = Path(__file__).parents[2] / "data"
+
+
+def write_configs(tmp: Path, job: str, servers: str, files: dict[str, Path], **params) -> dict[str, Path]:
+    names = list(files)
+    keys = {n: generate_identity(tmp / "keys" / f"{n}.key") for n in names}
+    confs = {}
+    settings = {"epochs": 3, "batch_size": 96, "learning_rate": 0.3, "l2": 0.001, "key_bits": 1024,
+                "validation_fraction": 0.3, **params}
+    for name in names:
+        extra = {"train": str(files[name]), **settings}
+        if len(names) > 2:
+            extra.update(guest="guest", hosts=[n for n in names if n != "guest"])
+        rendered = ", ".join(f"{k} = {json.dumps(v)}" for k, v in extra.items())
+        peers = "\n".join(f'{p} = "{keys[p]}"' for p in names if p != name)
+        conf = tmp / f"{name}.toml"
+        conf.write_text(f"""
+[job]
+id = "{job}"
+algorithm = "hetero_lr"
+params = {{ {rendered} }}
+[party]
+name = "{name}"
+role = "{'guest' if name == 'guest' else 'host'}"
+identity_key = "keys/{name}.key"
+output_dir = "out/{name}"
+[peers]
+{peers}
+[kafka]
+bootstrap_servers = "{servers}"
+[channel]
+recv_timeout_s = 300
+[ray]
+object_store_mb = 80
+num_cpus = 1
+""")
+        confs[name] = conf
+    return confs
+
+
+def start(conf: Path) -> subprocess.Popen:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.Popen([sys.executable, "-m", "fedps.engine.cli", "run", "--conf", str(conf)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def finish(procs: dict[str, subprocess.Popen], timeout: float = 600) -> dict[str, dict]:
+    out = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"{name} failed:\n{stderr[-4000:]}"
+        out[name] = json.loads(stdout.strip().splitlines()[-1])
+    return out
+
+
+def model(tmp: Path, name: str) -> dict:
+    return json.loads((tmp / "out" / name / "model.json").read_text())
+
+
+def test_two_processes_train_to_the_central_models_auc(tmp_path, broker, job_id):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from fedps.algorithms.hetero_lr import trainer
+    from fedps.algorithms.hetero_lr.data import load_party_data
+
+    files = {"guest": DATA / "breast_hetero_guest.csv", "host": DATA / "breast_hetero_host.csv"}
+    confs = write_configs(tmp_path, job_id, broker.bootstrap_servers, files, epochs=8)
+    metrics = finish({n: start(c) for n, c in confs.items()})
+
+    guest, host = (load_party_data(files["guest"], "id", "y"), load_party_data(files["host"], "id", None))
+    valid = trainer.validation_rows(guest.row_keys, 0.3, 0)
+    x = np.hstack([guest.x, host.x])
+    central = LogisticRegression(C=1.0 / (0.001 * (~valid).sum()), max_iter=2000).fit(x[~valid], guest.y[~valid])
+    central_auc = roc_auc_score(guest.y[valid], central.decision_function(x[valid]))
+    federated = metrics["guest"]["final"]
+    assert federated["auc"] >= central_auc - 0.01
+    assert len(metrics["guest"]["loss"]) == 8 and metrics["guest"]["loss"][-1] < metrics["guest"]["loss"][0]
+    assert (tmp_path / "out" / "guest" / "roc.png").stat().st_size > 1000
+    assert len(model(tmp_path, "host")["weights"]) == host.x.shape[1]
+    assert model(tmp_path, "host")["intercept"] is None
+
+
+def test_three_processes_guest_and_two_hosts(tmp_path, broker, job_id):
+    host = pd.read_csv(DATA / "breast_hetero_host.csv")
+    first, second = tmp_path / "h1.csv", tmp_path / "h2.csv"
+    host.iloc[:, :11].to_csv(first, index=False)
+    host[["id", *host.columns[11:]]].to_csv(second, index=False)
+    files = {"guest": DATA / "breast_hetero_guest.csv", "host1": first, "host2": second}
+    confs = write_configs(tmp_path, job_id, broker.bootstrap_servers, files, epochs=2)
+    metrics = finish({n: start(c) for n, c in confs.items()})
+    assert metrics["guest"]["final"]["auc"] > 0.97
+    assert len(model(tmp_path, "host1")["weights"]) == 10 and len(model(tmp_path, "host2")["weights"]) == 10
+
+
+@pytest.mark.parametrize("victim", ["host"])
+def test_killed_party_resumes_to_the_same_model(tmp_path, broker, job_id, victim):
+    files = {"guest": DATA / "breast_hetero_guest.csv", "host": DATA / "breast_hetero_host.csv"}
+    settings = dict(epochs=3, checkpoint_every=2)
+    reference_dir, crashed_dir = tmp_path / "reference", tmp_path / "crashed"
+    reference = write_configs(reference_dir, job_id + "r", broker.bootstrap_servers, files, **settings)
+    finish({n: start(c) for n, c in reference.items()})
+
+    confs = write_configs(crashed_dir, job_id + "c", broker.bootstrap_servers, files, **settings)
+    procs = {n: start(c) for n, c in confs.items()}
+    checkpoints = crashed_dir / "out" / victim / "checkpoint"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        steps = [int(p.stem.split("-")[1]) for p in checkpoints.glob("job-*.json")]
+        if steps and max(steps) >= 4:
+            break
+        time.sleep(0.2)
+    assert procs[victim].poll() is None, "the party finished before it could be killed"
+    os.killpg(procs[victim].pid, signal.SIGKILL)      # the party and its local Ray die at once
+    procs[victim].wait()
+    procs[victim] = start(confs[victim])
+    finish(procs)
+    for name in files:
+        assert model(crashed_dir, name) == model(reference_dir, name), f"{name}'s model differs after resume"
