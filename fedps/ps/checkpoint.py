@@ -66,15 +66,31 @@ def tmp_dir(step: int) -> str:
 # --- one shard's rows -------------------------------------------------------
 
 
+# pyarrow's own numpy conversions import pandas (a second per process); these do not.
+
+
+def _arrow(array: np.ndarray) -> pa.Array:
+    flat = np.ascontiguousarray(array).reshape(-1)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(flat.dtype), flat.size, [None, pa.py_buffer(flat)])
+
+
+def _numpy(array: pa.Array) -> np.ndarray:
+    if array.null_count:
+        raise DataError("checkpoint column has nulls; the file is not a fedps checkpoint")
+    values = np.frombuffer(array.buffers()[1], dtype=array.type.to_pandas_dtype())
+    return values[array.offset : array.offset + len(array)]
+
+
 def _column(array: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
+    return pa.FixedSizeListArray.from_arrays(_arrow(array), array.shape[1])
 
 
 def write_rows(uri: str, keys: np.ndarray, weights: np.ndarray, state: dict[str, np.ndarray], meta: dict) -> int:
     """Write rows to Parquet at ``uri`` through a temporary name; return the file size."""
-    columns = {"key": pa.array(keys, type=pa.int64()), "weights": _column(weights)}
+    columns = {"key": _arrow(keys.astype(np.int64, copy=False)), "weights": _column(weights)}
     columns.update({f"state.{name}": _column(array) for name, array in state.items()})
-    table = pa.table(columns).replace_schema_metadata({"fedps": json.dumps(meta)})
+    table = pa.Table.from_arrays(list(columns.values()), names=list(columns))
+    table = table.replace_schema_metadata({"fedps": json.dumps(meta)})
     fs, path = filesystem(uri)
     pq.write_table(table, path + ".tmp", filesystem=fs)
     fs.move(path + ".tmp", path)
@@ -82,7 +98,7 @@ def write_rows(uri: str, keys: np.ndarray, weights: np.ndarray, state: dict[str,
 
 
 def _matrix(column: pa.ChunkedArray, width: int, dtype: np.dtype) -> np.ndarray:
-    flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    flat = _numpy(column.combine_chunks().flatten())
     return flat.astype(dtype, copy=False).reshape(-1, width)
 
 
@@ -93,9 +109,10 @@ def read_rows(
     parts = []
     for uri in uris:
         fs, path = filesystem(uri)
-        parts.append(pq.read_table(path, filesystem=fs))
+        with fs.open_input_file(path) as source:
+            parts.append(pq.ParquetFile(source).read())
     table = pa.concat_tables(parts)
-    keys = table.column("key").to_numpy()
+    keys = _numpy(table.column("key").combine_chunks())
     chosen = np.flatnonzero(keep(keys))
     order = chosen[np.argsort(keys[chosen], kind="stable")]
     dtype = np.dtype(spec.dtype)

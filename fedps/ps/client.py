@@ -11,6 +11,7 @@ in the same worker reuse both the connection and the handles.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,27 +34,45 @@ class TableRef:
     ``address`` is the Ray address to join when this process is not connected
     yet: a GCS ``host:port`` (a process on a Ray node, e.g. a Spark executor in
     local mode) or ``ray://host:10001`` (Ray client, from outside the cluster).
+    ``auth_mode`` is the driver's ``RAY_AUTH_MODE``: Ray (2.5x and later) only
+    turns token authentication on for an explicit address when that variable
+    says so. The token itself is never shipped: it comes from
+    ``~/.ray/auth_token``, ``RAY_AUTH_TOKEN_PATH`` or ``RAY_AUTH_TOKEN``.
     """
 
     ps_name: str
     table: str
     namespace: str
     address: str = ""
+    auth_mode: str = ""
 
     def client(self) -> "TableClient":
         """The cached client of this table in this process (connecting if needed)."""
         return connect(self)
 
 
-def _ensure_ray(address: str, namespace: str) -> None:
+def _ensure_ray(address: str, namespace: str, auth_mode: str) -> None:
     import ray
 
     if ray.is_initialized():
         return
     if not address:
         raise ConfigError("Ray is not connected here and the table reference has no address to join")
+    if auth_mode and "RAY_AUTH_MODE" not in os.environ:
+        _set_auth_mode(auth_mode)
     log.info("joining ray at %s", address)
     ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def _set_auth_mode(mode: str) -> None:
+    """Use the driver's authentication mode in a process that was started before Ray."""
+    os.environ["RAY_AUTH_MODE"] = mode
+    try:  # Ray caches its config on import; this is what ray.init does after setting the mode
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except (ImportError, AttributeError):
+        log.warning("could not refresh Ray's config; set RAY_AUTH_MODE=%s in the executors' environment", mode)
 
 
 def connect(ref: TableRef) -> "TableClient":
@@ -61,7 +80,7 @@ def connect(ref: TableRef) -> "TableClient":
     key = (ref.ps_name, ref.table, ref.namespace, ref.address)
     client = _CLIENTS.get(key)
     if client is None:
-        _ensure_ray(ref.address, ref.namespace)
+        _ensure_ray(ref.address, ref.namespace, ref.auth_mode)
         client = TableClient.lookup(ref.ps_name, ref.table, ref.namespace)
         _CLIENTS[key] = client
     return client

@@ -11,6 +11,7 @@ a checkpoint every ``checkpoint_every`` steps; ``checkpoint()`` and
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from fedps.errors import DataError, PeerError
@@ -72,7 +73,8 @@ class ParameterServer:
 
         self.table(name)
         address = ray.get_runtime_context().gcs_address
-        return TableRef(self.config.name, name, self.config.namespace, address)
+        auth_mode = os.environ.get("RAY_AUTH_MODE", "")
+        return TableRef(self.config.name, name, self.config.namespace, address, auth_mode)
 
     def end_step(self) -> int:
         """Barrier: apply the current step's pushes on every shard; checkpoint when due."""

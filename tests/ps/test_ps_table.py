@@ -84,7 +84,7 @@ def test_bad_input_is_refused_with_data_errors(make_ps):
 def test_clients_find_tables_by_name(make_ps, ray_address):
     server = make_ps(TableSpec("w", width=3), num_shards=3)
     ref = server.ref("w")
-    assert ref == TableRef(server.config.name, "w", "fedps", ray_address)
+    assert (ref.ps_name, ref.table, ref.namespace, ref.address) == (server.config.name, "w", "fedps", ray_address)
     client = connect(ref)
     assert client is ref.client() and len(client.shards) == 3 and client.spec.width == 3
     with pytest.raises(PeerError, match="no shards"):
