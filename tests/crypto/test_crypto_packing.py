@@ -137,3 +137,10 @@ def test_mask_is_at_least_40_bits_wider_than_the_packed_value(peer_enc):
     _, mask = add_mask(packed, peer_enc)
     assert all(0 <= r < 2 ** packed.layout.mask_range_bits for r in mask.values)
     assert max(r.bit_length() for r in mask.values) > hidden_bits + 30
+
+
+def test_taking_packed_rows_keeps_values_in_order(keypair, peer_enc, dec):
+    vec = compress(peer_enc.encrypt(np.arange(10.0), FIX), PackingLayout(slots=4, value_bits=25))
+    np.testing.assert_array_equal(dec.decrypt(vec.take([1, 2])), [4, 5, 6, 7, 8, 9])
+    with pytest.raises(CryptoError, match="partly filled"):
+        vec.take([2, 0])

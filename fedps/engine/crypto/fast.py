@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 8
 MIN_EXPONENT_BITS = 128
+_DRAW_CHUNK = 4096  # exponents drawn per batch of randomness
 
 
 class FixedBaseTable:
@@ -106,7 +107,10 @@ class Obfuscator:
 
     def draw(self, count: int) -> list[mpz]:
         """``count`` obfuscators, each with its own fresh exponent."""
-        return [self._combine(d) for d in self._random_digits(count)]
+        out: list[mpz] = []
+        for start in range(0, count, _DRAW_CHUNK):
+            out.extend(self._combine(d) for d in self._random_digits(min(_DRAW_CHUNK, count - start)))
+        return out
 
     def _random_digits(self, count: int) -> list[Sequence[int]]:
         if self.window == 8:

@@ -159,8 +159,12 @@ class CipherVector:
 
     def take(self, indices: Sequence[int]) -> CipherVector:
         """The ciphertexts at ``indices`` (value indices when unpacked, rows when packed)."""
-        picked = [self.ciphertexts[int(i)] for i in indices]
-        return self.with_ciphertexts(picked, length=len(picked) * self.slots if self.layout else len(picked))
+        idx = [int(i) for i in indices]
+        filled = [min(self.slots, self.length - i * self.slots) for i in idx]
+        if any(f < self.slots for f in filled[:-1]):
+            raise CryptoError("a partly filled packed ciphertext can only be taken last")
+        length = sum(filled)
+        return self.with_ciphertexts([self.ciphertexts[i] for i in idx], length=length)
 
     def _group(self, ints: list[int]) -> list[int]:
         if self.layout is None:
