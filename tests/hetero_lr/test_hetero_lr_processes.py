@@ -136,3 +136,18 @@ def test_killed_party_resumes_to_the_same_model(tmp_path, broker, job_id, victim
     finish(procs)
     for name in files:
         assert model(crashed_dir, name) == model(reference_dir, name), f"{name}'s model differs after resume"
+
+
+def test_guest_under_spark_submit_runs_its_products_on_executors(tmp_path, broker, job_id):
+    files = {"guest": DATA / "breast_hetero_guest.csv", "host": DATA / "breast_hetero_host.csv"}
+    confs = write_configs(tmp_path, job_id, broker.bootstrap_servers, files, epochs=1, spark_partitions=2)
+    submit = Path(sys.executable).with_name("spark-submit")
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    guest = subprocess.Popen([str(submit), "--master", "local[1]", "--conf", "spark.ui.enabled=false",
+                              str(Path(__file__).parents[2] / "jobs" / "hetero_lr.py"), "--conf", str(confs["guest"])],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)
+    metrics = finish({"guest": guest, "host": start(confs["host"])})
+    assert metrics["guest"]["final"]["auc"] > 0.95
+    assert metrics["guest"]["spark_master"] == "local[1]"      # the submit command's, not the config's

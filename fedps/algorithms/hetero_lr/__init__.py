@@ -56,6 +56,7 @@ def run(context) -> None:
         from fedps.engine.crypto.spark import xt_d_on_spark
 
         spark = context.spark
+        context.metrics["spark_master"] = spark.sparkContext.master
         xt_d = lambda x, d: xt_d_on_spark(spark, x, d, X_FIXED, params.spark_partitions)  # noqa: E731
     checkpoint = JobCheckpoint(context.output_dir / "checkpoint")
     job = context.config.job.id

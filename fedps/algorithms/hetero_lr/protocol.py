@@ -159,7 +159,7 @@ def guest_batch(party: Party, scope: Scope, x: np.ndarray, y: np.ndarray, u_g: n
     party.send(h1, scope, GUEST_GRAD, blob(grad))
     loss_mask = None
     if with_loss:
-        cross = s.mul_plain(4.0 * (0.5 - y + 0.25 * u_g), party.fixed).sum()
+        cross = party.times_x((4.0 * (0.5 - y + 0.25 * u_g)).reshape(-1, 1), s)   # Σ_i a_i·[[s_i]]
         loss_enc, loss_mask = add_mask(cross + q.mul_plain(0.125, FixedPoint(frac_bits=3, int_bits=1)),
                                        party.encryptor(h1), randbits=mask_rng(secret, scope, "loss"))
         party.send(h1, scope, GUEST_LOSS, blob(loss_enc))
@@ -186,11 +186,13 @@ def host_batch(party: Party, scope: Scope, x: np.ndarray, u_h: np.ndarray, with_
     h1 = hosts[0]
     key_h1, key_g = party.public_keys[h1], party.public_keys[guest]
     after = hosts[index + 1] if index + 1 < len(hosts) else guest
+    square_bits = 33 + len(u_h).bit_length()    # Σ u² over the batch, |u| < 2^16
     # 1. extend the chain under h1's key: [[0.25·Σu]] per row, [[Σ(Σu)²]]
     if index == 0:
         enc = party.encryptor(me)
         s = enc.encrypt(0.25 * u_h, party.fixed)
-        q = enc.encrypt(np.array([np.sum(u_h ** 2)]), FixedPoint(2 * party.frac_bits, 32)) if with_loss else None
+        q = enc.encrypt(np.array([np.sum(u_h ** 2)]), FixedPoint(2 * party.frac_bits, square_bits)) \
+            if with_loss else None
     else:
         before = hosts[index - 1]
         prev_s = vector(party.recv(before, scope, PARTIAL_U), key_h1)
@@ -198,8 +200,8 @@ def host_batch(party: Party, scope: Scope, x: np.ndarray, u_h: np.ndarray, with_
         q = None
         if with_loss:
             prev_q = vector(party.recv(before, scope, PARTIAL_Q), key_h1)
-            cross = prev_s.mul_plain(8.0 * u_h, party.fixed).sum()      # 2·u_k·Σ_{j<k} u_j
-            q = (prev_q + cross).add_plain(np.array([np.sum(u_h ** 2)]), int_bits=32)
+            cross = party.times_x((8.0 * u_h).reshape(-1, 1), prev_s)   # Σ_i 2·u_k,i·Σ_{j<k} u_j,i
+            q = (prev_q + cross).add_plain(np.array([np.sum(u_h ** 2)]), int_bits=square_bits)
     party.send(after, scope, PARTIAL_U, blob(s))
     if with_loss:
         party.send(after, scope, PARTIAL_Q, blob(q))
