@@ -144,3 +144,15 @@ def test_taking_packed_rows_keeps_values_in_order(keypair, peer_enc, dec):
     np.testing.assert_array_equal(dec.decrypt(vec.take([1, 2])), [4, 5, 6, 7, 8, 9])
     with pytest.raises(CryptoError, match="partly filled"):
         vec.take([2, 0])
+
+
+def test_a_keyed_mask_source_replays_the_same_masks_with_fresh_randomness(peer_enc, dec):
+    import random
+
+    vec = peer_enc.encrypt([1.5, -2.0, 3.25], FIX)
+    first, mask_a = seal_for_owner(vec, peer_enc, randbits=random.Random(42).getrandbits)
+    again, mask_b = seal_for_owner(vec, peer_enc, randbits=random.Random(42).getrandbits)
+    assert mask_a.values == mask_b.values
+    assert first.ciphertexts != again.ciphertexts
+    assert dec.decrypt_exact(first) == dec.decrypt_exact(again)
+    np.testing.assert_array_equal(mask_a.remove(dec.decrypt_exact(again)), [1.5, -2.0, 3.25])
