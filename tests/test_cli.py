@@ -15,8 +15,8 @@ def run(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess
                           env={**os.environ, **(env or {})})
 
 
-def test_demo_runs_two_parties_through_the_embedded_broker(tmp_path):
-    result = run("demo", "--out", str(tmp_path), "--ciphertexts", "3000")
+def test_channel_demo_runs_two_parties_through_the_embedded_broker(tmp_path):
+    result = run("demo", "--job", "channel", "--out", str(tmp_path), "--ciphertexts", "3000")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sent 3000 ciphertexts" in result.stdout and "round trip" in result.stdout
     metrics = json.loads((tmp_path / "guest" / "metrics.json").read_text())

@@ -27,8 +27,13 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = commands.add_parser("demo", help="run the demo job locally: embedded broker, two parties")
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    demo.add_argument("--job", choices=("hetero_lr", "channel"), default="hetero_lr",
+                      help="hetero_lr: PSI then vertical LR on the breast data set (default); "
+                           "channel: measure the channel")
+    demo.add_argument("--epochs", type=int, default=10, help="hetero_lr: training epochs (default: 10)")
+    demo.add_argument("--key-bits", type=int, default=2048, help="hetero_lr: Paillier key size (default: 2048)")
     demo.add_argument("--ciphertexts", type=int, default=100_000,
-                      help="2048-bit ciphertexts (512 bytes each) to send (default: 100000)")
+                      help="channel: 2048-bit ciphertexts (512 bytes each) to send (default: 100000)")
 
     broker = commands.add_parser("broker", help="run the embedded Kafka-compatible broker in the foreground")
     broker.add_argument("--port", type=int, default=9092)
@@ -102,38 +107,62 @@ def _demo(args: argparse.Namespace) -> int:
             key.unlink()
         keys[name] = generate_identity(key)
     with EmbeddedBroker() as broker:
-        print(f"embedded broker on {broker.bootstrap_servers}", flush=True)
+        print(f"embedded broker on {broker.bootstrap_servers}; starting the guest and the host", flush=True)
         procs = {}
         for name, role in parties.items():
             conf = out / f"{name}.toml"
             peer = next(p for p in parties if p != name)
-            conf.write_text(_demo_toml(job, name, role, peer, keys[peer], broker.bootstrap_servers,
-                                       args.ciphertexts))
+            conf.write_text(_demo_toml(args, job, name, role, peer, keys[peer], broker.bootstrap_servers))
             procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "fedps.engine.cli", "run", "--conf", str(conf)],
                 stdout=subprocess.PIPE, text=True,
             )
-        outputs = {name: proc.communicate(timeout=600)[0] for name, proc in procs.items()}
+        outputs = {name: proc.communicate(timeout=3600)[0] for name, proc in procs.items()}
     failed = [name for name, proc in procs.items() if proc.returncode != 0]
     if failed:
         print(f"fedps demo: party {', '.join(failed)} failed", file=sys.stderr)
         return 1
     metrics = json.loads(outputs["guest"].strip().splitlines()[-1])
-    print(f"sent {metrics['payload_ciphertexts']} ciphertexts ({metrics['payload_bytes'] / 1e6:.1f} MB) "
-          f"guest -> host in {metrics['payload_seconds']} s: {metrics['payload_mb_per_s']} MB/s, "
-          f"{metrics['ciphertexts_per_s']} ciphertexts/s")
-    print(f"round trip of a small message: median {metrics['round_trip_median_ms']} ms, "
-          f"p90 {metrics['round_trip_p90_ms']} ms over {metrics['round_trips']} rounds")
-    print(f"report: {out / 'guest' / 'metrics.json'}")
+    if args.job == "channel":
+        print(f"sent {metrics['payload_ciphertexts']} ciphertexts ({metrics['payload_bytes'] / 1e6:.1f} MB) "
+              f"guest -> host in {metrics['payload_seconds']} s: {metrics['payload_mb_per_s']} MB/s, "
+              f"{metrics['ciphertexts_per_s']} ciphertexts/s")
+        print(f"round trip of a small message: median {metrics['round_trip_median_ms']} ms, "
+              f"p90 {metrics['round_trip_p90_ms']} ms over {metrics['round_trips']} rounds")
+    else:
+        final = metrics["final"]
+        print(f"PSI: {metrics['psi_intersection']} shared ids in {metrics['psi_seconds']} s")
+        print(f"trained {metrics['epochs']} epochs in {metrics['train_seconds']} s; loss "
+              f"{metrics['loss'][0]:.4f} -> {metrics['loss'][-1]:.4f}")
+        print(f"validation ({final['rows']} rows): AUC {final['auc']:.4f}, KS {final['ks']:.4f}, "
+              f"accuracy {final['accuracy']:.4f}, F1 {final['f1']:.4f}")
+    print(f"report: {out / 'guest'}")
     return 0
 
 
-def _demo_toml(job: str, name: str, role: str, peer: str, peer_key: str, servers: str, count: int) -> str:
+def _data_folder() -> Path:
+    folder = Path(os.environ.get("FEDPS_DATA", Path(__file__).resolve().parents[2] / "data"))
+    if not (folder / "breast_hetero_guest.csv").exists():
+        raise FedpsError(f"the demo data is not in {folder}: run the demo from a clone of the "
+                         "repository, or set FEDPS_DATA to its data/ folder")
+    return folder
+
+
+def _demo_toml(args: argparse.Namespace, job: str, name: str, role: str, peer: str, peer_key: str,
+               servers: str) -> str:
+    if args.job == "channel":
+        algorithm = "channel_demo"
+        params = f"{{ ciphertexts = {args.ciphertexts}, rounds = 50 }}"
+    else:
+        algorithm = "hetero_lr"
+        data = _data_folder() / f"breast_hetero_{role}.csv"
+        params = (f'{{ psi = {{ input = "{data}", id_column = "id" }}, epochs = {args.epochs}, '
+                  f'batch_size = 128, learning_rate = 0.3, l2 = 0.001, key_bits = {args.key_bits} }}')
     return f"""# generated by `fedps demo`
 [job]
 id = "{job}"
-algorithm = "channel_demo"
-params = {{ ciphertexts = {count}, rounds = 50 }}
+algorithm = "{algorithm}"
+params = {params}
 
 [party]
 name = "{name}"
@@ -147,6 +176,10 @@ state_dir = "{name}/state"
 
 [kafka]
 bootstrap_servers = "{servers}"
+
+[ray]
+object_store_mb = 100
+num_cpus = 1
 """
 
 

@@ -8,6 +8,7 @@ report into its output folder: ``model.json`` (its own weights only),
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -37,7 +38,11 @@ def roles(me: str, role: str, peers: list[str], params: LRParams) -> tuple[str, 
 
 
 def run(context) -> None:
-    params = LRParams.from_mapping(context.config.job.params)
+    raw = dict(context.config.job.params)
+    psi_params = raw.pop("psi", None)
+    params = LRParams.from_mapping(raw)
+    if psi_params is not None:
+        params = dataclasses.replace(params, train=str(_run_psi(context, psi_params)))
     me = context.me
     guest, hosts = roles(me, context.role, sorted(context.channels), params)
     if set(context.channels) != {p for p in [guest, *hosts] if p != me}:
@@ -71,6 +76,24 @@ def run(context) -> None:
         _write_report(context, session, state, time.perf_counter() - started)
     finally:
         session.model.stop()
+
+
+def _run_psi(context, psi_params: dict) -> Path:
+    """Align the rows with PSI first (``job.params.psi`` holds its settings); returns its output."""
+    from fedps.algorithms import psi
+
+    if not isinstance(psi_params, dict):
+        raise ConfigError("job.params.psi must be a table of PSI settings")
+    original = context.config
+    job = dataclasses.replace(original.job, params=psi_params)
+    context.config = dataclasses.replace(original, job=job)
+    try:
+        started = time.perf_counter()
+        psi.run(context)
+        context.metrics["psi_seconds"] = round(time.perf_counter() - started, 3)
+    finally:
+        context.config = original
+    return context.output_dir / psi_params.get("output", "psi")
 
 
 def _progress(me: str):

@@ -17,8 +17,10 @@ import pandas as pd
 from fedps.algorithms.hetero_lr.trainer import PartyData
 from fedps.errors import DataError
 
-#: Column of PSI output holding the keyed hash of the canonical id (int64).
+#: Column of a prepared file holding a 63-bit hash of the canonical id (int64).
 HASHED_ID = "hashed_id"
+#: Columns of PSI output (fedps.algorithms.psi.output): keyed id hash and dense row index.
+PSI_HASH, PSI_INDEX = "psi_hash", "psi_index"
 
 
 def canonical(ids: pd.Series) -> pd.Series:
@@ -37,7 +39,12 @@ def id_hash(ids: pd.Series) -> np.ndarray:
 
 
 def read_frame(path: str | Path) -> pd.DataFrame:
+    """A CSV or Parquet file, or a PSI output folder (rows in PSI order, hashed ids as int64)."""
     path = Path(path)
+    if (path / "manifest.json").exists():
+        frame = pd.read_parquet(path / "rows").sort_values(PSI_INDEX, kind="stable").reset_index(drop=True)
+        frame[HASHED_ID] = [int.from_bytes(bytes(h)[:8], "big") >> 1 for h in frame[PSI_HASH]]
+        return frame.drop(columns=[PSI_HASH, PSI_INDEX])
     try:
         if path.is_dir() or path.suffix == ".parquet":
             return pd.read_parquet(path)
