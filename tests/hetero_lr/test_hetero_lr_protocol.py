@@ -65,9 +65,10 @@ def run_parties(job: str, configs: dict, data: dict, params: dict[str, LRParams]
                 recorders[name] = [Recorder(c) for c in channels.values()]
             session = trainer.setup(
                 name, "guest", hosts, channels, data[name], params[name], job, JobCheckpoint(tmp / name),
-                lambda f, i: PartyModel(f"{job}-{name}", f, params[name], i))
+                lambda f, i, sp: PartyModel(f"{job}-{name}", f, params[name], i, sparse=sp))
             state = trainer.train(session)
-            results[name] = (state, session.model.weights(), session)
+            weights = session.model.weights() if not data[name].sparse else None
+            results[name] = (state, weights, session, session.model.stored_rows())
             session.model.stop()
         except Exception as exc:  # surfaced by the test
             errors[name] = exc
@@ -110,7 +111,7 @@ def test_federated_weights_and_loss_match_the_plaintext_oracle(hosts, make_parti
     out = run_parties(job_id, make_parties(*data), data, {n: params for n in data}, tmp_path, ray_address)
     assert not out["errors"], out["errors"]
     weights, bias, losses = oracle(data, params)
-    state, (w_guest, b_guest), _ = out["results"]["guest"]
+    state, (w_guest, b_guest) = out["results"]["guest"][:2]
     np.testing.assert_allclose(w_guest, weights[0], atol=1e-5)
     assert abs(b_guest - bias) < 1e-5
     for i, name in enumerate(list(data)[1:], start=1):
@@ -177,3 +178,43 @@ def test_bad_training_files_name_the_column(tmp_path):
         load_party_data(path, "id", "y", ("x9",))
     with pytest.raises(DataError, match="label column 'label' is missing"):
         load_party_data(path, "id", "label")
+
+
+def test_sparse_host_with_ten_million_hashed_features_trains_touching_only_its_rows(
+        make_parties, job_id, tmp_path, ray_address):
+    rng = np.random.default_rng(7)
+    rows = 480
+    ids = np.arange(rows)
+    y = rng.integers(0, 2, rows)
+    signal = rng.integers(0, 10**7, 40)           # informative hashed ids, split by class
+    guest_lines, host_lines, touched = [], [], set()
+    for i in ids:
+        guest_lines.append(f"{i},{y[i]},{rng.normal():.5f}")
+        picks = [int(rng.choice(signal[:20] if y[i] else signal[20:]))]
+        picks += [int(v) for v in rng.integers(0, 10**7, 4)]      # noise features, mostly unique
+        touched.update(picks)
+        host_lines.append(f"{i} " + " ".join(f"{k}:1" for k in sorted(set(picks))))
+    (tmp_path / "g.csv").write_text("id,y,x0\n" + "\n".join(guest_lines) + "\n")
+    (tmp_path / "h.libsvm").write_text("\n".join(host_lines) + "\n")
+    data = {"guest": load_party_data(tmp_path / "g.csv", "id", "y"),
+            "host": load_party_data(tmp_path / "h.libsvm", "id", None)}
+    assert data["host"].sparse and data["host"].feature_keys.max() < 10**7
+    params = LRParams(epochs=4, batch_size=96, learning_rate=4.0, key_bits=512, d_noise=0.001,
+                      validation_fraction=0.3)
+    out = run_parties(job_id, make_parties(*data), data, {n: params for n in data}, tmp_path, ray_address)
+    assert not out["errors"], out["errors"]
+    assert out["results"]["guest"][0].metrics[-1]["auc"] > 0.9
+    train = ~trainer.validation_rows(data["host"].row_keys, 0.3, 0)
+    touched_in_training = np.unique(data["host"].x[np.flatnonzero(train)].indices).size
+    assert out["results"]["host"][3] == touched_in_training     # rows stored == features touched
+
+
+def test_sparse_features_without_noise_are_refused(make_parties, job_id, tmp_path, ray_address):
+    (tmp_path / "h.libsvm").write_text("\n".join(f"{i} {i * 7}:1 5:1" for i in range(569)) + "\n")
+    guest = load_party_data(DATA / "breast_hetero_guest.csv", "id", "y")
+    host = load_party_data(tmp_path / "h.libsvm", "id", None)
+    ids = host.row_keys
+    data = {"guest": trainer.PartyData(guest.x[:569], ids, guest.y[:569]), "host": host}
+    out = run_parties(job_id, make_parties(*data), data, {n: LRParams(epochs=1, key_bits=512) for n in data},
+                      tmp_path, ray_address)
+    assert "d_noise" in str(out["errors"].get("guest"))

@@ -66,8 +66,8 @@ def run(context) -> None:
     checkpoint = JobCheckpoint(context.output_dir / "checkpoint")
     job = context.config.job.id
 
-    def make_model(features: int, intercept: bool) -> PartyModel:
-        return PartyModel(f"{job}-{me}", features, params, intercept, checkpoint.ps_dir)
+    def make_model(features: int, intercept: bool, sparse: bool) -> PartyModel:
+        return PartyModel(f"{job}-{me}", features, params, intercept, checkpoint.ps_dir, sparse=sparse)
 
     started = time.perf_counter()
     session = trainer.setup(me, guest, hosts, context.channels, data, params, job, checkpoint, make_model, xt_d)
@@ -109,9 +109,15 @@ def _progress(me: str):
 
 
 def _write_report(context, session: trainer.Session, state, seconds: float) -> None:
-    weights, intercept = session.model.weights()
-    model = {"party": context.me, "features": session.data.feature_names,
-             "weights": weights.tolist(), "intercept": intercept if session.model.intercept else None}
+    if session.data.sparse:
+        keys, weights = session.model.dump()
+        _, intercept = session.model.weights(keys[:0])
+        model = {"party": context.me, "feature_ids": keys.tolist(), "weights": weights.tolist(),
+                 "intercept": intercept if session.model.intercept else None}
+    else:
+        weights, intercept = session.model.weights()
+        model = {"party": context.me, "features": session.data.feature_names,
+                 "weights": weights.tolist(), "intercept": intercept if session.model.intercept else None}
     (context.output_dir / "model.json").write_text(json.dumps(model, indent=2))
     context.metrics.update({"epochs": state.epoch, "steps": state.step, "train_seconds": round(seconds, 3),
                             "converged": state.done})

@@ -58,6 +58,8 @@ def read_frame(path: str | Path) -> pd.DataFrame:
 def load_party_data(path: str | Path, id_column: str, label_column: str | None,
                     feature_columns: tuple[str, ...] = ()) -> PartyData:
     """Features (and labels for the guest) in canonical row order."""
+    if Path(path).suffix in (".libsvm", ".svm"):
+        return load_libsvm(path, label_column is not None)
     frame = read_frame(path)
     if HASHED_ID in frame.columns:
         keys = frame[HASHED_ID].to_numpy(dtype=np.int64)
@@ -94,3 +96,46 @@ def load_party_data(path: str | Path, id_column: str, label_column: str | None,
         y = labels.to_numpy(dtype=np.float64)[order]
     x = frame[names].to_numpy(dtype=np.float64)[order]
     return PartyData(x=x, row_keys=keys[order], y=y, feature_names=names)
+
+
+def load_libsvm(path: str | Path, has_label: bool) -> PartyData:
+    """Sparse rows ``<id> [<label>] <feature id>:<value> ...``; feature ids are int64 (hashed).
+
+    Only the features that occur get a column; the model keeps a row per
+    feature id only once a batch touches it.
+    """
+    from scipy import sparse
+
+    ids, labels, indptr, keys, values = [], [], [0], [], []
+    try:
+        with open(path) as lines:
+            for number, line in enumerate(lines, start=1):
+                tokens = line.split()
+                if not tokens or tokens[0].startswith("#"):
+                    continue
+                ids.append(tokens[0])
+                if has_label:
+                    if len(tokens) < 2 or tokens[1] not in ("0", "1"):
+                        raise DataError(f"{path}:{number}: the label after the id must be 0 or 1")
+                    labels.append(float(tokens[1]))
+                for token in tokens[1 + has_label:]:
+                    key, sep, value = token.partition(":")
+                    try:
+                        keys.append(int(key))
+                        values.append(float(value) if sep else 1.0)
+                    except ValueError:
+                        raise DataError(f"{path}:{number}: {token!r} is not <feature id>:<value>") from None
+                indptr.append(len(keys))
+    except FileNotFoundError:
+        raise DataError(f"training data {path} does not exist") from None
+    keys_arr = np.asarray(keys, dtype=np.int64)
+    if keys_arr.size and keys_arr.min() < 0:
+        raise DataError(f"{path}: feature ids must be non-negative")
+    feature_keys, columns = np.unique(keys_arr, return_inverse=True)
+    x = sparse.csr_matrix((np.asarray(values), columns, np.asarray(indptr)), shape=(len(ids), len(feature_keys)))
+    row_keys = id_hash(pd.Series(ids, dtype=str))
+    if len(set(row_keys.tolist())) != len(row_keys):
+        raise DataError(f"{path} has duplicate ids")
+    order = np.argsort(row_keys, kind="stable")
+    y = np.asarray(labels)[order] if has_label else None
+    return PartyData(x=x[order], row_keys=row_keys[order], y=y, feature_keys=feature_keys)

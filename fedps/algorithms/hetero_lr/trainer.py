@@ -37,21 +37,47 @@ VALID_U = Message("valid_u", "host", "guest", np.ndarray)    # host scores of va
 class PartyData:
     """One party's aligned training rows (same order on every side)."""
 
-    x: np.ndarray                      # (rows, features)
+    x: Any                             # (rows, features): ndarray, or scipy CSR for sparse data
     row_keys: np.ndarray               # hashed ids in row order, for the validation split
     y: np.ndarray | None = None        # guest only
     feature_names: list[str] = field(default_factory=list)
+    feature_keys: np.ndarray | None = None   # sparse only: the int64 feature id of each column
 
     def __post_init__(self) -> None:
-        if self.x.ndim != 2 or self.x.shape[0] != len(self.row_keys):
+        if len(self.x.shape) != 2 or self.x.shape[0] != len(self.row_keys):
             raise DataError(f"features of shape {self.x.shape} do not match {len(self.row_keys)} ids")
-        if not np.all(np.isfinite(self.x)):
+        values = self.x.data if self.sparse else self.x
+        if not np.all(np.isfinite(values)):
             raise DataError("features hold NaN or infinite values; clean or impute them first")
+        if self.sparse and (self.feature_keys is None or len(self.feature_keys) != self.x.shape[1]):
+            raise DataError("sparse features need one feature id per column")
         if self.y is not None and not set(np.unique(self.y)) <= {0.0, 1.0}:
             raise DataError("labels must be 0 or 1")
 
+    @property
+    def sparse(self) -> bool:
+        return hasattr(self.x, "tocsr")
+
+    def columns(self, rows: np.ndarray) -> tuple[Any, np.ndarray | None]:
+        """The batch's feature matrix, and for sparse data the feature ids of its columns.
+
+        A sparse batch keeps only the columns it touches, so a model of 10^7
+        hashed features costs per batch what the batch holds.
+        """
+        x = self.x[rows]
+        if not self.sparse:
+            return x, None
+        touched = np.unique(x.indices)
+        return x[:, touched], self.feature_keys[touched]
+
     def digest(self) -> str:
         return hashlib.sha256(np.ascontiguousarray(self.row_keys).tobytes()).hexdigest()
+
+
+def sparse_hstack(x: Any, dense: np.ndarray) -> Any:
+    from scipy import sparse
+
+    return sparse.hstack([x, sparse.csr_matrix(dense)], format="csr")
 
 
 def validation_rows(row_keys: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -88,38 +114,45 @@ class Session:
 
 
 def setup(name: str, guest: str, hosts: list[str], channels: dict, data: PartyData, params: LRParams,
-          job: str, checkpoint: JobCheckpoint, make_model: Callable[[int, bool], PartyModel],
+          job: str, checkpoint: JobCheckpoint, make_model: Callable[[int, bool, bool], PartyModel],
           xt_d: Callable | None = None) -> Session:
     """Exchange keys and shapes, check agreement, or restore everything from a checkpoint."""
     restored = checkpoint.load_latest()
     intercept = name == guest and params.fit_intercept
     features = data.x.shape[1]
+    new_model = lambda: make_model(features, intercept, data.sparse)  # noqa: E731
     if restored is not None:
         keys, public, secret, state, positions = restored
         for peer, position in positions.items():
             channels[peer].rewind(position)
         party = protocol.Party(name, guest, hosts, channels, keys, public, params.frac_bits, xt_d)
-        model = make_model(features, intercept)
+        model = new_model()
         model.restore(state.step)
         log.info("%s resumed from the checkpoint of step %d (epoch %d, batch %d)",
                  name, state.step, state.epoch, state.batch)
         return Session(party, data, params, model, checkpoint, secret, state)
     public_key, private_key = generate_keypair(params.key_bits)
     scope = Scope(job, "setup")
-    hello = {"n": str(public_key.n), "features": features, "rows": int(data.x.shape[0]),
+    hello = {"n": str(public_key.n), "features": 0 if data.sparse else features, "sparse": data.sparse,
+             "rows": int(data.x.shape[0]),
              "digest": data.digest(), "shared": params.shared()}
     for peer, channel in channels.items():
         channel.send(scope.tag(HELLO.name), hello)
     public: dict[str, PublicKey] = {name: public_key}
-    counts = {name: features}
+    counts = {name: hello["features"]}
+    sparse = data.sparse
     for peer, channel in sorted(channels.items()):
         theirs = HELLO.check(channel.recv(scope.tag(HELLO.name)))
         _agree(name, peer, hello, theirs)
         public[peer] = PublicKey(int(theirs["n"]))
         counts[peer] = int(theirs["features"])
+        sparse = sparse or bool(theirs.get("sparse"))
     _check_batch(params, counts, data.x.shape[0])
+    if sparse and params.d_noise == 0:
+        raise ConfigError("a party has sparse features: a feature seen in one row of a batch reveals that "
+                          "row's d to it, so set job.params.d_noise (for example 0.01) to blur it")
     party = protocol.Party(name, guest, hosts, channels, private_key, public, params.frac_bits, xt_d)
-    session = Session(party, data, params, make_model(features, intercept), checkpoint, os.urandom(32))
+    session = Session(party, data, params, new_model(), checkpoint, os.urandom(32))
     if params.checkpoint_every:
         save_checkpoint(session)
     return session
@@ -193,22 +226,26 @@ def _drop_older(party: protocol.Party, epoch: int, batch: int) -> None:
 
 
 def _one_batch(s: Session, scope: Scope, rows: np.ndarray, is_guest: bool) -> None:
-    x = s.data.x[rows]
-    u = s.model.scores(x)
+    x, keys = s.data.columns(rows)
+    u = s.model.scores(x, keys)
     with_loss = s.params.loss_every > 0 and scope.batch % s.params.loss_every == 0
     if is_guest:
         noise = None
         if s.params.d_noise:
             seed = int.from_bytes(hashlib.sha256(s.secret + b"noise").digest()[:8], "big")
             noise = np.random.default_rng([seed, scope.iteration, scope.batch]).normal(0, s.params.d_noise, len(rows))
-        features = np.hstack([x, np.ones((len(rows), 1))]) if s.model.intercept else x
+        if s.model.intercept:
+            ones = np.ones((len(rows), 1))
+            features = sparse_hstack(x, ones) if s.data.sparse else np.hstack([x, ones])
+        else:
+            features = x
         gradient, loss = protocol.guest_batch(s.party, scope, features, s.data.y[rows], u, noise,
                                               with_loss, s.secret)
         if loss is not None:
             s.state.batch_losses.append(loss)
     else:
         gradient = protocol.host_batch(s.party, scope, x, u, with_loss, s.secret)
-    s.model.step(gradient / len(rows))
+    s.model.step(gradient / len(rows), keys)
 
 
 def _end_epoch(s: Session, job: str, epoch: int, is_guest: bool) -> None:
@@ -238,7 +275,8 @@ def _end_epoch(s: Session, job: str, epoch: int, is_guest: bool) -> None:
 def evaluate_host(s: Session, scope: Scope) -> None:
     """Send this host's scores on the validation rows to the guest (documented leakage)."""
     valid = validation_rows(s.data.row_keys, s.params.validation_fraction, s.params.seed)
-    s.party.send(s.party.guest, scope, VALID_U, s.model.scores(s.data.x[valid]))
+    x, keys = s.data.columns(np.flatnonzero(valid))
+    s.party.send(s.party.guest, scope, VALID_U, s.model.scores(x, keys))
 
 
 def evaluate_guest(s: Session, scope: Scope) -> dict[str, float]:
@@ -246,7 +284,8 @@ def evaluate_guest(s: Session, scope: Scope) -> dict[str, float]:
     valid = validation_rows(s.data.row_keys, s.params.validation_fraction, s.params.seed)
     if not valid.any():
         return {}
-    u = s.model.scores(s.data.x[valid])
+    x, keys = s.data.columns(np.flatnonzero(valid))
+    u = s.model.scores(x, keys)
     for host in s.party.hosts:
         u = u + np.asarray(s.party.recv(host, scope, VALID_U), dtype=np.float64)
     s.last_validation = (s.data.y[valid], u)
