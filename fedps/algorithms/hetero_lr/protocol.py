@@ -144,14 +144,15 @@ def guest_batch(party: Party, scope: Scope, x: np.ndarray, y: np.ndarray, u_g: n
     """The guest's side of one batch; returns its gradient (sum over rows) and the batch loss."""
     h1, last = party.hosts[0], party.hosts[-1]
     key_h1 = party.public_keys[h1]
-    # 1. [[0.25·u_h]]_H1 (and [[Σu_h²]]_H1) from the end of the host chain
-    s = vector(party.recv(last, scope, PARTIAL_U), key_h1)
-    q = vector(party.recv(last, scope, PARTIAL_Q), key_h1) if with_loss else None
-    # 2. [[0.25·u_g + 0.5 − y (+ noise)]]_G to the first host
+    # 2. [[0.25·u_g + 0.5 − y (+ noise)]]_G to the first host (sent first: the guest
+    #    encrypts while the hosts do step 1)
     part = 0.25 * u_g + 0.5 - y
     if noise is not None:
         part = part + noise
     party.send(h1, scope, PARTIAL_D, blob(party.encryptor(party.name).encrypt(part, party.fixed)))
+    # 1. [[0.25·u_h]]_H1 (and [[Σu_h²]]_H1) from the end of the host chain
+    s = vector(party.recv(last, scope, PARTIAL_U), key_h1)
+    q = vector(party.recv(last, scope, PARTIAL_Q), key_h1) if with_loss else None
     # 3. [[X_gᵀd]]_H1 (and the loss) compressed, masked, re-randomised → h1
     d = s.add_plain(part)
     grad, grad_mask = seal_for_owner(party.times_x(x, d), party.encryptor(h1),
