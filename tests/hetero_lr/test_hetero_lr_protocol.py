@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedps.algorithms.hetero_lr import trainer
-from fedps.algorithms.hetero_lr.checkpoints import JobCheckpoint
 from fedps.algorithms.hetero_lr.data import load_party_data
-from fedps.algorithms.hetero_lr.model import PartyModel
+from fedps.algorithms.hetero_lr.local import run_in_threads
 from fedps.algorithms.hetero_lr.params import LRParams
 from fedps.errors import ConfigError, DataError
-from fedps.messaging.channel import Channel
 
 DATA = Path(__file__).parents[2] / "data"
 
@@ -29,57 +26,14 @@ def breast(hosts: int) -> dict[str, trainer.PartyData]:
     return out
 
 
-class Recorder:
-    """Wraps a channel's recv to keep every value a party received (what crossed the wire)."""
-
-    def __init__(self, channel: Channel) -> None:
-        self.channel, self.values = channel, []
-        original = channel.recv
-
-        def recv(tag, timeout=None):
-            value = original(tag, timeout)
-            self.values.append((tag, value))
-            return value
-
-        channel.recv = recv
-
-
 def run_parties(job: str, configs: dict, data: dict, params: dict[str, LRParams], tmp: Path,
                 ray_address: str, record: bool = False) -> dict:
-    names = list(data)
-    hosts = [n for n in names if n != "guest"]
-    results, errors, recorders = {}, {}, {}
-
-    def party(name: str) -> None:
-        channels = {}
-        try:
-            opened = []
-            for peer in names:
-                if peer != name:
-                    channels[peer] = Channel(job, name, peer, configs[name])
-            # open all channels concurrently: each open waits for the peer's hello
-            threads = [threading.Thread(target=c.open) for c in channels.values()]
-            [t.start() for t in threads]
-            [t.join() for t in threads]
-            if record:
-                recorders[name] = [Recorder(c) for c in channels.values()]
-            session = trainer.setup(
-                name, "guest", hosts, channels, data[name], params[name], job, JobCheckpoint(tmp / name),
-                lambda f, i, sp: PartyModel(f"{job}-{name}", f, params[name], i, sparse=sp))
-            state = trainer.train(session)
-            weights = session.model.weights() if not data[name].sparse else None
-            results[name] = (state, weights, session, session.model.stored_rows())
-            session.model.stop()
-        except Exception as exc:  # surfaced by the test
-            errors[name] = exc
-        finally:
-            for c in channels.values():
-                c.close()
-
-    threads = [threading.Thread(target=party, args=(n,)) for n in names]
-    [t.start() for t in threads]
-    [t.join(timeout=600) for t in threads]
-    return {"results": results, "errors": errors, "recorders": recorders}
+    results = run_in_threads(job, configs, data, params, tmp, record=record)
+    return {
+        "results": {n: (r.state, r.weights, None, r.stored_rows) for n, r in results.items() if r.error is None},
+        "errors": {n: r.error for n, r in results.items() if r.error is not None},
+        "received": {n: r.received for n, r in results.items()},
+    }
 
 
 def oracle(data: dict, params: LRParams) -> tuple[list[np.ndarray], float, list[float]]:
@@ -128,7 +82,7 @@ def test_what_hosts_receive_reveals_neither_labels_nor_guest_features(make_parti
     out = run_parties(job_id, make_parties(*data), data, {n: params for n in data}, tmp_path, ray_address,
                       record=True)
     assert not out["errors"], out["errors"]
-    received = [v for r in out["recorders"]["host1"] for _, v in r.values]
+    received = [v for _, v in out["received"]["host1"]]
     assert received
     y, xg = data["guest"].y, data["guest"].x
     secrets = [y.astype(np.float64).tobytes(), y.astype(np.int64).tobytes(), xg[:4].tobytes(),
