@@ -11,7 +11,6 @@ keeps the ``Mask``, can remove it and unpack the slots.
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -121,7 +120,3 @@ def seal_for_owner(
     packed = compress(vector, layout) if vector.layout is None else vector
     return add_mask(packed, encryptor, randbits)
 
-
-def compressed_count(length: int, layout: PackingLayout) -> int:
-    """Ciphertexts needed for ``length`` values in ``layout``."""
-    return math.ceil(length / layout.slots)
