@@ -151,3 +151,25 @@ def test_guest_under_spark_submit_runs_its_products_on_executors(tmp_path, broke
     metrics = finish({"guest": guest, "host": start(confs["host"])})
     assert metrics["guest"]["final"]["auc"] > 0.95
     assert metrics["guest"]["spark_master"] == "local[1]"      # the submit command's, not the config's
+
+
+def test_trained_model_predicts_new_rows_jointly(tmp_path, broker, job_id):
+    files = {"guest": DATA / "breast_hetero_guest.csv", "host": DATA / "breast_hetero_host.csv"}
+    trained = write_configs(tmp_path / "train", job_id + "t", broker.bootstrap_servers, files, epochs=2)
+    finish({n: start(c) for n, c in trained.items()})
+    # new rows of the same 60 ids on both sides (PSI output or aligned files; the demo covers PSI)
+    new = {"guest": tmp_path / "guest_new.csv", "host": tmp_path / "host_new.csv"}
+    pd.read_csv(files["guest"]).iloc[40:100].drop(columns=["y"]).to_csv(new["guest"], index=False)
+    pd.read_csv(files["host"]).iloc[40:100].to_csv(new["host"], index=False)
+    folder = tmp_path / "predict"
+    confs = write_configs(folder, job_id + "p", broker.bootstrap_servers, new, mode="predict")
+    for name in confs:
+        model_file = tmp_path / "train" / "out" / name / "model.json"
+        confs[name].write_text(confs[name].read_text().replace(
+            'mode = "predict"', f'mode = "predict", model = "{model_file}"'))
+    metrics = finish({n: start(c) for n, c in confs.items()})
+    assert metrics["guest"]["predict"]["rows"] == 60
+    predictions = pd.read_csv(folder / "out" / "guest" / "predictions.csv")
+    assert sorted(predictions["id"]) == sorted(pd.read_csv(files["guest"]).iloc[40:100]["id"])
+    labels = pd.read_csv(files["guest"]).set_index("id").loc[predictions["id"], "y"].to_numpy()
+    assert ((predictions["probability"] > 0.5) == (labels == 1)).mean() > 0.85

@@ -20,6 +20,7 @@ from fedps.algorithms.hetero_lr.data import load_party_data
 from fedps.algorithms.hetero_lr.metrics import write_plots
 from fedps.algorithms.hetero_lr.model import PartyModel
 from fedps.algorithms.hetero_lr.params import LRParams
+from fedps.algorithms.hetero_lr.predict import predict
 from fedps.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,19 @@ def run(context) -> None:
     if set(context.channels) != {p for p in [guest, *hosts] if p != me}:
         raise ConfigError(f"[peers] must list exactly the other parties of the job: {guest}, {', '.join(hosts)}")
     if not params.train:
-        raise ConfigError("job.params.train must name this party's training data (PSI output or a file)")
+        raise ConfigError("job.params.train must name this party's data (PSI output or a file)")
     train_path = Path(params.train)
     if not train_path.is_absolute():
         train_path = Path(context.config.source).parent / train_path
+    if params.mode == "predict":
+        model_path = Path(params.model)
+        if not model_path.is_absolute():
+            model_path = Path(context.config.source).parent / model_path
+        columns = params.feature_columns or tuple(_saved_features(model_path))
+        data = load_party_data(train_path, params.id_column, None, columns)
+        context.metrics["predict"] = predict(me, guest, hosts, context.channels, data, model_path,
+                                             context.config.job.id, context.output_dir)
+        return
     data = load_party_data(train_path, params.id_column, params.label_column if me == guest else None,
                            params.feature_columns)
     context.ray_address  # the PS runs on this party's Ray
@@ -76,6 +86,13 @@ def run(context) -> None:
         _write_report(context, session, state, time.perf_counter() - started)
     finally:
         session.model.stop()
+
+
+def _saved_features(model_path: Path) -> list[str]:
+    try:
+        return json.loads(model_path.read_text()).get("features") or []
+    except FileNotFoundError:
+        raise ConfigError(f"job.params.model {model_path} does not exist: train first") from None
 
 
 def _run_psi(context, psi_params: dict) -> Path:

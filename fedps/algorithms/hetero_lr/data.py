@@ -95,7 +95,8 @@ def load_party_data(path: str | Path, id_column: str, label_column: str | None,
             raise DataError(f"label column {label_column!r} of {path} must hold only 0 and 1")
         y = labels.to_numpy(dtype=np.float64)[order]
     x = frame[names].to_numpy(dtype=np.float64)[order]
-    return PartyData(x=x, row_keys=keys[order], y=y, feature_names=names)
+    ids = frame[id_column].to_numpy()[order] if id_column in frame.columns else None
+    return PartyData(x=x, row_keys=keys[order], y=y, feature_names=names, ids=ids)
 
 
 def load_libsvm(path: str | Path, has_label: bool) -> PartyData:
@@ -138,4 +139,5 @@ def load_libsvm(path: str | Path, has_label: bool) -> PartyData:
         raise DataError(f"{path} has duplicate ids")
     order = np.argsort(row_keys, kind="stable")
     y = np.asarray(labels)[order] if has_label else None
-    return PartyData(x=x[order], row_keys=row_keys[order], y=y, feature_keys=feature_keys)
+    return PartyData(x=x[order], row_keys=row_keys[order], y=y, feature_keys=feature_keys,
+                     ids=np.asarray(ids, dtype=object)[order])

@@ -18,6 +18,9 @@ class LRParams:
     # parties (shared); empty: a guest with its peers as hosts, or a host with one peer
     guest: str = ""
     hosts: tuple[str, ...] = ()
+    # what to do: "train", or "predict" new rows with a trained model
+    mode: str = "train"
+    model: str = ""                 # predict: this party's model.json from training
     # data
     train: str = ""                 # Parquet from PSI, or a CSV/Parquet file with ``id_column``
     id_column: str = "id"
@@ -57,6 +60,10 @@ class LRParams:
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"job.params.{key} must be positive, got {value!r}")
+        if self.mode not in ("train", "predict"):
+            raise ConfigError(f"job.params.mode must be train or predict, got {self.mode!r}")
+        if self.mode == "predict" and not self.model:
+            raise ConfigError("job.params.model must name this party's model.json to predict with")
         if self.optimizer not in _OPTIMIZERS:
             raise ConfigError(f"job.params.optimizer must be one of {', '.join(_OPTIMIZERS)}")
         if self.l1 < 0 or self.l2 < 0 or self.d_noise < 0:

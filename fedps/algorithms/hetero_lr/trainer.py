@@ -42,6 +42,7 @@ class PartyData:
     y: np.ndarray | None = None        # guest only
     feature_names: list[str] = field(default_factory=list)
     feature_keys: np.ndarray | None = None   # sparse only: the int64 feature id of each column
+    ids: np.ndarray | None = None            # the original ids in row order, where known
 
     def __post_init__(self) -> None:
         if len(self.x.shape) != 2 or self.x.shape[0] != len(self.row_keys):
