@@ -136,7 +136,7 @@ def test_mask_is_at_least_40_bits_wider_than_the_packed_value(peer_enc):
     assert packed.layout.mask_range_bits >= hidden_bits + 40
     _, mask = add_mask(packed, peer_enc)
     assert all(0 <= r < 2 ** packed.layout.mask_range_bits for r in mask.values)
-    assert max(r.bit_length() for r in mask.values) > hidden_bits + 30
+    assert max(r.bit_length() for r in mask.values) > hidden_bits + 20  # fails with odds 2^-20
 
 
 def test_taking_packed_rows_keeps_values_in_order(keypair, peer_enc, dec):

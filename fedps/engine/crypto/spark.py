@@ -4,7 +4,8 @@ Each partition rebuilds its ``Encryptor``/``Decryptor`` once per Python worker
 (cached by key and settings, since a fixed-base table takes a while to build)
 and ships ciphertexts back as ``CipherVector.to_bytes`` blobs, never pickled
 ints. pyspark is imported only inside the functions that need a session.
-A private key reaches executors only for ``decrypt_on_spark``.
+Private-key material (``p``, ``q``) reaches executors only when the key
+owner asks for CRT encryption or for decryption there.
 """
 
 from __future__ import annotations
