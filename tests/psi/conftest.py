@@ -28,6 +28,7 @@ class Outcome:
     manifest: dict[str, Any] | None
     received: list[Any] = field(default_factory=list)
     error: BaseException | None = None
+    job: str = ""
 
 
 def write_ids(path: Path, ids: list[Any], fmt: str = "csv") -> Path:
@@ -55,23 +56,29 @@ def _tap(channel: Channel, log: list[Any]) -> None:
 
 @pytest.fixture
 def psi_pair(spark, make_parties, job_id, tmp_path):
+    channels = make_parties("guest", "host", recv_timeout_s=60.0)
+    runs = []
+
     def run(guest_ids: list[Any], host_ids: list[Any], fmt: str = "csv",
             inputs: dict[str, Path] | None = None, **params: Any) -> dict[str, Outcome]:
-        channels = make_parties("guest", "host", recv_timeout_s=60.0)
-        paths = inputs or {"guest": write_ids(tmp_path / "guest_ids", guest_ids, fmt),
-                           "host": write_ids(tmp_path / "host_ids", host_ids, fmt)}
+        runs.append(len(runs))
+        job = f"{job_id}r{len(runs)}"
+        base = tmp_path / job
+        base.mkdir()
+        paths = inputs or {"guest": write_ids(base / "guest_ids", guest_ids, fmt),
+                           "host": write_ids(base / "host_ids", host_ids, fmt)}
         outcomes: dict[str, Outcome] = {}
 
         def party(name: str, peer: str) -> None:
             received: list[Any] = []
-            out = tmp_path / name
+            out = base / name
             config = config_module.from_mapping({
-                "job": {"id": job_id, "algorithm": "psi",
+                "job": {"id": job, "algorithm": "psi",
                         "params": {"input": str(paths[name]), "batch_size": 100, "buckets": 4,
                                    "rsa_bits": 1024, **params}},
                 "party": {"name": name, "role": name, "output_dir": str(out)},
             })
-            channel = Channel(job_id, name, peer, channels[name]).open()
+            channel = Channel(job, name, peer, channels[name]).open()
             _tap(channel, received)
             context = PartyContext(config, {peer: channel}, out, _spark=spark)
             try:
@@ -83,9 +90,9 @@ def psi_pair(spark, make_parties, job_id, tmp_path):
                 outcomes[name] = Outcome(
                     context.metrics,
                     pd.read_parquet(folder / "rows") if learned else None,
-                    psi.load_manifest(folder) if learned else None, received)
+                    psi.load_manifest(folder) if learned else None, received, job=job)
             except BaseException as exc:  # reported to the test below
-                outcomes[name] = Outcome(context.metrics, None, None, received, exc)
+                outcomes[name] = Outcome(context.metrics, None, None, received, exc, job=job)
             finally:
                 channel.close()
 
@@ -98,3 +105,74 @@ def psi_pair(spark, make_parties, job_id, tmp_path):
         return outcomes
 
     return run
+
+
+def random_sets(n_guest: int, n_host: int, overlap: int, seed: int, integer: bool = False):
+    """Two id lists with exactly ``overlap`` ids in common; returns (guest, host, shared as text)."""
+    import random
+
+    rng = random.Random(seed)
+    pool = rng.sample(range(1, 10**12), n_guest + n_host - overlap)
+    guest = pool[:overlap] + pool[overlap:n_guest]
+    host = pool[:overlap] + pool[n_guest:]
+    rng.shuffle(guest)
+    rng.shuffle(host)
+    make = (lambda v: v) if integer else (lambda v: f" user-{v:x} ")  # spaces: trimmed
+    shared = {str(v) if integer else f"user-{v:x}" for v in pool[:overlap]}
+    return [make(v) for v in guest], [make(v) for v in host], shared
+
+
+def _as_bytes(value: Any) -> bytes:
+    import json
+
+    import numpy as np
+
+    from fedps.messaging.codec import Blob
+
+    if isinstance(value, np.ndarray):
+        return value.tobytes()
+    if isinstance(value, Blob):
+        return bytes(value.data)
+    return json.dumps(value).encode()
+
+
+def assert_no_leak(outcomes: dict[str, Outcome], ids: dict[str, list[Any]], shared: set[str]) -> int:
+    """Nothing one party received contains a recognisable form of the other's
+    non-intersecting ids: raw text, SHA-256/512, the keyed bucket and order
+    hashes, the hash-to-curve point, the RSA full-domain hash (first 8 bytes
+    and whole). Returns the number of ids checked."""
+    import hashlib
+
+    import numpy as np
+
+    from fedps.algorithms.psi import buckets, ecdh, rsa
+
+    shares, public = {}, None
+    for name, outcome in outcomes.items():
+        peer = next(n for n in outcomes if n != name)
+        for value in outcome.received:
+            if isinstance(value, np.ndarray) and value.shape == (32,) and value.dtype == np.uint8 and peer not in shares:
+                shares[peer] = value.tobytes()  # the first 32-byte array is the key share
+            if isinstance(value, dict) and "n" in value and "e" in value:
+                public = rsa.PublicKey(int(value["n"], 16), int(value["e"]))
+    keys = buckets.derive_keys(shares, outcomes["guest"].job)
+    checked = 0
+    for name, outcome in outcomes.items():
+        peer = next(n for n in outcomes if n != name)
+        blob = b"\x00".join(_as_bytes(v) for v in outcome.received)
+        for raw in ids[peer]:
+            text = str(raw).strip()
+            if text in shared:
+                continue
+            forms = [text.encode(), hashlib.sha256(text.encode()).digest(),
+                     hashlib.sha512(text.encode()).digest(), ecdh.encode_to_curve(text.encode())]
+            for key in (keys.bucket, keys.order):
+                forms.append(buckets.keyed_hash(key, text))
+            if public is not None:
+                forms.append(int(public.fdh(text)).to_bytes(public.width, "big"))
+            if isinstance(raw, int):
+                forms += [raw.to_bytes(8, "little"), raw.to_bytes(8, "big")]
+            for form in forms:
+                assert form not in blob and form[:8] not in blob, f"{name} received a form of {text!r}"
+            checked += 1
+    return checked

@@ -1,10 +1,9 @@
-"""ECDH PSI between two parties (threads, real channels): the result is the plain intersection."""
+"""ECDH PSI: the hash to curve, the blinding, and two parties (threads, real channels)."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
+from conftest import assert_no_leak, random_sets
 
 from fedps.algorithms.psi import ecdh
 
@@ -26,31 +25,41 @@ def test_encode_to_curve_matches_rfc9380_vectors():
         assert f"{double(double(double(u))):064x}" == expected
 
 
-def test_blinding_commutes():
+def test_blinding_commutes_and_depends_on_the_secret():
     point = ecdh.encode_to_curve(b"alice")
     a, b = ecdh.new_secret(), ecdh.new_secret()
     assert ecdh.blind(a, ecdh.blind(b, point)) == ecdh.blind(b, ecdh.blind(a, point))
     assert ecdh.blind(a, point) != ecdh.blind(b, point)
+    assert ecdh.encode_to_curve(b"alice") != ecdh.encode_to_curve(b"bob")
 
 
-def _sets(n_guest, n_host, overlap, seed, integer=False):
-    rng = random.Random(seed)
-    pool = rng.sample(range(10**9), n_guest + n_host - overlap)
-    shared = pool[:overlap]
-    guest = shared + pool[overlap:n_guest]
-    host = shared + pool[n_guest:]
-    rng.shuffle(guest)
-    rng.shuffle(host)
-    make = (lambda v: v) if integer else (lambda v: f"user-{v}")
-    return [make(v) for v in guest], [make(v) for v in host], {str(make(v)) for v in shared}
-
-
-@pytest.mark.parametrize("n_guest,n_host,overlap", [(300, 200, 120), (150, 150, 0), (200, 200, 200)])
-def test_ecdh_result_is_the_plain_intersection(psi_pair, n_guest, n_host, overlap):
-    guest, host, shared = _sets(n_guest, n_host, overlap, seed=n_guest + overlap)
+def test_ecdh_finds_the_intersection_and_leaks_no_other_id(psi_pair):
+    guest, host, shared = random_sets(300, 200, 120, seed=1)
     out = psi_pair(guest, host, protocol="ecdh")
+    for name in ("guest", "host"):
+        assert out[name].error is None, out[name].error
+        assert out[name].manifest["count"] == 120
+        assert set(out[name].rows["id"].str.strip()) == shared
+        assert list(out[name].rows["psi_index"]) == list(range(120))
+        assert out[name].metrics["psi_peer_ids"] == (200 if name == "guest" else 300)
+    assert out["guest"].manifest["digest"] == out["host"].manifest["digest"]
+    assert assert_no_leak(out, {"guest": guest, "host": host}, shared) == 180 + 80
+
+
+@pytest.mark.parametrize("overlap,fmt", [(0, "csv"), (150, "parquet")])
+def test_ecdh_integer_ids_with_empty_and_full_overlap(psi_pair, overlap, fmt):
+    guest, host, shared = random_sets(150, 150, overlap, seed=overlap, integer=True)
+    out = psi_pair(guest, host, fmt=fmt, protocol="ecdh")
     for name in ("guest", "host"):
         assert out[name].error is None, out[name].error
         assert out[name].manifest["count"] == overlap
         assert set(out[name].rows["id"].astype(str)) == shared
     assert out["guest"].manifest["digest"] == out["host"].manifest["digest"]
+
+
+def test_ecdh_one_sided_result(psi_pair):
+    guest, host, shared = random_sets(100, 100, 40, seed=7)
+    out = psi_pair(guest, host, protocol="ecdh", result="guest")
+    assert out["guest"].error is None and out["host"].error is None
+    assert out["guest"].manifest["count"] == 40
+    assert out["host"].manifest is None and out["host"].metrics["psi_learned"] is False

@@ -65,6 +65,8 @@ def run(context: Any) -> None:
     # 2. ids, checked before any cryptography
     table = _load_and_compare(context.spark, params, channel, scope, peer)
     timings["read_s"] = time.perf_counter() - started
+    log.info("psi: %s read %d ids (%s) in %.1fs", context.me, table.report["ids"], table.id_type,
+             timings["read_s"])
 
     # 3. shared keys
     keys = buckets.agree_keys(channel, scope, context.me, peer)
@@ -103,7 +105,7 @@ def run(context: Any) -> None:
         "psi_input": table.report,
         "psi_peer_ids": psi.stats.get("peer_ids"),
         "psi_messages": psi.stats,
-        "psi_timings": {k: round(v, 3) for k, v in timings.items()},
+        "psi_timings": {**{k: round(v, 3) for k, v in timings.items()}, **psi.timings},
     })
     log.info("psi: %s learned %s of %d ids in %.1fs", context.me,
              manifest["count"] if manifest else "nothing", table.report["ids"], timings["total_s"])

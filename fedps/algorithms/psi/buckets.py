@@ -45,9 +45,13 @@ def agree_keys(channel: Any, scope: Scope, me: str, peer: str) -> PsiKeys:
     theirs = SHARE.check(channel.recv(scope.tag(SHARE.name)))
     if theirs.dtype != np.uint8 or theirs.shape != (_SHARE_BYTES,):
         raise ProtocolError(f"{peer}'s key share is not {_SHARE_BYTES} bytes")
-    shares = {me: mine, peer: theirs.tobytes()}
+    return derive_keys({me: mine, peer: theirs.tobytes()}, scope.job)
+
+
+def derive_keys(shares: dict[str, bytes], job: str) -> PsiKeys:
+    """HKDF-SHA256 over both parties' shares, ordered by party name."""
     material = b"".join(shares[name] for name in sorted(shares))
-    salt = f"fedps/psi/v1/{scope.job}".encode()
+    salt = f"fedps/psi/v1/{job}".encode()
 
     def derive(label: bytes) -> bytes:
         return HKDF(hashes.SHA256(), 32, salt, b"fedps/psi/" + label).derive(material)

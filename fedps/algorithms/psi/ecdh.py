@@ -34,8 +34,8 @@ import pyarrow as pa
 from nacl.bindings import crypto_scalarmult
 
 from fedps.algorithms.psi.buckets import numbered
-from fedps.algorithms.psi.stream import PsiRun, Stream, from_matrix, to_matrix
-from fedps.errors import CryptoError, ProtocolError
+from fedps.algorithms.psi.stream import PsiRun, Stream, check_same_counts, from_matrix, to_matrix
+from fedps.errors import CryptoError
 
 log = logging.getLogger(__name__)
 
@@ -125,43 +125,32 @@ def _blind_values(secret: bytes) -> Callable[[Iterator[pa.RecordBatch]], Iterato
 
 MINE = "bucket int, seq long, id string, value binary"
 VALUES = "seq long, value binary, bucket int"
+DOUBLED = "bucket int, seq long, value binary"
 
 
 def intersect(run: PsiRun, mine: Any) -> Any:
     """Run ECDH PSI; returns a DataFrame of my canonical ids in the intersection (``id``), or
     None when the configuration gives the result to the peer only."""
     secret = new_secret()
-    # 1. H(x)^a on the executors
-    run.write(mine.mapInArrow(_hash_and_blind(secret), MINE), "mine")
-    # 2. to the peer
-    sent = run.send(SINGLE, "mine")
-    # 3. the peer's H(y)^b
-    received = run.stats["peer_ids"] = run.recv(SINGLE, "peer_single")
-    log.info("psi/ecdh: sent %d, received %d blinded ids", sent, received)
-    # 4. H(y)^(ab) on the executors
-    run.write(run.read("peer_single", VALUES).mapInArrow(_blind_values(secret), MINE.replace(
-        "id string, ", "")), "peer_double")
-    # 5. back to the peer, in its order
+    with run.step("1_hash_and_blind"):
+        run.write(mine.mapInArrow(_hash_and_blind(secret), MINE), "mine")
+    with run.step("2_send_blinded"):
+        run.send(SINGLE, "mine")
+    with run.step("3_recv_peer_blinded"):
+        run.stats["peer_ids"] = run.recv(SINGLE, "peer_single")
+    with run.step("4_blind_peer"):
+        run.write(run.read("peer_single", VALUES).mapInArrow(_blind_values(secret), DOUBLED),
+                  "peer_double")
     if run.params.learns(run.peer_role):
-        run.send(DOUBLE, "peer_double")
+        with run.step("5_send_double"):
+            run.send(DOUBLE, "peer_double")
     if not run.params.learns(run.role):
         return None
-    # 6. my H(x)^(ab), in my order
-    run.recv(DOUBLE, "mine_double")
-    _check_same_counts(run, "mine", "mine_double")
-    # 7. match within each bucket
+    with run.step("6_recv_double"):
+        run.recv(DOUBLE, "mine_double")
+    check_same_counts(run, "mine", "mine_double")
+    # 7. (lazy: runs when the output is written) match within each bucket
     doubled = run.read("mine", MINE).select("bucket", "seq", "id").join(
         run.read("mine_double", VALUES), ["bucket", "seq"])
     theirs = run.read("peer_double", VALUES).select("bucket", "value")
     return doubled.join(theirs, ["bucket", "value"], "left_semi").select("id")
-
-
-def _check_same_counts(run: PsiRun, sent: str, returned: str) -> None:
-    from fedps.algorithms.psi.stream import bucket_counts
-
-    ours = bucket_counts(run.path(sent), run.params.buckets)
-    back = bucket_counts(run.path(returned), run.params.buckets)
-    if not np.array_equal(ours, back):
-        bad = int(np.flatnonzero(ours != back)[0])
-        raise ProtocolError(f"the peer returned {back[bad]} values for bucket {bad}, "
-                            f"where {ours[bad]} were sent")

@@ -96,23 +96,29 @@ def load_ids(spark: Any, params: PsiParams) -> IdTable:
     from pyspark.sql import functions as F
 
     frame, id_type = canonical(read_rows(spark, params), params)
-    rows = frame.count()
-    nulls = frame.where(F.col(ID).isNull()).count()
+    per_id = frame.groupBy(ID).count()
+    is_null = F.col(ID).isNull()
+    repeated = ~is_null & (F.col("count") > 1)
+    stats = per_id.agg(
+        F.sum("count").alias("rows"),
+        F.sum(F.when(is_null, F.col("count")).otherwise(0)).alias("nulls"),
+        F.sum(F.when(repeated, 1).otherwise(0)).alias("ids"),
+        F.sum(F.when(repeated, F.col("count")).otherwise(0)).alias("repeated_rows"),
+    ).collect()[0]
+    rows, nulls = int(stats["rows"] or 0), int(stats["nulls"] or 0)
+    duplicate_ids, duplicate_rows = int(stats["ids"] or 0), int(stats["repeated_rows"] or 0)
     where = f"column {params.id_column!r} of {params.input}"
     if nulls and params.on_null == "refuse":
         raise DataError(f"{nulls} of {rows} rows have a null or empty id in {where}; fix the data or "
                         f"set job.params.on_null = \"drop\"")
     frame = frame.where(F.col(ID).isNotNull())
-    repeated = frame.groupBy(ID).count().where(F.col("count") > 1)
-    stats = repeated.agg(F.count("*").alias("ids"), F.sum("count").alias("rows")).collect()[0]
-    duplicate_ids, duplicate_rows = int(stats["ids"] or 0), int(stats["rows"] or 0)
     if duplicate_ids and params.on_duplicate == "refuse":
-        example = repeated.limit(1).collect()[0][ID]
+        example = per_id.where(repeated).limit(1).collect()[0][ID]
         raise DataError(f"{duplicate_ids} ids occur more than once in {where} (for example {example!r}, "
                         f"{duplicate_rows} rows in all); fix the data or set "
                         f"job.params.on_duplicate = \"drop\" to drop every row of such ids")
     if duplicate_ids:
-        frame = frame.join(repeated.select(ID), on=ID, how="left_anti")
+        frame = frame.join(per_id.where(repeated).select(ID), on=ID, how="left_anti")
     report = {"rows": rows, "null_ids": nulls, "duplicate_ids": duplicate_ids,
               "dropped_rows": nulls + duplicate_rows, "ids": rows - nulls - duplicate_rows}
     if report["dropped_rows"]:

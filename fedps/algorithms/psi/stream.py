@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -66,6 +68,16 @@ class PsiRun:
     wait_s: float = 3600.0
     #: Values sent and received per stream, for the metrics.
     stats: dict[str, int] = field(default_factory=dict)
+    #: Seconds per protocol step, for the metrics.
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Time one protocol step (logged, and kept for the metrics)."""
+        started = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - started, 3)
+        log.info("psi/%s %s: %s took %.2fs", self.params.protocol, self.role, name, self.timings[name])
 
     def path(self, name: str) -> Path:
         return self.work / name
@@ -178,3 +190,13 @@ def recv_stream(channel: Any, scope: Scope, stream: Stream, path: Path, buckets:
                                                               schema=_FILE_SCHEMA))
                 got, batch = got + len(matrix), batch + 1
     return int(counts.sum())
+
+
+def check_same_counts(run: PsiRun, sent: str, returned: str) -> None:
+    """ProtocolError unless the peer returned exactly as many values per bucket as were sent."""
+    ours = bucket_counts(run.path(sent), run.params.buckets)
+    back = bucket_counts(run.path(returned), run.params.buckets)
+    if not np.array_equal(ours, back):
+        bad = int(np.flatnonzero(ours != back)[0])
+        raise ProtocolError(f"the peer returned {back[bad]} values for bucket {bad}, "
+                            f"where {ours[bad]} were sent")
