@@ -106,16 +106,30 @@ class TableClient:
         import ray
 
         try:
-            first = ray.get_actor(actor_name(ps_name, table, 0), namespace=namespace)
-            info = ray.get(first.describe.remote())
-            config: PSConfig = info["config"]
+            first = ray.get_actor(actor_name(ps_name, 0), namespace=namespace)
+            config: PSConfig = ray.get(first.describe.remote())["config"]
             shards = [first] + [
-                ray.get_actor(actor_name(ps_name, table, i), namespace=namespace)
-                for i in range(1, config.num_shards)
+                ray.get_actor(actor_name(ps_name, i), namespace=namespace) for i in range(1, config.num_shards)
             ]
         except ValueError as exc:
-            raise PeerError(f"no shards of table {table!r} of ps {ps_name!r} in namespace {namespace!r}") from exc
+            raise PeerError(f"no shards of ps {ps_name!r} in namespace {namespace!r}") from exc
         return cls(config, config.table(table), shards)
+
+    def _call(self, method: str, args_per_shard: dict[int, tuple]) -> list[Any]:
+        """Call ``method(table, *args)`` on the given shards in parallel; look them up again once if one died."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        def send() -> list[Any]:
+            name = self.spec.name
+            return [getattr(self.shards[i], method).remote(name, *args) for i, args in args_per_shard.items()]
+
+        try:
+            return ray.get(send())
+        except RayActorError:
+            log.warning("a shard of %s died; looking the shards up again", self.spec.name)
+            self.shards = TableClient.lookup(self.config.name, self.spec.name, self.config.namespace).shards
+            return ray.get(send())
 
     def _route(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Permutation grouping keys by shard, and the group boundaries."""
@@ -124,24 +138,21 @@ class TableClient:
         bounds = np.searchsorted(owner[order], np.arange(self.config.num_shards + 1))
         return order, bounds
 
+    def _busy(self, bounds: np.ndarray) -> list[int]:
+        return [i for i in range(self.config.num_shards) if bounds[i + 1] > bounds[i]]
+
     def pull(self, keys: object, step: int | None = None) -> np.ndarray:
         """Rows of ``keys`` as a ``(len(keys), width)`` array, in the order given.
 
         With ``step``, waits for that step's barrier (synchronous mode) or for the
         staleness bound (bounded-staleness mode) before reading.
         """
-        import ray
-
         keys = as_keys(keys, self.spec.dim)
         order, bounds = self._route(keys)
         grouped = keys[order]
-        pending = {
-            i: self.shards[i].pull.remote(grouped[bounds[i] : bounds[i + 1]], step)
-            for i in range(self.config.num_shards)
-            if bounds[i + 1] > bounds[i]
-        }
+        args = {i: (grouped[bounds[i] : bounds[i + 1]], step) for i in self._busy(bounds)}
         out = np.empty((keys.size, self.spec.width), dtype=self.dtype)
-        for i, rows in zip(pending, ray.get(list(pending.values()))):
+        for i, rows in zip(args, self._call("pull", args)):
             out[order[bounds[i] : bounds[i + 1]]] = rows
         return out
 
@@ -152,20 +163,15 @@ class TableClient:
         ``(worker, seq)`` orders the pushes of a step and a repeated pair
         replaces the earlier push. Returns once every shard has the batch.
         """
-        import ray
-
         keys = as_keys(keys, self.spec.dim)
         grads = as_rows(grads, keys.size, self.spec.width, self.dtype)
         order, bounds = self._route(keys)
         grouped_keys, grouped_grads = keys[order], grads[order]
-        refs = [
-            self.shards[i].push.remote(
-                grouped_keys[bounds[i] : bounds[i + 1]], grouped_grads[bounds[i] : bounds[i + 1]], step, worker, seq
-            )
-            for i in range(self.config.num_shards)
-            if bounds[i + 1] > bounds[i]
-        ]
-        ray.get(refs)
+        args = {
+            i: (grouped_keys[bounds[i] : bounds[i + 1]], grouped_grads[bounds[i] : bounds[i + 1]], step, worker, seq)
+            for i in self._busy(bounds)
+        }
+        self._call("push", args)
 
     def finish_step(self, worker: int, step: int) -> None:
         """Tell every shard that ``worker`` is done with ``step`` (worker-driven barrier)."""
@@ -175,15 +181,11 @@ class TableClient:
 
     def stats(self) -> list[dict[str, int]]:
         """Per-shard rows, bytes of row storage and process memory."""
-        import ray
-
-        return ray.get([shard.stats.remote() for shard in self.shards])
+        return self._call("stats", {i: () for i in range(self.config.num_shards)})
 
     def dump(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Every stored row of the table in key order, with optimizer state."""
-        import ray
-
-        parts = ray.get([shard.dump.remote() for shard in self.shards])
+        parts = self._call("dump", {i: () for i in range(self.config.num_shards)})
         keys = np.concatenate([p[0] for p in parts])
         order = np.argsort(keys, kind="stable")
         weights = np.concatenate([p[1] for p in parts])[order]

@@ -25,41 +25,40 @@ log = logging.getLogger(__name__)
 
 def _layout(spec: TableSpec) -> dict[str, Any]:
     """What a checkpoint's rows must agree on to be loaded into ``spec`` (settings may change)."""
-    return {"kind": spec.kind, "width": spec.width, "dim": str(spec.dim), "dtype": spec.dtype,
-            "optimizer": spec.optimizer.name}
+    return {
+        "kind": spec.kind,
+        "width": spec.width,
+        "dim": str(spec.dim),
+        "dtype": spec.dtype,
+        "optimizer": spec.optimizer.name,
+    }
 
 
 class ParameterServer:
     """All tables of one PS, as seen from the driver."""
 
-    def __init__(self, config: PSConfig, shards: dict[str, list[Any]], step: int = 0) -> None:
+    def __init__(self, config: PSConfig, shards: list[Any], step: int = 0) -> None:
         self.config = config
         self.shards = shards
         self.step = step
-        self._clients = {name: TableClient(config, config.table(name), handles) for name, handles in shards.items()}
+        self._clients = {spec.name: TableClient(config, spec, shards) for spec in config.tables}
 
     @classmethod
     def start(cls, config: PSConfig) -> "ParameterServer":
-        """Create the shard actors of every table (Ray must be connected)."""
+        """Create the shard actors (Ray must be connected); each holds its part of every table."""
         import ray
 
-        for spec in config.tables:
-            try:
-                ray.get_actor(actor_name(config.name, spec.name, 0), namespace=config.namespace)
-            except ValueError:
-                continue
+        try:
+            ray.get_actor(actor_name(config.name, 0), namespace=config.namespace)
+        except ValueError:
+            pass
+        else:
             raise PeerError(f"ps {config.name!r} already runs in namespace {config.namespace!r}; stop it first")
-        shards = {
-            spec.name: [start_shard(config, spec.name, i) for i in range(config.num_shards)] for spec in config.tables
-        }
-        server = cls(config, shards)
-        ray.get([h.describe.remote() for h in server._handles()])  # wait until all are up
+        server = cls(config, [start_shard(config, i) for i in range(config.num_shards)])
+        ray.get([h.describe.remote() for h in server.shards])  # wait until all are up
         forget_clients()
-        log.info("ps %s started: %d tables x %d shards", config.name, len(config.tables), config.num_shards)
+        log.info("ps %s started: %d tables on %d shards", config.name, len(config.tables), config.num_shards)
         return server
-
-    def _handles(self) -> list[Any]:
-        return [handle for handles in self.shards.values() for handle in handles]
 
     def table(self, name: str) -> TableClient:
         """The client of table ``name`` for use on the driver."""
@@ -80,7 +79,7 @@ class ParameterServer:
         """Barrier: apply the current step's pushes on every shard; checkpoint when due."""
         import ray
 
-        ray.get([h.end_step.remote(self.step) for h in self._handles()])
+        ray.get([h.end_step.remote(self.step) for h in self.shards])
         self.step += 1
         every = self.config.checkpoint_every
         if every and self.step % every == 0:
@@ -91,7 +90,7 @@ class ParameterServer:
         """Read the step of the shards (after workers ended steps with ``finish_step``)."""
         import ray
 
-        steps = {info["step"] for info in ray.get([h.stats.remote() for h in self._handles()])}
+        steps = {info["step"] for info in ray.get([h.describe.remote() for h in self.shards])}
         if len(steps) != 1:
             raise PeerError(f"shards disagree on the step: {sorted(steps)}; wait for the slowest worker")
         self.step = steps.pop()
@@ -107,19 +106,30 @@ class ParameterServer:
         tmp = checkpoint.tmp_dir(self.step)
         fs, root_path = checkpoint.filesystem(root)
         fs.create_dir(f"{root_path}/{tmp}")
-        tables: dict[str, Any] = {}
+        files = {
+            spec.name: [f"{spec.name}/shard-{i:05d}.parquet" for i in range(self.config.num_shards)]
+            for spec in self.config.tables
+        }
         for spec in self.config.tables:
             fs.create_dir(f"{root_path}/{tmp}/{spec.name}")
-            files = [f"{spec.name}/shard-{i:05d}.parquet" for i in range(self.config.num_shards)]
-            saved = ray.get(
-                [h.save.remote(checkpoint.join(root, tmp, f)) for h, f in zip(self.shards[spec.name], files)]
-            )
-            tables[spec.name] = {
+        saved = ray.get(
+            [
+                handle.save.remote({name: checkpoint.join(root, tmp, paths[i]) for name, paths in files.items()})
+                for i, handle in enumerate(self.shards)
+            ]
+        )
+        tables = {
+            spec.name: {
                 "num_shards": self.config.num_shards,
                 "layout": _layout(spec),
                 "spec": repr(spec),
-                "files": [{"path": f, "rows": s["rows"], "bytes": s["bytes"]} for f, s in zip(files, saved)],
+                "files": [
+                    {"path": path, "rows": saved[i][spec.name]["rows"], "bytes": saved[i][spec.name]["bytes"]}
+                    for i, path in enumerate(files[spec.name])
+                ],
             }
+            for spec in self.config.tables
+        }
         uri = checkpoint.commit(root, tmp, self.step, tables)
         checkpoint.prune(root, self.config.keep_checkpoints)
         return uri
@@ -136,17 +146,17 @@ class ParameterServer:
         manifest = checkpoint.read_manifest(root, step)
         if manifest is None:
             raise DataError(f"no complete checkpoint of step {step} under {root!r}; complete ones: {complete}")
-        loads = []
+        folder = checkpoint.join(root, checkpoint.step_dir(step))
+        per_shard: list[dict[str, list[str]]] = [{} for _ in self.shards]
         for spec in self.config.tables:
             entry = manifest["tables"].get(spec.name)
             if entry is None or entry["layout"] != _layout(spec):
                 raise DataError(f"checkpoint of step {step} does not hold table {spec.name} as configured now")
-            folder = checkpoint.join(root, checkpoint.step_dir(step))
             paths = [checkpoint.join(folder, f["path"]) for f in entry["files"]]
             same = entry["num_shards"] == self.config.num_shards
-            for i, handle in enumerate(self.shards[spec.name]):
-                loads.append(handle.load.remote([paths[i]] if same else paths, step))
-        ray.get(loads)
+            for i, wanted in enumerate(per_shard):
+                wanted[spec.name] = [paths[i]] if same else paths
+        ray.get([handle.load.remote(wanted, step) for handle, wanted in zip(self.shards, per_shard)])
         self.step = step
         log.info("ps %s restored from the checkpoint of step %d", self.config.name, step)
         return step
@@ -155,7 +165,7 @@ class ParameterServer:
         """Kill every shard actor of this server."""
         import ray
 
-        for handle in self._handles():
+        for handle in self.shards:
             ray.kill(handle)
         forget_clients()
         log.info("ps %s stopped", self.config.name)

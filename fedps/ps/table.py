@@ -36,10 +36,20 @@ class SparseRows:
             name: np.empty((_MIN_CAPACITY, width), dtype=self.dtype) for name, (width, _) in self.layout.items()
         }
 
-    def find(self, keys: np.ndarray) -> np.ndarray:
-        """Slot of each key, or -1 where the key was never touched."""
+    def find(self, keys: np.ndarray, ascending: bool = False) -> np.ndarray:
+        """Slot of each key, or -1 where the key was never touched.
+
+        Searching keys in ascending order is several times faster on large
+        tables (the binary searches walk memory in order), so unsorted batches
+        are sorted first unless ``ascending`` says they already are.
+        """
         if self.count == 0 or keys.size == 0:
             return np.full(keys.size, -1, dtype=np.int64)
+        if not ascending and keys.size > 1:
+            order = np.argsort(keys)
+            found = np.empty(keys.size, dtype=np.int64)
+            found[order] = self.find(keys[order], ascending=True)
+            return found
         pos = np.searchsorted(self.index_keys, keys)
         np.minimum(pos, self.count - 1, out=pos)
         hit = self.index_keys[pos] == keys
@@ -60,7 +70,7 @@ class SparseRows:
 
     def slots(self, keys: np.ndarray) -> np.ndarray:
         """Slots of sorted, unique ``keys``, creating the rows that do not exist yet."""
-        found = self.find(keys)
+        found = self.find(keys, ascending=True)
         missing = found < 0
         if missing.any():
             found[missing] = self.insert(keys[missing])
@@ -113,7 +123,7 @@ class DenseRows(SparseRows):
         for name in self.state:
             self.state[name][slots] = state[name]
 
-    def find(self, keys: np.ndarray) -> np.ndarray:
+    def find(self, keys: np.ndarray, ascending: bool = False) -> np.ndarray:
         return keys // self.num_shards
 
 

@@ -12,18 +12,32 @@ from fedps.ps import InitConfig, OptimizerConfig, ParameterServer, PSConfig, Tab
 from fedps.ps.keys import initial_values
 
 
-@pytest.fixture
-def make_ps(ray_address):
-    started: list[ParameterServer] = []
+OPTIMIZERS = [
+    OptimizerConfig("sgd", learning_rate=0.1, l1=0.01, l2=0.1, schedule="exponential", decay_rate=0.9, decay_steps=2),
+    OptimizerConfig("adagrad", learning_rate=0.2, l1=0.005, l2=0.05, schedule="inverse_time", decay_rate=0.5),
+    OptimizerConfig("adam", learning_rate=0.05, l1=0.001, l2=0.01),
+    OptimizerConfig("ftrl", learning_rate=0.3, l1=0.5, l2=0.1, ftrl_beta=1.0),
+]
 
-    def make(*tables: TableSpec, **settings) -> ParameterServer:
-        server = ParameterServer.start(PSConfig(f"opt-{uuid.uuid4().hex[:8]}", tables, **settings))
-        started.append(server)
-        return server
 
-    yield make
-    for server in started:
-        server.stop()
+def _spec(optimizer: OptimizerConfig) -> TableSpec:
+    init = InitConfig("zeros") if optimizer.name == "ftrl" else InitConfig("normal", scale=0.1, seed=3)
+    return TableSpec(optimizer.name, width=3, dtype="float64", optimizer=optimizer, initializer=init)
+
+
+TABLES = (
+    *(_spec(o) for o in OPTIMIZERS),
+    TableSpec("e32", width=8, dtype="float32", optimizer=OptimizerConfig("adagrad", learning_rate=0.1)),
+    TableSpec("dense", kind="dense", dim=10, width=2, optimizer=OptimizerConfig("sgd", learning_rate=0.5)),
+)
+
+
+@pytest.fixture(scope="module")
+def server(ray_address):
+    """One PS for the module (shard actors are slow to start); each test uses its own table."""
+    started = ParameterServer.start(PSConfig(f"opt-{uuid.uuid4().hex[:8]}", TABLES, num_shards=3))
+    yield started
+    started.stop()
 
 
 def _lr(cfg: OptimizerConfig, step: int) -> float:
@@ -52,7 +66,8 @@ class Reference:
             self.rows[key] = [float(v) for v in init[0]]
             w = self.spec.width
             acc = self.cfg.initial_accumulator
-            self.state[key] = {"acc": [acc] * w, "m": [0.0] * w, "v": [0.0] * w, "t": [0.0], "z": [0.0] * w, "n": [0.0] * w}
+            zeros = {name: [0.0] * w for name in ("m", "v", "z", "n")}
+            self.state[key] = {"acc": [acc] * w, "t": [0.0], **zeros}
         return self.rows[key]
 
     def step(self, pushes: list[tuple[np.ndarray, np.ndarray]], step: int) -> None:
@@ -92,24 +107,13 @@ class Reference:
         return _shrink(w - lr * m_hat / (math.sqrt(v_hat) + c.epsilon), lr * c.l1)
 
 
-OPTIMIZERS = [
-    OptimizerConfig("sgd", learning_rate=0.1, l1=0.01, l2=0.1, schedule="exponential", decay_rate=0.9, decay_steps=2),
-    OptimizerConfig("adagrad", learning_rate=0.2, l1=0.005, l2=0.05, schedule="inverse_time", decay_rate=0.5),
-    OptimizerConfig("adam", learning_rate=0.05, l1=0.001, l2=0.01),
-    OptimizerConfig("ftrl", learning_rate=0.3, l1=0.5, l2=0.1, ftrl_beta=1.0),
-]
-
-
 @pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: o.name)
-def test_pushes_match_the_numpy_reference(make_ps, optimizer):
-    init = InitConfig("zeros") if optimizer.name == "ftrl" else InitConfig("normal", scale=0.1, seed=3)
-    spec = TableSpec("w", width=3, dtype="float64", optimizer=optimizer, initializer=init)
-    server = make_ps(spec, num_shards=3)
-    table, reference = server.table("w"), Reference(spec)
+def test_pushes_match_the_numpy_reference(server, optimizer):
+    table, reference = server.table(optimizer.name), Reference(_spec(optimizer))
     rng = np.random.default_rng(11)
     pool = rng.integers(0, 2**63 - 1, size=60, dtype=np.int64)
-    for step in range(5):
-        pushes = []
+    for _ in range(5):
+        step, pushes = server.step, []
         for worker in range(2):  # two workers, with keys repeated inside and across pushes
             keys = rng.choice(pool, size=40)
             grads = rng.normal(size=(40, 3))
@@ -123,25 +127,21 @@ def test_pushes_match_the_numpy_reference(make_ps, optimizer):
         assert (table.pull(pool) == 0.0).any(), "L1 should zero some FTRL weights"
 
 
-def test_float32_tables_track_the_reference(make_ps):
-    spec = TableSpec("e", width=8, dtype="float32", optimizer=OptimizerConfig("adagrad", learning_rate=0.1))
-    server = make_ps(spec, num_shards=2)
-    table, reference = server.table("e"), Reference(spec)
+def test_float32_tables_track_the_reference(server):
+    table, reference = server.table("e32"), Reference(server.config.table("e32"))
     rng = np.random.default_rng(5)
     keys = rng.integers(0, 1000, size=500)
     grads = rng.normal(size=(500, 8)).astype(np.float32)
     table.push(keys, grads)
+    reference.step([(keys, grads.astype(np.float64))], server.step)
     server.end_step()
-    reference.step([(keys, grads.astype(np.float64))], 0)
     pulled = table.pull(np.unique(keys))
     assert pulled.dtype == np.float32
     np.testing.assert_allclose(pulled, [reference.weights(int(k)) for k in np.unique(keys)], rtol=2e-5, atol=1e-6)
 
 
-def test_dense_table_rows_follow_sgd(make_ps):
-    spec = TableSpec("d", kind="dense", dim=10, width=2, optimizer=OptimizerConfig("sgd", learning_rate=0.5))
-    server = make_ps(spec, num_shards=3)
-    table = server.table("d")
+def test_dense_table_rows_follow_sgd(server):
+    table = server.table("dense")
     table.push([1, 1, 9], [[1.0, 2.0], [1.0, 0.0], [4.0, 4.0]])
     server.end_step()
     expected = np.zeros((10, 2))

@@ -28,6 +28,7 @@ def _pull_in_task(ref: TableRef, step: int):
         joined_before = ray.is_initialized()
         keys = np.array([key for key in rows], dtype=np.int64)
         client = ref.client()
+        assert ref.client() is client, "the client is cached in the Python worker"
         pulled = client.pull(keys)
         client.push(keys, np.full((keys.size, 3), index + 1.0), step=step, worker=index)
         yield {"pid": os.getpid(), "joined_before": joined_before, "keys": keys, "rows": pulled}
@@ -54,6 +55,9 @@ def test_executor_pulls_equal_driver_pulls_and_executor_pushes_land(spark, serve
     assert moved.all(), "every key was pushed by one of the two partitions"
 
     second = rdd.mapPartitionsWithIndex(_pull_in_task(ref, step=2)).collect()
-    assert any(part["joined_before"] for part in second), "a reused Python worker keeps its Ray connection"
+    seen = {part["pid"] for part in first}
+    reused = [part for part in second if part["pid"] in seen]
+    assert all(part["joined_before"] for part in reused), "a reused Python worker keeps its Ray connection"
+    assert all(not part["joined_before"] for part in first)
     again = {int(k): row for part in second for k, row in zip(part["keys"], part["rows"])}
     assert np.array_equal(np.array([again[int(k)] for k in keys]), after)

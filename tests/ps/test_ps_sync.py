@@ -30,8 +30,17 @@ def make_ps(ray_address):
 SGD = OptimizerConfig("sgd", learning_rate=1.0)
 
 
-def test_a_step_does_not_depend_on_the_order_pushes_arrive(make_ps):
-    server = make_ps(TableSpec("a", optimizer=SGD), TableSpec("b", optimizer=SGD), num_shards=2)
+@pytest.fixture(scope="module")
+def plain(ray_address):
+    """A synchronous PS driven by the driver's barrier, shared by the tests that need nothing else."""
+    tables = (TableSpec("a", optimizer=SGD), TableSpec("b", optimizer=SGD), TableSpec("w", optimizer=SGD))
+    started = ParameterServer.start(PSConfig(f"sync-{uuid.uuid4().hex[:8]}", tables, num_shards=2))
+    yield started
+    started.stop()
+
+
+def test_a_step_does_not_depend_on_the_order_pushes_arrive(plain):
+    server = plain
     rng = np.random.default_rng(3)
     pushes = [(rng.integers(0, 50, 2000), rng.normal(size=2000).astype(np.float32) * 10.0**w) for w in range(3)]
     for worker in (0, 1, 2):
@@ -44,8 +53,8 @@ def test_a_step_does_not_depend_on_the_order_pushes_arrive(make_ps):
     assert server.table("a").pull(keys).tobytes() == server.table("b").pull(keys).tobytes()
 
 
-def test_a_retried_push_replaces_the_first_and_late_pushes_are_refused(make_ps):
-    server = make_ps(TableSpec("w", optimizer=SGD), num_shards=2)
+def test_a_retried_push_replaces_the_first_and_late_pushes_are_refused(plain):
+    server = plain
     table = server.table("w")
     table.push([1, 2], [1.0, 1.0], worker=4, seq=0)
     table.push([1, 2], [1.0, 1.0], worker=4, seq=0)  # the same task, run again
@@ -53,7 +62,7 @@ def test_a_retried_push_replaces_the_first_and_late_pushes_are_refused(make_ps):
     server.end_step()
     np.testing.assert_array_equal(table.pull([1, 2])[:, 0], [-2.0, -1.0])
     with pytest.raises(ProtocolError, match="after the step ended"):
-        table.push([1], [1.0], step=0)
+        table.push([1], [1.0], step=server.step - 1)
 
 
 def test_workers_can_end_steps_themselves(make_ps):

@@ -81,7 +81,8 @@ def test_initialiser_is_a_function_of_seed_key_and_column():
     assert not np.array_equal(a, initial_values(keys, InitConfig("normal", scale=1.0, seed=8), 3, np.dtype("float64")))
     many = initial_values(np.arange(200_000, dtype=np.int64), normal, 1, np.dtype("float64"))
     assert abs(many.mean()) < 0.01 and abs(many.std() - 1.0) < 0.01
-    uniform = initial_values(np.arange(100_000, dtype=np.int64), InitConfig("uniform", scale=0.5), 2, np.dtype("float32"))
+    uniform_init = InitConfig("uniform", scale=0.5)
+    uniform = initial_values(np.arange(100_000, dtype=np.int64), uniform_init, 2, np.dtype("float32"))
     assert uniform.min() >= -0.5 and uniform.max() < 0.5 and abs(uniform.mean()) < 0.01
 
 
