@@ -112,17 +112,27 @@ def test_three_processes_guest_and_two_hosts(tmp_path, broker, job_id):
     assert len(model(tmp_path, "host1")["weights"]) == 10 and len(model(tmp_path, "host2")["weights"]) == 10
 
 
-@pytest.mark.parametrize("victim", ["host"])
-def test_killed_party_resumes_to_the_same_model(tmp_path, broker, job_id, victim):
-    files = {"guest": DATA / "breast_hetero_guest.csv", "host": DATA / "breast_hetero_host.csv"}
-    settings = dict(epochs=3, checkpoint_every=2)
-    reference_dir, crashed_dir = tmp_path / "reference", tmp_path / "crashed"
-    reference = write_configs(reference_dir, job_id + "r", broker.bootstrap_servers, files, **settings)
-    finish({n: start(c) for n, c in reference.items()})
+RESUME_FILES = {"guest": DATA / "breast_hetero_guest.csv", "host": DATA / "breast_hetero_host.csv"}
+RESUME_SETTINGS = dict(epochs=3, checkpoint_every=2)
 
-    confs = write_configs(crashed_dir, job_id + "c", broker.bootstrap_servers, files, **settings)
+
+@pytest.fixture(scope="module")
+def uninterrupted(broker, tmp_path_factory) -> Path:
+    """The models of a run that never stopped (shared by the resume tests)."""
+    import uuid
+
+    folder = tmp_path_factory.mktemp("reference")
+    confs = write_configs(folder, f"r{uuid.uuid4().hex[:10]}", broker.bootstrap_servers, RESUME_FILES,
+                          **RESUME_SETTINGS)
+    finish({n: start(c) for n, c in confs.items()})
+    return folder
+
+
+@pytest.mark.parametrize("victim", ["host", "guest"])
+def test_killed_party_resumes_to_the_same_model(tmp_path, broker, job_id, victim, uninterrupted):
+    confs = write_configs(tmp_path, job_id, broker.bootstrap_servers, RESUME_FILES, **RESUME_SETTINGS)
     procs = {n: start(c) for n, c in confs.items()}
-    checkpoints = crashed_dir / "out" / victim / "checkpoint"
+    checkpoints = tmp_path / "out" / victim / "checkpoint"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         steps = [int(p.stem.split("-")[1]) for p in checkpoints.glob("job-*.json")]
@@ -134,8 +144,8 @@ def test_killed_party_resumes_to_the_same_model(tmp_path, broker, job_id, victim
     procs[victim].wait()
     procs[victim] = start(confs[victim])
     finish(procs)
-    for name in files:
-        assert model(crashed_dir, name) == model(reference_dir, name), f"{name}'s model differs after resume"
+    for name in RESUME_FILES:
+        assert model(tmp_path, name) == model(uninterrupted, name), f"{name}'s model differs after resume"
 
 
 def test_guest_under_spark_submit_runs_its_products_on_executors(tmp_path, broker, job_id):

@@ -221,12 +221,11 @@ def host_batch(party: Party, scope: Scope, x: np.ndarray, u_h: np.ndarray, with_
     party.send(guest, scope, HOST_GRAD, blob(grad))
     # 5. h1 decrypts the guest's masked gradient (and loss part) for it
     if index == 0:
-        masked = vector(party.recv(guest, scope, GUEST_GRAD), party.public_keys[me])
-        ints = party.decryptor.decrypt_exact(masked)
+        parts = [vector(party.recv(guest, scope, GUEST_GRAD), party.public_keys[me])]
         if with_loss:
-            loss = vector(party.recv(guest, scope, GUEST_LOSS), party.public_keys[me])
-            ints += party.decryptor.decrypt_exact(loss)
-        if not masked.masked:
-            raise ProtocolError("the guest sent an unmasked gradient; refusing to decrypt it")
+            parts.append(vector(party.recv(guest, scope, GUEST_LOSS), party.public_keys[me]))
+        if not all(part.masked for part in parts):
+            raise ProtocolError("the guest sent an unmasked vector to decrypt; refusing to decrypt it")
+        ints = [v for part in parts for v in party.decryptor.decrypt_exact(part)]
         party.send(guest, scope, GUEST_GRAD_PLAIN, ints_message(ints))
     return grad_mask.remove(ints_from(party.recv(guest, scope, HOST_GRAD_PLAIN)))

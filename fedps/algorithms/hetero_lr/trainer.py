@@ -220,7 +220,9 @@ def train(session: Session, on_batch: Callable[[TrainState], None] | None = None
 def _drop_older(party: protocol.Party, epoch: int, batch: int) -> None:
     """Messages of batches already done (re-sent by a resumed peer) are dropped unread."""
     def older(tag: Any) -> bool:
-        return tag.phase == "setup" or (tag.phase == "train" and (tag.iteration, tag.batch) < (epoch, batch))
+        return (tag.phase == "setup"
+                or (tag.phase == "train" and (tag.iteration, tag.batch) < (epoch, batch))
+                or (tag.phase == "epoch" and tag.iteration < epoch))
 
     for channel in party.channels.values():
         channel.drop(older)
