@@ -116,7 +116,12 @@ class TableClient:
         return cls(config, config.table(table), shards)
 
     def _call(self, method: str, args_per_shard: dict[int, tuple]) -> list[Any]:
-        """Call ``method(table, *args)`` on the given shards in parallel; look them up again once if one died."""
+        """Call ``method(table, *args)`` on the given shards in parallel.
+
+        If a shard died (a restarted job replaced the actors), look the shards up
+        by name again and send once more; synchronous pushes are idempotent per
+        ``(worker, seq)``, so only bounded-staleness pushes are not resent.
+        """
         import ray
         from ray.exceptions import RayActorError
 
@@ -127,6 +132,8 @@ class TableClient:
         try:
             return ray.get(send())
         except RayActorError:
+            if method == "push" and self.config.staleness:
+                raise  # applied on arrival: sending again could apply a batch twice
             log.warning("a shard of %s died; looking the shards up again", self.spec.name)
             self.shards = TableClient.lookup(self.config.name, self.spec.name, self.config.namespace).shards
             return ray.get(send())

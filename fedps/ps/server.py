@@ -1,7 +1,7 @@
 """The driver's handle on a parameter server: start shards, end steps, checkpoint, restore.
 
-``ParameterServer.start(config)`` creates one named actor per (table, shard)
-in the configured Ray namespace. The driver ends each synchronous step with
+``ParameterServer.start(config)`` creates one named actor per shard (holding
+that shard of every table) in the configured Ray namespace. The driver ends each synchronous step with
 ``end_step()`` (the barrier: every shard applies that step's pushes) and gets
 a checkpoint every ``checkpoint_every`` steps; ``checkpoint()`` and
 ``restore()`` also work on request. Executors reach tables through
