@@ -137,7 +137,8 @@ def _write_report(context, session: trainer.Session, state, seconds: float) -> N
                  "weights": weights.tolist(), "intercept": intercept if session.model.intercept else None}
     (context.output_dir / "model.json").write_text(json.dumps(model, indent=2))
     context.metrics.update({"epochs": state.epoch, "steps": state.step, "train_seconds": round(seconds, 3),
-                            "converged": state.done})
+                            "converged": state.done,
+                            "seconds_by_work": {k: round(v, 3) for k, v in session.party.timings.items()}})
     if context.me == session.party.guest:
         context.metrics.update({"loss": state.losses, "validation": state.metrics,
                                 "final": state.metrics[-1] if state.metrics else {}})

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -83,6 +85,16 @@ class Party:
     frac_bits: int = 24
     xt_d: Callable[[Any, CipherVector], CipherVector] | None = None
     _encryptors: dict[str, Encryptor] = field(default_factory=dict)
+    #: Seconds spent per kind of work (encrypt, x_times_d, decrypt, wait), for the report.
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[what] = self.timings.get(what, 0.0) + time.perf_counter() - started
 
     def __post_init__(self) -> None:
         self.fixed = FixedPoint(frac_bits=self.frac_bits, int_bits=16)
@@ -97,24 +109,38 @@ class Party:
         return self._encryptors[owner]
 
     def times_x(self, x: Any, d: CipherVector) -> CipherVector:
-        if self.xt_d is not None:
-            return self.xt_d(x, d)
         from fedps.engine.crypto import xt_d
 
-        return xt_d(x, d, X_FIXED)
+        with self.timed("x_times_d"):
+            return self.xt_d(x, d) if self.xt_d is not None else xt_d(x, d, X_FIXED)
+
+    def encrypt(self, values: np.ndarray, fixed: FixedPoint | None = None) -> CipherVector:
+        """Encrypt under our own key (CRT tables)."""
+        with self.timed("encrypt"):
+            return self.encryptor(self.name).encrypt(values, fixed or self.fixed)
+
+    def seal(self, owner: str, result: CipherVector, randbits: Callable[[int], int]):
+        """Compress, mask and re-randomise a result for ``owner`` to decrypt."""
+        with self.timed("seal"):
+            return seal_for_owner(result, self.encryptor(owner), randbits=randbits)
+
+    def decrypt_exact(self, vector: CipherVector) -> list[int]:
+        with self.timed("decrypt"):
+            return self.decryptor.decrypt_exact(vector)
 
     def send(self, peer: str, scope: Scope, message: Message, value: Any) -> None:
         self.channels[peer].send(scope.tag(message.name), message.check(value))
 
     def recv(self, peer: str, scope: Scope, message: Message) -> Any:
-        return message.check(self.channels[peer].recv(scope.tag(message.name)))
+        with self.timed("wait"):
+            return message.check(self.channels[peer].recv(scope.tag(message.name)))
 
     def decrypt_for(self, peer: str, scope: Scope, incoming: Message, outgoing: Message) -> None:
         """Decrypt a peer's masked vector under our key and send the masked integers back."""
         masked = vector(self.recv(peer, scope, incoming), self.public_keys[self.name])
         if not masked.masked:
             raise ProtocolError(f"{peer} sent an unmasked {incoming.name}; refusing to decrypt it")
-        self.send(peer, scope, outgoing, ints_message(self.decryptor.decrypt_exact(masked)))
+        self.send(peer, scope, outgoing, ints_message(self.decrypt_exact(masked)))
 
 
 def mask_rng(secret: bytes, scope: Scope, purpose: str) -> Callable[[int], int]:
@@ -149,14 +175,13 @@ def guest_batch(party: Party, scope: Scope, x: np.ndarray, y: np.ndarray, u_g: n
     part = 0.25 * u_g + 0.5 - y
     if noise is not None:
         part = part + noise
-    party.send(h1, scope, PARTIAL_D, blob(party.encryptor(party.name).encrypt(part, party.fixed)))
+    party.send(h1, scope, PARTIAL_D, blob(party.encrypt(part)))
     # 1. [[0.25·u_h]]_H1 (and [[Σu_h²]]_H1) from the end of the host chain
     s = vector(party.recv(last, scope, PARTIAL_U), key_h1)
     q = vector(party.recv(last, scope, PARTIAL_Q), key_h1) if with_loss else None
     # 3. [[X_gᵀd]]_H1 (and the loss) compressed, masked, re-randomised → h1
     d = s.add_plain(part)
-    grad, grad_mask = seal_for_owner(party.times_x(x, d), party.encryptor(h1),
-                                     randbits=mask_rng(secret, scope, "grad"))
+    grad, grad_mask = party.seal(h1, party.times_x(x, d), mask_rng(secret, scope, "grad"))
     party.send(h1, scope, GUEST_GRAD, blob(grad))
     loss_mask = None
     if with_loss:
@@ -190,9 +215,8 @@ def host_batch(party: Party, scope: Scope, x: np.ndarray, u_h: np.ndarray, with_
     square_bits = 33 + len(u_h).bit_length()    # Σ u² over the batch, |u| < 2^16
     # 1. extend the chain under h1's key: [[0.25·Σu]] per row, [[Σ(Σu)²]]
     if index == 0:
-        enc = party.encryptor(me)
-        s = enc.encrypt(0.25 * u_h, party.fixed)
-        q = enc.encrypt(np.array([np.sum(u_h ** 2)]), FixedPoint(2 * party.frac_bits, square_bits)) \
+        s = party.encrypt(0.25 * u_h)
+        q = party.encrypt(np.array([np.sum(u_h ** 2)]), FixedPoint(2 * party.frac_bits, square_bits)) \
             if with_loss else None
     else:
         before = hosts[index - 1]
@@ -216,8 +240,7 @@ def host_batch(party: Party, scope: Scope, x: np.ndarray, u_h: np.ndarray, with_
         for other in hosts[:-1]:
             party.send(other, scope, FULL_D, blob(d))
     # 4. [[X_hᵀd]]_G compressed, masked, re-randomised → guest, who decrypts it for us
-    grad, grad_mask = seal_for_owner(party.times_x(x, d), party.encryptor(guest),
-                                     randbits=mask_rng(secret, scope, "grad"))
+    grad, grad_mask = party.seal(guest, party.times_x(x, d), mask_rng(secret, scope, "grad"))
     party.send(guest, scope, HOST_GRAD, blob(grad))
     # 5. h1 decrypts the guest's masked gradient (and loss part) for it
     if index == 0:
@@ -226,6 +249,6 @@ def host_batch(party: Party, scope: Scope, x: np.ndarray, u_h: np.ndarray, with_
             parts.append(vector(party.recv(guest, scope, GUEST_LOSS), party.public_keys[me]))
         if not all(part.masked for part in parts):
             raise ProtocolError("the guest sent an unmasked vector to decrypt; refusing to decrypt it")
-        ints = [v for part in parts for v in party.decryptor.decrypt_exact(part)]
+        ints = [v for part in parts for v in party.decrypt_exact(part)]
         party.send(guest, scope, GUEST_GRAD_PLAIN, ints_message(ints))
     return grad_mask.remove(ints_from(party.recv(guest, scope, HOST_GRAD_PLAIN)))
