@@ -104,6 +104,7 @@ def main() -> None:
         "batches_per_epoch": len(plan),
         "fedps_epoch_seconds": fedps["train_seconds"],
         "fedps_validation_auc_after_1_epoch": round(fedps["final"]["auc"], 4),
+        "fedps_guest_seconds_by_work": fedps.get("seconds_by_work"),
         "phe_seconds_per_batch": [round(t, 1) for t in times],
         "phe_epoch_seconds": round(baseline_epoch, 1),
         "phe_epoch_extrapolated": limit is not None,
