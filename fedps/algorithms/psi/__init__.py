@@ -74,7 +74,7 @@ def run(context: Any) -> None:
     # 4. buckets
     work = context.output_dir / params.output / "_work"
     psi = PsiRun(context.spark, channel, scope.sub(params.protocol), params, context.role, peer,
-                 peer_role, work)
+                 peer_role, work, wait_s=float(params.wait_s))
     mine = buckets.bucketed(table.frame, keys.bucket, params.buckets)
 
     # 5. the protocol
@@ -121,7 +121,7 @@ def _load_and_compare(spark: Any, params: params_module.PsiParams, channel: Any,
         channel.flush()
         raise
     channel.send(scope.tag(ID_TYPE.name), ID_TYPE.check({"ok": True, "id_type": table.id_type}))
-    theirs = ID_TYPE.check(channel.recv(scope.tag(ID_TYPE.name), timeout=3600))
+    theirs = ID_TYPE.check(channel.recv(scope.tag(ID_TYPE.name), timeout=params.wait_s))
     if not theirs.get("ok"):
         raise PeerError(f"{peer} could not use its ids ({theirs.get('error')}); see its log")
     if theirs.get("id_type") != table.id_type:

@@ -50,6 +50,8 @@ class PsiParams:
     #: Output folder, relative to the party's output_dir.
     output: str = "psi"
     keep_work: bool = False
+    #: Longest wait, in seconds, for a step of the peer's (reading its ids, its cryptography).
+    wait_s: int = 3600
 
     def __post_init__(self) -> None:
         for key, choices in _CHOICES.items():
@@ -64,6 +66,8 @@ class PsiParams:
             raise ConfigError(f"job.params.buckets must be in 1..65536, got {self.buckets}")
         if not 1 <= self.batch_size <= 1_000_000:
             raise ConfigError(f"job.params.batch_size must be in 1..1000000, got {self.batch_size}")
+        if self.wait_s < 1:
+            raise ConfigError(f"job.params.wait_s must be positive, got {self.wait_s}")
         if self.rsa_bits < 1024 or self.rsa_bits % 256:
             raise ConfigError(f"job.params.rsa_bits must be a multiple of 256 and at least 1024, "
                               f"got {self.rsa_bits}")

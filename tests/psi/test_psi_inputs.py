@@ -1,0 +1,89 @@
+"""Bad input is refused, with the key to change, before any cryptographic work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fedps.algorithms.psi import ids, params
+from fedps.errors import ConfigError, DataError, PeerError
+
+
+def _params(path: Path, **values) -> params.PsiParams:
+    return params.from_mapping({"input": str(path), **values}, path.parent)
+
+
+@pytest.mark.parametrize("raw,key", [
+    ({"input": "x.csv", "bogus": 1}, "job.params.bogus"),
+    ({"input": "x.csv", "buckets": 0}, "job.params.buckets"),
+    ({"input": "x.csv", "buckets": "8"}, "job.params.buckets"),
+    ({"input": "x.csv", "protocol": "dh"}, "job.params.protocol"),
+    ({"input": "x.csv", "protocol": "rsa", "result": "host", "rsa_key_holder": "host"}, "job.params.result"),
+    ({"id_column": "id"}, "job.params.input"),
+])
+def test_bad_params_name_their_key(raw, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        params.from_mapping(raw, Path("."))
+
+
+def test_shared_settings_must_agree():
+    mine = params.PsiParams(input="a").agreed_view()
+    with pytest.raises(ConfigError, match=r"job\.params\.buckets"):
+        params.check_agreement(mine, {**mine, "buckets": 9}, "host")
+
+
+def test_ids_are_canonicalised(spark, tmp_path):
+    path = tmp_path / "ids.csv"
+    path.write_text("id,x\n 007,1\n42 ,2\n-0,3\n+5,4\n")
+    table = ids.load_ids(spark, _params(path))
+    assert table.id_type == "integer"
+    assert sorted(r[ids.ID] for r in table.frame.collect()) == ["0", "42", "5", "7"]
+    as_text = ids.load_ids(spark, _params(path, id_type="string"))
+    assert sorted(r[ids.ID] for r in as_text.frame.collect()) == ["+5", "-0", "007", "42"]
+    parquet = tmp_path / "ids.parquet"
+    pd.DataFrame({"id": [7, 42], "x": [1.0, 2.0]}).to_parquet(parquet)
+    table = ids.load_ids(spark, _params(parquet))
+    assert table.id_type == "integer" and sorted(r[ids.ID] for r in table.frame.collect()) == ["42", "7"]
+
+
+def test_null_and_duplicate_ids_are_refused_or_dropped(spark, tmp_path):
+    path = tmp_path / "ids.csv"
+    path.write_text("id,x\na,1\n,2\n  ,3\nb,4\nb,5\nc,6\n")
+    with pytest.raises(DataError, match="on_null"):
+        ids.load_ids(spark, _params(path))
+    with pytest.raises(DataError, match="on_duplicate"):
+        ids.load_ids(spark, _params(path, on_null="drop"))
+    table = ids.load_ids(spark, _params(path, on_null="drop", on_duplicate="drop"))
+    assert sorted(r[ids.ID] for r in table.frame.collect()) == ["a", "c"]
+    assert table.report == {"rows": 6, "null_ids": 2, "duplicate_ids": 1, "dropped_rows": 4, "ids": 2}
+
+
+def test_missing_or_float_id_column_is_refused(spark, tmp_path):
+    path = tmp_path / "ids.csv"
+    path.write_text("user,x\na,1\n")
+    with pytest.raises(DataError, match=r"job\.params\.id_column"):
+        ids.load_ids(spark, _params(path))
+    parquet = tmp_path / "floats.parquet"
+    pd.DataFrame({"id": [1.5, 2.0]}).to_parquet(parquet)
+    with pytest.raises(DataError, match="double"):
+        ids.load_ids(spark, _params(parquet))
+
+
+def test_id_types_that_differ_stop_both_parties_before_any_crypto(psi_pair):
+    out = psi_pair([1, 2, 3], ["a", "b", "c"])
+    for name in ("guest", "host"):
+        assert isinstance(out[name].error, DataError), out[name].error
+        assert "job.params.id_type" in str(out[name].error)
+        assert [type(v) for v in out[name].received] == [dict, dict]  # settings and id type only
+
+
+def test_bad_input_at_one_party_stops_the_other(psi_pair, tmp_path):
+    guest = tmp_path / "guest.csv"
+    guest.write_text("id,x\na,1\na,2\n")
+    host = tmp_path / "host.csv"
+    host.write_text("id,x\na,1\n")
+    out = psi_pair([], [], inputs={"guest": guest, "host": host})
+    assert isinstance(out["guest"].error, DataError) and "on_duplicate" in str(out["guest"].error)
+    assert isinstance(out["host"].error, PeerError) and "could not use its ids" in str(out["host"].error)

@@ -1,0 +1,88 @@
+"""PSI between two party processes started as `fedps run --conf <party>.toml`, through the broker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fedps.messaging.identity import generate_identity
+
+DATA = Path(__file__).resolve().parents[2] / "data"
+
+
+def _toml(job: str, name: str, peer: str, peer_key: str, servers: str, data: str, params: str) -> str:
+    return f"""[job]
+id = "{job}"
+algorithm = "psi"
+params = {{ input = "{data}", id_column = "id", buckets = 3, batch_size = 64, {params} }}
+
+[party]
+name = "{name}"
+role = "{name}"
+identity_key = "keys/{name}.key"
+output_dir = "{name}"
+
+[peers]
+{peer} = "{peer_key}"
+
+[kafka]
+bootstrap_servers = "{servers}"
+
+[spark]
+master = "local[1]"
+conf = {{ "spark.sql.shuffle.partitions" = "2" }}
+"""
+
+
+def _start(folder: Path, job: str, servers: str, protocol: str, extra: str) -> dict[str, subprocess.Popen]:
+    folder.mkdir()
+    guest = pd.read_csv(DATA / "breast_hetero_guest.csv").iloc[:400]
+    host = pd.read_csv(DATA / "breast_hetero_host.csv").iloc[250:]
+    guest.to_csv(folder / "guest.csv", index=False)
+    host.to_csv(folder / "host.csv", index=False)
+    keys = {n: generate_identity(folder / "keys" / f"{n}.key") for n in ("guest", "host")}
+    procs = {}
+    for name, peer in (("guest", "host"), ("host", "guest")):
+        conf = folder / f"{name}.toml"
+        conf.write_text(_toml(job, name, peer, keys[peer], servers, f"{name}.csv",
+                              f'protocol = "{protocol}", {extra}'.rstrip(", ")))
+        procs[name] = subprocess.Popen([sys.executable, "-m", "fedps.engine.cli", "run", "--conf", str(conf)],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return procs
+
+
+def _check(folder: Path, procs: dict[str, subprocess.Popen], deadline: float) -> None:
+    shared = set(pd.read_csv(folder / "guest.csv")["id"]) & set(pd.read_csv(folder / "host.csv")["id"])
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=max(10.0, deadline - time.monotonic()))
+        assert proc.returncode == 0, err[-3000:]
+        results[name] = json.loads(out.strip().splitlines()[-1])
+    for name, columns in (("guest", {"y", "x9"}), ("host", {"x19"})):
+        assert results[name]["psi_intersection"] == len(shared) == 150
+        rows = pd.read_parquet(folder / name / "psi" / "rows").sort_values("psi_index")
+        assert set(rows["id"].astype(int)) == shared and columns <= set(rows.columns)
+        assert list(rows["psi_index"]) == list(range(len(shared)))
+        results[name]["order"] = list(rows["id"])
+        assert not (folder / name / "psi" / "_work").exists()
+    assert results["guest"]["order"] == results["host"]["order"]
+    assert results["guest"]["psi_digest"] == results["host"]["psi_digest"]
+
+
+@pytest.mark.timeout(900)
+def test_two_process_pairs_align_the_breast_data_with_both_protocols(tmp_path, broker, job_id):
+    """Four processes at once: an ECDH pair and an RSA pair (key at the guest)."""
+    runs = {
+        "ecdh": _start(tmp_path / "ecdh", f"{job_id}e", broker.bootstrap_servers, "ecdh", ""),
+        "rsa": _start(tmp_path / "rsa", f"{job_id}r", broker.bootstrap_servers, "rsa",
+                      'rsa_bits = 1024, rsa_key_holder = "guest"'),
+    }
+    deadline = time.monotonic() + 840  # each process starts its own Spark: slow on a busy machine
+    for protocol, procs in runs.items():
+        _check(tmp_path / protocol, procs, deadline)
