@@ -161,11 +161,26 @@ class ParameterServer:
         log.info("ps %s restored from the checkpoint of step %d", self.config.name, step)
         return step
 
-    def stop(self) -> None:
-        """Kill every shard actor of this server."""
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Kill every shard actor of this server and wait until their names are free again.
+
+        ``ray.kill`` returns before the actor is gone; a server started right
+        after under the same name (a restart) would otherwise find it still
+        registered.
+        """
+        import time
+
         import ray
 
         for handle in self.shards:
             ray.kill(handle)
         forget_clients()
+        deadline = time.monotonic() + timeout_s
+        for shard in range(len(self.shards)):
+            while time.monotonic() < deadline:
+                try:
+                    ray.get_actor(actor_name(self.config.name, shard), namespace=self.config.namespace)
+                except ValueError:
+                    break
+                time.sleep(0.05)
         log.info("ps %s stopped", self.config.name)
