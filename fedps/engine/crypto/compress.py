@@ -69,6 +69,12 @@ class Mask:
         if self.layout is None:
             out = plains
         else:
+            # A wrong mask leaves a (mask_bits + packed width)-bit error: the packed
+            # value then falls outside its width except with probability ~2^-mask_bits.
+            width = 1 << (self.layout.slots * self.layout.slot_bits)
+            if any(abs(p) >= width for p in plains):
+                raise CryptoError("unmasked plaintext exceeds its packed width: "
+                                  "the decryption does not belong to this mask")
             out = [v for p in plains for v in self.layout.unpack(p)][:self.length]
         if any(abs(v) > self.bound for v in out):
             raise CryptoError("unmasked value exceeds its bound: the decryption does not belong to this mask")
