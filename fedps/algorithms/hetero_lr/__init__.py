@@ -43,7 +43,10 @@ def run(context) -> None:
     psi_params = raw.pop("psi", None)
     params = LRParams.from_mapping(raw)
     if psi_params is not None:
-        params = dataclasses.replace(params, train=str(_run_psi(context, psi_params)))
+        aligned = context.output_dir / str(psi_params.get("output", "psi"))
+        resuming = JobCheckpoint(context.output_dir / "checkpoint").exists() and (aligned / "manifest.json").exists()
+        # A resumed party trains on the PSI result it already has: its peers are past the PSI.
+        params = dataclasses.replace(params, train=str(aligned if resuming else _run_psi(context, psi_params)))
     me = context.me
     guest, hosts = roles(me, context.role, sorted(context.channels), params)
     if set(context.channels) != {p for p in [guest, *hosts] if p != me}:

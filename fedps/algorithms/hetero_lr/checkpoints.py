@@ -31,6 +31,10 @@ class JobCheckpoint:
     def ps_dir(self) -> str:
         return str(self.folder / "ps")
 
+    def exists(self) -> bool:
+        """Whether there is a record to resume from."""
+        return bool(self._records())
+
     def _records(self) -> list[Path]:
         return sorted(self.folder.glob("job-*.json")) if self.folder.exists() else []
 
