@@ -124,7 +124,8 @@ def main() -> int:
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--buckets", type=int, default=8)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("fedps.algorithms.psi").setLevel(os.environ.get("PSI_LOG", "WARNING"))
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     rows = []

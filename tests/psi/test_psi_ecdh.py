@@ -6,6 +6,7 @@ import pytest
 from conftest import assert_no_leak, random_sets
 
 from fedps.algorithms.psi import ecdh
+from fedps.errors import CryptoError
 
 
 def test_encode_to_curve_matches_rfc9380_vectors():
@@ -31,6 +32,17 @@ def test_blinding_commutes_and_depends_on_the_secret():
     assert ecdh.blind(a, ecdh.blind(b, point)) == ecdh.blind(b, ecdh.blind(a, point))
     assert ecdh.blind(a, point) != ecdh.blind(b, point)
     assert ecdh.encode_to_curve(b"alice") != ecdh.encode_to_curve(b"bob")
+
+
+def test_batch_blinding_equals_one_by_one_and_refuses_low_order_points():
+    points = [ecdh.encode_to_curve(str(i).encode()) for i in range(50)]
+    secret = ecdh.new_secret()
+    batch = ecdh.blind_all(secret, points, len(points))
+    assert [row.tobytes() for row in batch] == [ecdh.blind(secret, p) for p in points]
+    with pytest.raises(CryptoError, match="point 3"):
+        ecdh.blind_all(secret, [*points[:3], bytes(32)], 4)  # u = 0 has order 1
+    with pytest.raises(CryptoError, match="expected 5"):
+        ecdh.blind_all(secret, points[:4], 5)
 
 
 def test_ecdh_finds_the_intersection_and_leaks_no_other_id(psi_pair):

@@ -75,7 +75,7 @@ def run(context: Any) -> None:
     work = context.output_dir / params.output / "_work"
     psi = PsiRun(context.spark, channel, scope.sub(params.protocol), params, context.role, peer,
                  peer_role, work, wait_s=float(params.wait_s))
-    mine = buckets.bucketed(table.frame, keys.bucket, params.buckets)
+    psi.stage_ids(buckets.bucketed(table.frame, keys.bucket, params.buckets))
 
     # 5. the protocol
     tick = time.perf_counter()
@@ -83,7 +83,7 @@ def run(context: Any) -> None:
         from fedps.algorithms.psi import ecdh as protocol
     else:
         from fedps.algorithms.psi import rsa as protocol
-    matched = protocol.intersect(psi, mine)
+    matched = protocol.intersect(psi)
     timings["protocol_s"] = time.perf_counter() - tick
 
     # 6. output

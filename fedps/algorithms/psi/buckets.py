@@ -17,10 +17,9 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -30,6 +29,7 @@ from fedps.messaging.tags import Message, Scope
 
 SHARE = Message("key_share", "either", "other", np.ndarray)
 _SHARE_BYTES = 32
+_HMAC_BLOCK = 64  # bytes: SHA-256's block
 
 
 @dataclass(frozen=True)
@@ -68,39 +68,41 @@ def bucket_of(key: bytes, canonical_id: str, buckets: int) -> int:
     return int.from_bytes(keyed_hash(key, canonical_id)[:8], "big") % buckets
 
 
+def keyed_hash_column(key: bytes, column: Any) -> Any:
+    """:func:`keyed_hash` of a string column, computed by Spark (binary, 32 bytes).
+
+    HMAC-SHA256 spelled out with Spark's own ``sha2``, so the ids never pass
+    through Python: ``H((K ^ opad) || H((K ^ ipad) || m))`` (RFC 2104).
+    """
+    from pyspark.sql import functions as F
+
+    if len(key) > _HMAC_BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_HMAC_BLOCK, b"\0")
+    inner = F.unhex(F.lit(bytes(k ^ 0x36 for k in key).hex()))
+    outer = F.unhex(F.lit(bytes(k ^ 0x5C for k in key).hex()))
+    digest = F.unhex(F.sha2(F.concat(inner, F.encode(column, "UTF-8")), 256))
+    return F.unhex(F.sha2(F.concat(outer, digest), 256))
+
+
+def bucket_column(key: bytes, column: Any, buckets: int) -> Any:
+    """:func:`bucket_of` of a string column, computed by Spark."""
+    from pyspark.sql import functions as F
+
+    first8 = F.conv(F.hex(F.substring(keyed_hash_column(key, column), 1, 8)), 16, 10)
+    return (first8.cast("decimal(20,0)") % F.lit(buckets)).cast("int")
+
+
 def bucketed(frame: Any, bucket_key: bytes, buckets: int) -> Any:
-    """``(bucket, _order, id)``: one Spark partition per bucket, each in a private random order.
+    """``(bucket, _order, id)``: each id's bucket and its place in a private random order.
 
     ``frame`` has the canonical id column ``_psi_id``. The order key is fresh
-    per call and never leaves this party.
+    per call and never leaves this party. Both hashes run in Spark's JVM.
     """
+    from pyspark.sql import functions as F
+
     private = os.urandom(32)
-
-    def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            ids = batch.column(0).to_pylist()
-            yield pa.RecordBatch.from_arrays(
-                [pa.array([bucket_of(bucket_key, i, buckets) for i in ids], pa.int32()),
-                 pa.array([keyed_hash(private, i)[:8] for i in ids], pa.binary()),
-                 batch.column(0)],
-                names=["bucket", "_order", "id"])
-
-    schema = "bucket int, _order binary, id string"
-    return (frame.select(ID).mapInArrow(assign, schema)
-            .repartition(buckets, "bucket")
-            .sortWithinPartitions("bucket", "_order"))
-
-
-def numbered(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
-    """Each batch of a bucketed partition with ``seq``: the row's place within its bucket.
-
-    Rows of one bucket arrive together and in order (see :func:`bucketed`).
-    """
-    next_seq: dict[int, int] = {}
-    for batch in batches:
-        buckets = batch.column(batch.schema.get_field_index("bucket")).to_numpy()
-        seq = np.empty(len(buckets), dtype=np.int64)
-        for row, bucket in enumerate(buckets):
-            seq[row] = next_seq.get(bucket, 0)
-            next_seq[bucket] = seq[row] + 1
-        yield batch, seq
+    column = F.col(ID)
+    return frame.select(bucket_column(bucket_key, column, buckets).alias("bucket"),
+                        F.substring(keyed_hash_column(private, column), 1, 16).alias("_order"),
+                        column.alias("id"))

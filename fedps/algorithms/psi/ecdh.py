@@ -26,15 +26,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable
 
 import gmpy2
 import numpy as np
 import pyarrow as pa
+from nacl._sodium import ffi as _ffi, lib as _lib
 from nacl.bindings import crypto_scalarmult
 
-from fedps.algorithms.psi.buckets import numbered
-from fedps.algorithms.psi.stream import PsiRun, Stream, check_same_counts, from_matrix, to_matrix
+from fedps.algorithms.psi.stream import (IDS, PsiRun, Stream, check_same_counts, from_matrix, is_in,
+                                         to_matrix)
 from fedps.errors import CryptoError
 
 log = logging.getLogger(__name__)
@@ -98,49 +99,61 @@ def blind(secret: bytes, point: bytes) -> bytes:
         raise CryptoError(f"refused a curve point of low order: {exc}") from None
 
 
-def _hash_and_blind(secret: bytes) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch, seq in numbered(batches):
-            ids = batch.column(batch.schema.get_field_index("id"))
-            points = [blind(secret, encode_to_curve(i.encode())) for i in ids.to_pylist()]
-            matrix = np.frombuffer(b"".join(points), dtype=np.uint8).reshape(len(points), POINT_BYTES)
-            yield pa.RecordBatch.from_arrays(
-                [batch.column(batch.schema.get_field_index("bucket")), pa.array(seq), ids,
-                 from_matrix(matrix)], names=["bucket", "seq", "id", "value"])
+def blind_all(secret: bytes, points: Iterable[bytes], count: int) -> np.ndarray:
+    """:func:`blind` for ``count`` points into one ``(count, 32)`` array.
+
+    Calls libsodium directly with one output buffer: the same function as
+    :func:`blind` without PyNaCl's per-call checks and allocations.
+    """
+    out = _ffi.new("unsigned char[]", POINT_BYTES * count)
+    scalar = _ffi.from_buffer(secret)
+    multiply = _lib.crypto_scalarmult
+    done = 0
+    for done, point in enumerate(points):
+        if len(point) != POINT_BYTES or multiply(out + POINT_BYTES * done, scalar, point) != 0:
+            raise CryptoError(f"refused curve point {done}: not 32 bytes, or of low order")
+    if count and done != count - 1:
+        raise CryptoError(f"expected {count} points, got {done + 1}")
+    return np.frombuffer(_ffi.buffer(out), dtype=np.uint8).reshape(count, POINT_BYTES).copy()
+
+
+def _hash_and_blind(secret: bytes) -> Callable[[int, dict[str, pa.Table]], pa.Table]:
+    """Step 1 for one bucket: my ids, hashed to the curve and raised to my secret, in private order."""
+    def run(bucket: int, tables: dict[str, pa.Table]) -> pa.Table:
+        ids = tables[IDS].column("id")
+        matrix = blind_all(secret, (encode_to_curve(i.encode()) for i in ids.to_pylist()), len(ids))
+        return pa.table({"seq": np.arange(len(ids), dtype=np.int64), "id": ids,
+                         "value": from_matrix(matrix)})
     return run
 
 
-def _blind_values(secret: bytes) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            matrix = to_matrix(batch.column(batch.schema.get_field_index("value")), POINT_BYTES)
-            points = b"".join(blind(secret, row.tobytes()) for row in matrix)
-            out = np.frombuffer(points, dtype=np.uint8).reshape(len(matrix), POINT_BYTES)
-            yield pa.RecordBatch.from_arrays(
-                [batch.column(batch.schema.get_field_index("bucket")),
-                 batch.column(batch.schema.get_field_index("seq")), from_matrix(out)],
-                names=["bucket", "seq", "value"])
+def _blind_bucket(secret: bytes) -> Callable[[int, dict[str, pa.Table]], pa.Table]:
+    """Step 4 for one bucket: the peer's values raised to my secret, in the order received."""
+    def run(bucket: int, tables: dict[str, pa.Table]) -> pa.Table:
+        matrix = to_matrix(tables["peer_single"].column("value"), POINT_BYTES)
+        out = blind_all(secret, matrix.view(f"V{POINT_BYTES}").ravel().tolist(), len(matrix))
+        return pa.table({"seq": np.arange(len(out), dtype=np.int64), "value": from_matrix(out)})
     return run
 
 
-MINE = "bucket int, seq long, id string, value binary"
-VALUES = "seq long, value binary, bucket int"
-DOUBLED = "bucket int, seq long, value binary"
+def _match_bucket(bucket: int, tables: dict[str, pa.Table]) -> pa.Table:
+    """Step 7 for one bucket: my ids whose doubly blinded point the peer also has."""
+    keep = is_in(tables["mine_double"].column("value"), tables["peer_double"].column("value"), POINT_BYTES)
+    return pa.table({"id": tables["mine"].column("id").filter(pa.array(keep))})
 
 
-def intersect(run: PsiRun, mine: Any) -> Any:
+def intersect(run: PsiRun) -> Any:
     """Run ECDH PSI; returns a DataFrame of my canonical ids in the intersection (``id``), or
     None when the configuration gives the result to the peer only."""
     secret = new_secret()
     with run.step("1_hash_and_blind"):
-        run.write(mine.mapInArrow(_hash_and_blind(secret), MINE), "mine")
+        run.map_buckets(_hash_and_blind(secret), {IDS: ["id"]}, "mine")
     with run.step("2_send_blinded"):
         run.send(SINGLE, "mine")
     with run.step("3_recv_peer_blinded"):
         run.stats["peer_ids"] = run.recv(SINGLE, "peer_single")
     with run.step("4_blind_peer"):
-        run.write(run.read("peer_single", VALUES).mapInArrow(_blind_values(secret), DOUBLED),
-                  "peer_double")
+        run.map_buckets(_blind_bucket(secret), {"peer_single": ["value"]}, "peer_double")
     if run.params.learns(run.peer_role):
         with run.step("5_send_double"):
             run.send(DOUBLE, "peer_double")
@@ -149,8 +162,7 @@ def intersect(run: PsiRun, mine: Any) -> Any:
     with run.step("6_recv_double"):
         run.recv(DOUBLE, "mine_double")
     check_same_counts(run, "mine", "mine_double")
-    # 7. (lazy: runs when the output is written) match within each bucket
-    doubled = run.read("mine", MINE).select("bucket", "seq", "id").join(
-        run.read("mine_double", VALUES), ["bucket", "seq"])
-    theirs = run.read("peer_double", VALUES).select("bucket", "value")
-    return doubled.join(theirs, ["bucket", "value"], "left_semi").select("id")
+    with run.step("7_match"):
+        run.map_buckets(_match_bucket, {"mine": ["id"], "mine_double": ["value"],
+                                        "peer_double": ["value"]}, "matched")
+    return run.read("matched", "id string, bucket int").select("id")

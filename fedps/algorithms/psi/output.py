@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fedps.algorithms.psi.buckets import keyed_hash
+from fedps.algorithms.psi.buckets import keyed_hash_column
 from fedps.algorithms.psi.ids import ID
 from fedps.errors import DataError, ProtocolError
 from fedps.messaging.tags import Message, Scope
@@ -42,17 +42,11 @@ def write_output(spark: Any, rows: Any, matched_ids: Any, order_key: bytes, fold
     """Write the intersection rows and the manifest; returns the manifest."""
     from pyspark import TaskContext
     from pyspark.sql import functions as F
-    from pyspark.sql.types import BinaryType, LongType, StructField, StructType
+    from pyspark.sql.types import LongType, StructField, StructType
 
     chosen = rows.join(matched_ids.withColumnRenamed("id", ID), on=ID, how="left_semi")
-    hashed_schema = StructType([*chosen.schema.fields, StructField(HASH, BinaryType(), False)])
-
-    def add_hash(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            ids = batch.column(batch.schema.get_field_index(ID)).to_pylist()
-            yield batch.append_column(HASH, pa.array([keyed_hash(order_key, i) for i in ids], pa.binary()))
-
-    ordered = chosen.mapInArrow(add_hash, hashed_schema).orderBy(HASH).persist()
+    hashed = chosen.withColumn(HASH, keyed_hash_column(order_key, F.col(ID)))
+    ordered = hashed.orderBy(HASH).persist()
     try:
         per_part = dict(ordered.groupBy(F.spark_partition_id().alias("p")).count().collect())
         offsets, total = {}, 0
@@ -66,7 +60,7 @@ def write_output(spark: Any, rows: Any, matched_ids: Any, order_key: bytes, fold
                 start += batch.num_rows
                 yield batch.append_column(INDEX, index)
 
-        indexed_schema = StructType([*hashed_schema.fields, StructField(INDEX, LongType(), False)])
+        indexed_schema = StructType([*hashed.schema.fields, StructField(INDEX, LongType(), False)])
         final = ordered.mapInArrow(add_index, indexed_schema).drop(ID)
         final.write.mode("overwrite").parquet(str(folder / "rows"))
     finally:

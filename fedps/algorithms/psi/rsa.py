@@ -26,15 +26,15 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import gmpy2
 import numpy as np
 import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric import rsa as rsa_keys
 
-from fedps.algorithms.psi.buckets import numbered
-from fedps.algorithms.psi.stream import PsiRun, Stream, check_same_counts, from_matrix, to_matrix
+from fedps.algorithms.psi.stream import (IDS, PsiRun, Stream, check_same_counts, from_matrix, is_in,
+                                         to_matrix)
 from fedps.errors import CryptoError, ProtocolError
 from fedps.messaging.tags import Message
 
@@ -102,92 +102,93 @@ def _matrix(values: list[bytes], width: int) -> pa.Array:
     return from_matrix(np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), width))
 
 
-def _col(batch: pa.RecordBatch, name: str) -> pa.Array:
-    return batch.column(batch.schema.get_field_index(name))
-
-
-def _blind(key: PublicKey) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _blind(key: PublicKey) -> Callable[[int, dict[str, pa.Table]], pa.Table]:
+    """Requester, step 2 for one bucket: ``r^e * FDH(x)`` for my ids in private order, and ``r^-1``."""
+    def run(bucket: int, tables: dict[str, pa.Table]) -> pa.Table:
         n, w = gmpy2.mpz(key.n), key.width
-        for batch, seq in numbered(batches):
-            blinded, inverses = [], []
-            for canonical_id in _col(batch, "id").to_pylist():
-                r = gmpy2.mpz(int.from_bytes(os.urandom(w + 16), "big")) % n
-                inverses.append(int(gmpy2.invert(r, n)).to_bytes(w, "big"))
-                blinded.append(int(gmpy2.powmod(r, key.e, n) * key.fdh(canonical_id) % n).to_bytes(w, "big"))
-            yield pa.RecordBatch.from_arrays(
-                [_col(batch, "bucket"), pa.array(seq), _col(batch, "id"), _matrix(blinded, w),
-                 _matrix(inverses, w)], names=["bucket", "seq", "id", "value", "r_inv"])
+        ids = tables[IDS].column("id")
+        blinded, inverses = [], []
+        for canonical_id in ids.to_pylist():
+            r = gmpy2.mpz(int.from_bytes(os.urandom(w + 16), "big")) % n
+            inverses.append(int(gmpy2.invert(r, n)).to_bytes(w, "big"))
+            blinded.append(int(gmpy2.powmod(r, key.e, n) * key.fdh(canonical_id) % n).to_bytes(w, "big"))
+        return pa.table({"seq": np.arange(len(ids), dtype=np.int64), "id": ids,
+                         "value": _matrix(blinded, w), "r_inv": _matrix(inverses, w)})
     return run
 
 
-def _sign(key: PrivateKey) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _sign(key: PrivateKey) -> Callable[[int, dict[str, pa.Table]], pa.Table]:
+    """Signer, step 4 for one bucket: the requester's blinded values signed, in the order received."""
+    def run(bucket: int, tables: dict[str, pa.Table]) -> pa.Table:
         w, n = key.public.width, key.public.n
-        for batch in batches:
-            signed = []
-            for row in to_matrix(_col(batch, "value"), w):
-                m = int.from_bytes(row.tobytes(), "big")
-                if not 0 < m < n:
-                    raise ProtocolError("a blinded value is not in Z_n")
-                signed.append(int(key.sign(gmpy2.mpz(m))).to_bytes(w, "big"))
-            yield pa.RecordBatch.from_arrays([_col(batch, "bucket"), _col(batch, "seq"), _matrix(signed, w)],
-                                             names=["bucket", "seq", "value"])
+        signed = []
+        for row in to_matrix(tables["peer_blinded"].column("value"), w):
+            m = int.from_bytes(row.tobytes(), "big")
+            if not 0 < m < n:
+                raise ProtocolError("a blinded value is not in Z_n")
+            signed.append(int(key.sign(gmpy2.mpz(m))).to_bytes(w, "big"))
+        return pa.table({"seq": np.arange(len(signed), dtype=np.int64), "value": _matrix(signed, w)})
     return run
 
 
-def _own_tags(key: PrivateKey) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _own_tags(key: PrivateKey) -> Callable[[int, dict[str, pa.Table]], pa.Table]:
+    """Signer, step 2 for one bucket: ``T(FDH(y)^d)`` for my ids in private order."""
+    def run(bucket: int, tables: dict[str, pa.Table]) -> pa.Table:
         w = key.public.width
-        for batch, seq in numbered(batches):
-            tags = [tag(key.sign(key.public.fdh(i)), w) for i in _col(batch, "id").to_pylist()]
-            yield pa.RecordBatch.from_arrays([_col(batch, "bucket"), pa.array(seq), _col(batch, "id"),
-                                              _matrix(tags, TAG_BYTES)], names=["bucket", "seq", "id", "value"])
+        ids = tables[IDS].column("id")
+        tags = [tag(key.sign(key.public.fdh(i)), w) for i in ids.to_pylist()]
+        return pa.table({"seq": np.arange(len(ids), dtype=np.int64), "id": ids,
+                         "value": _matrix(tags, TAG_BYTES)})
     return run
 
 
-def _unblind(key: PublicKey) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _unblind_and_match(key: PublicKey) -> Callable[[int, dict[str, pa.Table]], pa.Table]:
+    """Requester, step 6 for one bucket: unblind, check and tag my signatures; keep those the
+    signer's tags include, as ``(seq, id, value)`` sorted by tag so the order says nothing."""
+    def run(bucket: int, tables: dict[str, pa.Table]) -> pa.Table:
         n, w = gmpy2.mpz(key.n), key.width
-        for batch in batches:
-            tags = []
-            ids = _col(batch, "id").to_pylist()
-            signed, inverses = to_matrix(_col(batch, "value"), w), to_matrix(_col(batch, "r_inv"), w)
-            for canonical_id, s_row, r_row in zip(ids, signed, inverses):
-                s = gmpy2.mpz(int.from_bytes(s_row.tobytes(), "big")) * int.from_bytes(r_row.tobytes(), "big") % n
-                if gmpy2.powmod(s, key.e, n) != key.fdh(canonical_id):
-                    raise ProtocolError("the key holder returned a wrong signature")
-                tags.append(tag(s, w))
-            yield pa.RecordBatch.from_arrays([_col(batch, "bucket"), _col(batch, "id"), _matrix(tags, TAG_BYTES)],
-                                             names=["bucket", "id", "value"])
+        mine = tables["mine"]
+        signed = to_matrix(tables["mine_signed"].column("value"), w)
+        inverses = to_matrix(mine.column("r_inv"), w)
+        tags = []
+        for canonical_id, s_row, r_row in zip(mine.column("id").to_pylist(), signed, inverses):
+            s = gmpy2.mpz(int.from_bytes(s_row.tobytes(), "big")) * int.from_bytes(r_row.tobytes(), "big") % n
+            if gmpy2.powmod(s, key.e, n) != key.fdh(canonical_id):
+                raise ProtocolError("the key holder returned a wrong signature")
+            tags.append(tag(s, w))
+        values = _matrix(tags, TAG_BYTES)
+        keep = pa.array(is_in(values, tables["peer_tags"].column("value"), TAG_BYTES))
+        matched = pa.table({"id": mine.column("id").filter(keep), "value": values.filter(keep)})
+        matched = matched.sort_by("value")
+        return matched.append_column("seq", pa.array(np.arange(matched.num_rows, dtype=np.int64)))
     return run
 
 
-MINE_BLINDED = "bucket int, seq long, id string, value binary, r_inv binary"
-MINE_TAGS = "bucket int, seq long, id string, value binary"
-VALUES = "seq long, value binary, bucket int"
-SIGNED = "bucket int, seq long, value binary"
-OWN_TAGS = "id string, value binary, bucket int"
+def _own_matches(bucket: int, tables: dict[str, pa.Table]) -> pa.Table:
+    """Signer, step 8 for one bucket: my ids whose tags the requester matched."""
+    mine = tables["mine"]
+    keep = is_in(mine.column("value"), tables["matched"].column("value"), TAG_BYTES)
+    return pa.table({"id": mine.column("id").filter(pa.array(keep))})
 
 
-def intersect(run: PsiRun, mine: Any) -> Any:
+def intersect(run: PsiRun) -> Any:
     """Run RSA PSI; returns a DataFrame of my canonical ids in the intersection (``id``), or None."""
     if run.role == run.params.rsa_key_holder:
-        return _signer(run, mine)
-    return _requester(run, mine)
+        return _signer(run)
+    return _requester(run)
 
 
-def _signer(run: PsiRun, mine: Any) -> Any:
+def _signer(run: PsiRun) -> Any:
     with run.step("1_key"):
         key = PrivateKey.generate(run.params.rsa_bits)
         public = {"n": format(key.public.n, "x"), "e": key.public.e}
         run.channel.send(run.scope.tag(PUBLIC_KEY.name), PUBLIC_KEY.check(public))
     with run.step("2_own_tags"):
-        run.write(mine.mapInArrow(_own_tags(key), MINE_TAGS), "mine")
+        run.map_buckets(_own_tags(key), {IDS: ["id"]}, "mine")
     with run.step("3_recv_blinded"):
         run.stats["peer_ids"] = run.recv(blinded_stream(key.public.width), "peer_blinded")
     with run.step("4_sign"):
-        run.write(run.read("peer_blinded", VALUES).mapInArrow(_sign(key), SIGNED), "peer_signed")
+        run.map_buckets(_sign(key), {"peer_blinded": ["value"]}, "peer_signed")
         run.send(signed_stream(key.public.width), "peer_signed")
     with run.step("5_send_tags"):
         run.send(TAGS, "mine")
@@ -195,16 +196,17 @@ def _signer(run: PsiRun, mine: Any) -> Any:
         return None
     with run.step("7_recv_matched"):
         run.recv(MATCHED, "matched")
-    matched = run.read("matched", VALUES).select("bucket", "value")
-    return run.read("mine", MINE_TAGS).join(matched, ["bucket", "value"], "left_semi").select("id")
+    with run.step("8_match"):
+        run.map_buckets(_own_matches, {"mine": ["id", "value"], "matched": ["value"]}, "matched_ids")
+    return run.read("matched_ids", "id string, bucket int").select("id")
 
 
-def _requester(run: PsiRun, mine: Any) -> Any:
+def _requester(run: PsiRun) -> Any:
     with run.step("1_key"):
         raw = PUBLIC_KEY.check(run.channel.recv(run.scope.tag(PUBLIC_KEY.name), timeout=run.wait_s))
         key = _check_public(raw, run.params.rsa_bits)
     with run.step("2_blind"):
-        run.write(mine.mapInArrow(_blind(key), MINE_BLINDED), "mine")
+        run.map_buckets(_blind(key), {IDS: ["id"]}, "mine")
     with run.step("3_send_blinded"):
         run.send(blinded_stream(key.width), "mine")
     with run.step("4_recv_signed"):
@@ -213,24 +215,12 @@ def _requester(run: PsiRun, mine: Any) -> Any:
         run.stats["peer_ids"] = run.recv(TAGS, "peer_tags")
     with run.step("6_unblind_and_match"):
         check_same_counts(run, "mine", "mine_signed")
-        signed = run.read("mine_signed", VALUES)
-        joined = run.read("mine", MINE_BLINDED).drop("value").join(signed, ["bucket", "seq"])
-        run.write(joined.mapInArrow(_unblind(key), "bucket int, id string, value binary"), "mine_tags")
-        theirs = run.read("peer_tags", VALUES).select("bucket", "value")
-        matched = run.read("mine_tags", OWN_TAGS).join(theirs, ["bucket", "value"], "left_semi")
+        run.map_buckets(_unblind_and_match(key), {"mine": ["id", "r_inv"], "mine_signed": ["value"],
+                                                  "peer_tags": ["value"]}, "matched")
     if run.params.learns(run.peer_role):
         with run.step("7_send_matched"):
-            ordered = (matched.select("bucket", "value").repartition(run.params.buckets, "bucket")
-                       .sortWithinPartitions("bucket", "value"))
-            run.write(ordered.mapInArrow(_numbered_values, SIGNED), "matched")
             run.send(MATCHED, "matched")
-    return matched.select("id")
-
-
-def _numbered_values(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    for batch, seq in numbered(batches):
-        yield pa.RecordBatch.from_arrays([_col(batch, "bucket"), pa.array(seq), _col(batch, "value")],
-                                         names=["bucket", "seq", "value"])
+    return run.read("matched", "id string, bucket int").select("id")
 
 
 def _check_public(raw: dict, bits: int) -> PublicKey:

@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,9 @@ from fedps.messaging.tags import Message, Scope
 log = logging.getLogger(__name__)
 
 _FILE_SCHEMA = pa.schema([("seq", pa.int64()), ("value", pa.binary())])
+#: The staged ids, in the work folder; :func:`read_bucket` gives them in private order.
+IDS = "ids"
+_EMPTY_TYPES = {"seq": pa.int64(), "id": pa.string()}
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,46 @@ class PsiRun:
         frame.write.mode("overwrite").partitionBy("bucket").parquet(str(path))
         return path
 
+    def stage_ids(self, frame: Any) -> None:
+        """Write the bucketed ids (``bucket, _order, id``) to ``ids/``, one folder per bucket."""
+        with self.step("0_stage_ids"):
+            self.write(frame, IDS)
+
     def read(self, name: str, schema: str) -> Any:
         return self.spark.read.schema(schema).parquet(str(self.path(name)))
+
+    def map_buckets(self, fn: Callable[[int, dict[str, pa.Table]], pa.Table], sources: dict[str, list[str]],
+                    target: str) -> int:
+        """Run ``fn(bucket, tables)`` as one Spark task per bucket; returns the rows it wrote.
+
+        ``sources`` maps the name of a bucketed folder under the work folder to
+        the columns to read; each reaches ``fn`` as one table ordered by
+        ``seq``. What ``fn`` returns is written to ``<target>/bucket=<b>/``.
+        One task per bucket keeps the work even across the executors, where
+        Spark's own file splitting packs small files into few, uneven tasks.
+        The executors read and write the work folder directly, so it must be
+        on storage they share with the driver.
+        """
+        paths = {name: str(self.path(name)) for name in sources}
+        out = str(self.path(target))
+
+        def task(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            for batch in batches:
+                for bucket in batch.column(0).to_pylist():
+                    tables = {name: read_bucket(Path(paths[name]), bucket, columns)
+                              for name, columns in sources.items()}
+                    result = fn(bucket, tables)
+                    folder = Path(out) / f"bucket={bucket}"
+                    folder.mkdir(parents=True, exist_ok=True)
+                    pq.write_table(result, folder / "part-0.parquet")
+                    yield pa.RecordBatch.from_arrays([pa.array([result.num_rows], pa.int64())],
+                                                     names=["rows"])
+
+        buckets = self.params.buckets
+        shutil.rmtree(out, ignore_errors=True)
+        done = (self.spark.range(buckets, numPartitions=buckets)
+                .mapInArrow(task, "rows long").collect())
+        return sum(row["rows"] for row in done)
 
     def send(self, stream: Stream, name: str, column: str = "value") -> int:
         sent = send_stream(self.channel, self.scope, stream, self.path(name), column,
@@ -130,6 +171,13 @@ def from_matrix(matrix: np.ndarray) -> pa.Array:
                                                      pa.py_buffer(np.ascontiguousarray(matrix))])
 
 
+def is_in(values: pa.Array | pa.ChunkedArray, others: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
+    """For each of ``values`` (``width`` bytes each), whether it is among ``others``."""
+    theirs = set(to_matrix(others, width).view(f"V{width}").ravel().tolist())
+    mine = to_matrix(values, width).view(f"V{width}").ravel().tolist()
+    return np.fromiter((value in theirs for value in mine), dtype=bool, count=len(mine))
+
+
 def bucket_counts(path: Path, buckets: int) -> np.ndarray:
     counts = np.zeros(buckets, dtype=np.int64)
     for bucket in range(buckets):
@@ -139,14 +187,21 @@ def bucket_counts(path: Path, buckets: int) -> np.ndarray:
 
 
 def read_bucket(path: Path, bucket: int, columns: list[str]) -> pa.Table:
-    """One bucket's rows, ordered by ``seq`` (which must run 0, 1, 2, ... without gaps)."""
+    """One bucket's rows in stream order.
+
+    Streams carry ``seq`` (which must run 0, 1, 2, ... without gaps); the
+    staged ids (:meth:`PsiRun.stage_ids`) are put in their private order,
+    ``_order`` then ``id``.
+    """
     files = sorted((path / f"bucket={bucket}").glob("*.parquet"))
     if not files:
-        return pa.table({c: pa.array([], _FILE_SCHEMA.field(c).type if c in _FILE_SCHEMA.names
-                                     else pa.binary()) for c in columns})
-    table = pa.concat_tables(pq.read_table(f, columns=["seq", *columns]) for f in files)
-    table = table.sort_by("seq")
-    if not np.array_equal(table.column("seq").to_numpy(), np.arange(table.num_rows)):
+        return pa.table({c: pa.array([], _EMPTY_TYPES.get(c, pa.binary())) for c in columns})
+    names = pq.ParquetFile(files[0]).schema_arrow.names
+    keys = ["seq"] if "seq" in names else ["_order", "id"]
+    table = pa.concat_tables(pq.read_table(f, columns=list(dict.fromkeys([*keys, *columns])))
+                             for f in files)
+    table = table.sort_by([(key, "ascending") for key in keys])
+    if keys == ["seq"] and not np.array_equal(table.column("seq").to_numpy(), np.arange(table.num_rows)):
         raise DataError(f"bucket {bucket} of {path} does not hold seq 0..{table.num_rows - 1}")
     return table.select(columns)
 
