@@ -87,3 +87,21 @@ def test_bad_input_at_one_party_stops_the_other(psi_pair, tmp_path):
     out = psi_pair([], [], inputs={"guest": guest, "host": host})
     assert isinstance(out["guest"].error, DataError) and "on_duplicate" in str(out["guest"].error)
     assert isinstance(out["host"].error, PeerError) and "could not use its ids" in str(out["host"].error)
+
+
+def test_spark_keyed_hash_and_bucket_equal_the_python_definitions(spark):
+    """The output contract's psi_hash is HMAC-SHA256: Spark's spelling must match hmac's."""
+    import os
+
+    from pyspark.sql import functions as F
+
+    from fedps.algorithms.psi import buckets
+
+    values = ["1", "123456789012", " spaced ", "user-ä漢字", "x" * 200, "-5"]
+    key = os.urandom(32)
+    frame = spark.createDataFrame([(v,) for v in values], "v string")
+    rows = frame.select("v", buckets.keyed_hash_column(key, F.col("v")).alias("h"),
+                        buckets.bucket_column(key, F.col("v"), 7).alias("b")).collect()
+    assert {r.v: bytes(r.h) for r in rows} == {v: buckets.keyed_hash(key, v) for v in values}
+    assert {r.v: r.b for r in rows} == {v: buckets.bucket_of(key, v, 7) for v in values}
+    assert len({r.b for r in rows}) > 1

@@ -103,6 +103,9 @@ def bucketed(frame: Any, bucket_key: bytes, buckets: int) -> Any:
 
     private = os.urandom(32)
     column = F.col(ID)
+    cores = frame.sparkSession.sparkContext.defaultParallelism
+    if frame.rdd.getNumPartitions() < cores:  # one small file is one task: spread the hashing
+        frame = frame.select(ID).repartition(cores)
     return frame.select(bucket_column(bucket_key, column, buckets).alias("bucket"),
                         F.substring(keyed_hash_column(private, column), 1, 16).alias("_order"),
                         column.alias("id"))
