@@ -17,6 +17,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -343,8 +344,6 @@ class Channel:
                 "lost its channel state, so this job cannot continue safely"
             )
         identity.verify_hello(hello, self._pinned, self.job, self.me, self.peer)
-        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
         mine = X25519PrivateKey.from_private_bytes(bytes.fromhex(self._state.my_ephemeral))
         send_key, recv_key = identity.derive_keys(
             mine, identity.Hello.from_bytes(bytes.fromhex(self._state.my_hello)), hello

@@ -72,8 +72,7 @@ class KafkaConfig:
                 "kafka.sasl_mechanism is set but kafka.security_protocol is "
                 f"{self.security_protocol}; use SASL_PLAINTEXT or SASL_SSL"
             )
-        if not re.match(r"^[A-Za-z0-9_-]{1,64}$", self.topic_prefix):
-            raise ConfigError(f"kafka.topic_prefix {self.topic_prefix!r} is invalid")
+        check_name("kafka.topic_prefix", self.topic_prefix)
         if self.replication_factor < 1:
             raise ConfigError("kafka.replication_factor must be at least 1")
         if not 0 <= self.fetch_max_wait_ms <= 10_000:

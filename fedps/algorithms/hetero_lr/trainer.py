@@ -7,6 +7,7 @@ validation metrics are computed, when to stop, and what a checkpoint holds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -113,6 +114,11 @@ class Session:
     state: TrainState = field(default_factory=TrainState)
     last_validation: tuple[np.ndarray, np.ndarray] | None = None
 
+    @functools.cached_property
+    def validation(self) -> np.ndarray:
+        """Which of this party's rows are held out (the same rows at every party)."""
+        return validation_rows(self.data.row_keys, self.params.validation_fraction, self.params.seed)
+
 
 def setup(name: str, guest: str, hosts: list[str], channels: dict, data: PartyData, params: LRParams,
           job: str, checkpoint: JobCheckpoint, make_model: Callable[[int, bool, bool], PartyModel],
@@ -197,7 +203,7 @@ def train(session: Session, on_batch: Callable[[TrainState], None] | None = None
     """Run (or resume) the epochs; returns the final state (losses and metrics on the guest)."""
     s, params, party = session, session.params, session.party
     is_guest = party.name == party.guest
-    rows = np.flatnonzero(~validation_rows(s.data.row_keys, params.validation_fraction, params.seed))
+    rows = np.flatnonzero(~s.validation)
     job = next(iter(party.channels.values())).job
     while s.state.epoch < params.epochs and not s.state.done:
         epoch = s.state.epoch
@@ -277,14 +283,14 @@ def _end_epoch(s: Session, job: str, epoch: int, is_guest: bool) -> None:
 
 def evaluate_host(s: Session, scope: Scope) -> None:
     """Send this host's scores on the validation rows to the guest (documented leakage)."""
-    valid = validation_rows(s.data.row_keys, s.params.validation_fraction, s.params.seed)
+    valid = s.validation
     x, keys = s.data.columns(np.flatnonzero(valid))
     s.party.send(s.party.guest, scope, VALID_U, s.model.scores(x, keys))
 
 
 def evaluate_guest(s: Session, scope: Scope) -> dict[str, float]:
     """Validation metrics from the guest's scores plus every host's."""
-    valid = validation_rows(s.data.row_keys, s.params.validation_fraction, s.params.seed)
+    valid = s.validation
     if not valid.any():
         return {}
     x, keys = s.data.columns(np.flatnonzero(valid))

@@ -65,7 +65,8 @@ def keyed_hash(key: bytes, canonical_id: str) -> bytes:
 
 
 def bucket_of(key: bytes, canonical_id: str, buckets: int) -> int:
-    return int.from_bytes(keyed_hash(key, canonical_id)[:8], "big") % buckets
+    """The first 4 bytes of the keyed hash, big-endian, mod ``buckets`` (bias below 2^-16)."""
+    return int.from_bytes(keyed_hash(key, canonical_id)[:4], "big") % buckets
 
 
 def keyed_hash_column(key: bytes, column: Any) -> Any:
@@ -89,8 +90,8 @@ def bucket_column(key: bytes, column: Any, buckets: int) -> Any:
     """:func:`bucket_of` of a string column, computed by Spark."""
     from pyspark.sql import functions as F
 
-    first8 = F.conv(F.hex(F.substring(keyed_hash_column(key, column), 1, 8)), 16, 10)
-    return (first8.cast("decimal(20,0)") % F.lit(buckets)).cast("int")
+    first4 = F.conv(F.hex(F.substring(keyed_hash_column(key, column), 1, 4)), 16, 10).cast("long")
+    return (first4 % F.lit(buckets)).cast("int")
 
 
 def bucketed(frame: Any, bucket_key: bytes, buckets: int) -> Any:
