@@ -184,3 +184,28 @@ def _quietly(fn) -> None:
         fn()
     except Exception:
         pass
+
+
+def test_a_long_wait_backs_off_instead_of_spinning_and_still_receives(pair, job_id):
+    """The broker answers an empty fetch after fetch_max_wait_ms (5 ms): a receiver that
+    kept fetching would spend a third of a core waiting. After a short while it sleeps
+    between fetches, and what arrives then is still delivered."""
+    a, b = pair
+    scope = Scope(job_id, "test")
+    fetcher = b._consumer._fetcher
+    real, fetches = fetcher.send_fetches, []
+
+    def counting():
+        fetches.append(1)
+        return real()
+
+    fetcher.send_fetches = counting
+    sender = threading.Timer(2.0, lambda: a.send(scope.tag("late"), np.arange(3)))
+    sender.start()
+    try:
+        got = b.recv(scope.tag("late"), timeout=20)
+    finally:
+        sender.cancel()
+        fetcher.send_fetches = real
+    np.testing.assert_array_equal(got, np.arange(3))
+    assert len(fetches) < 150, f"{len(fetches)} fetches in a 2 s wait: the receiver spins"
