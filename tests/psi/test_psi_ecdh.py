@@ -75,3 +75,30 @@ def test_ecdh_one_sided_result(psi_pair):
     assert out["guest"].error is None and out["host"].error is None
     assert out["guest"].manifest["count"] == 40
     assert out["host"].manifest is None and out["host"].metrics["psi_learned"] is False
+
+
+def test_a_low_order_point_from_the_peer_stops_the_step_with_a_crypto_error(spark, tmp_path):
+    """An executor's refusal reaches the driver as the fedps error, not as Spark's wrapper."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fedps.algorithms.psi import params
+    from fedps.algorithms.psi.stream import PsiRun, from_matrix
+    from fedps.messaging.tags import Scope
+
+    good = np.frombuffer(b"".join(ecdh.encode_to_curve(str(i).encode()) for i in range(3)),
+                         np.uint8).reshape(3, 32)
+    low_order = np.zeros((1, 32), np.uint8)  # u = 0
+    for bucket, matrix in ((0, good), (1, np.vstack([good, low_order]))):
+        folder = tmp_path / "peer_single" / f"bucket={bucket}"
+        folder.mkdir(parents=True)
+        pq.write_table(pa.table({"seq": np.arange(len(matrix)), "value": from_matrix(matrix)}),
+                       folder / "part-0.parquet")
+    settings = params.from_mapping({"input": "x.csv", "buckets": 2}, tmp_path)
+    run = PsiRun(spark, None, Scope("j", "psi"), settings, "guest", "host", "host", tmp_path)
+    with pytest.raises(CryptoError, match="refused curve point 3"):
+        run.map_buckets(ecdh._blind_bucket(ecdh.new_secret()), {"peer_single": ["value"]}, "peer_double")
+    first3 = lambda bucket, tables: tables["peer_single"].slice(0, 3).append_column(  # noqa: E731
+        "seq", pa.array(np.arange(3)))
+    assert run.map_buckets(first3, {"peer_single": ["value"]}, "copied") == 6

@@ -14,8 +14,11 @@ shape ``(rows, width)``, in the order of the sender's ``seq`` column.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedps.algorithms.psi.params import PsiParams
-from fedps.errors import DataError, ProtocolError
+from fedps.errors import CryptoError, DataError, ProtocolError
 from fedps.messaging.tags import Message, Scope
 
 log = logging.getLogger(__name__)
@@ -104,8 +107,12 @@ class PsiRun:
         """Run ``fn(bucket, tables)`` as one Spark task per bucket; returns the rows it wrote.
 
         ``sources`` maps the name of a bucketed folder under the work folder to
-        the columns to read; each reaches ``fn`` as one table ordered by
-        ``seq``. What ``fn`` returns is written to ``<target>/bucket=<b>/``.
+        the columns to read; each reaches ``fn`` as one table in stream order
+        (:func:`read_bucket`). What ``fn`` returns is written to
+        ``<target>/bucket=<b>/`` under a temporary name, then renamed, so a
+        retried or speculative task never leaves half a file. A fedps error
+        that ``fn`` raises on an executor is raised again here, with its
+        class and message.
         One task per bucket keeps the work even across the executors, where
         Spark's own file splitting packs small files into few, uneven tasks.
         The executors read and write the work folder directly, so it must be
@@ -122,14 +129,19 @@ class PsiRun:
                     result = fn(bucket, tables)
                     folder = Path(out) / f"bucket={bucket}"
                     folder.mkdir(parents=True, exist_ok=True)
-                    pq.write_table(result, folder / "part-0.parquet")
+                    temporary = folder / f".part-0.{uuid.uuid4().hex}.tmp"
+                    pq.write_table(result, temporary)
+                    os.replace(temporary, folder / "part-0.parquet")
                     yield pa.RecordBatch.from_arrays([pa.array([result.num_rows], pa.int64())],
                                                      names=["rows"])
 
         buckets = self.params.buckets
         shutil.rmtree(out, ignore_errors=True)
-        done = (self.spark.range(buckets, numPartitions=buckets)
-                .mapInArrow(task, "rows long").collect())
+        try:
+            done = (self.spark.range(buckets, numPartitions=buckets)
+                    .mapInArrow(task, "rows long").collect())
+        except Exception as exc:
+            raise _executor_error(exc) from None
         return sum(row["rows"] for row in done)
 
     def send(self, stream: Stream, name: str, column: str = "value") -> int:
@@ -169,6 +181,19 @@ def from_matrix(matrix: np.ndarray) -> pa.Array:
     offsets = np.arange(0, (rows + 1) * width, width, dtype=np.int32)
     return pa.Array.from_buffers(pa.binary(), rows, [None, pa.py_buffer(offsets),
                                                      pa.py_buffer(np.ascontiguousarray(matrix))])
+
+
+_ERRORS = {cls.__name__: cls for cls in (DataError, ProtocolError, CryptoError)}
+_ERROR_LINE = re.compile(r"fedps\.errors\.(\w+): (.+)")
+
+
+def _executor_error(exc: Exception) -> Exception:
+    """The fedps error an executor raised, rebuilt from Spark's wrapper (else ``exc`` itself)."""
+    found = _ERROR_LINE.findall(str(exc))
+    if found and found[-1][0] in _ERRORS:
+        name, message = found[-1]
+        return _ERRORS[name](f"{message} (in a Spark task)")
+    return exc
 
 
 def is_in(values: pa.Array | pa.ChunkedArray, others: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
