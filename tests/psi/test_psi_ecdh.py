@@ -43,6 +43,11 @@ def test_batch_blinding_equals_one_by_one_and_refuses_low_order_points():
         ecdh.blind_all(secret, [*points[:3], bytes(32)], 4)  # u = 0 has order 1
     with pytest.raises(CryptoError, match="expected 5"):
         ecdh.blind_all(secret, points[:4], 5)
+    with pytest.raises(CryptoError, match="expected 1"):
+        ecdh.blind_all(secret, [], 1)
+    with pytest.raises(CryptoError, match="expected 2 points, got more"):
+        ecdh.blind_all(secret, points[:3], 2)  # never writes past the buffer
+    assert ecdh.blind_all(secret, [], 0).shape == (0, 32)
 
 
 def test_ecdh_finds_the_intersection_and_leaks_no_other_id(psi_pair):

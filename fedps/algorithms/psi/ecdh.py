@@ -108,12 +108,15 @@ def blind_all(secret: bytes, points: Iterable[bytes], count: int) -> np.ndarray:
     out = _ffi.new("unsigned char[]", POINT_BYTES * count)
     scalar = _ffi.from_buffer(secret)
     multiply = _lib.crypto_scalarmult
-    done = 0
-    for done, point in enumerate(points):
-        if len(point) != POINT_BYTES or multiply(out + POINT_BYTES * done, scalar, point) != 0:
-            raise CryptoError(f"refused curve point {done}: not 32 bytes, or of low order")
-    if count and done != count - 1:
-        raise CryptoError(f"expected {count} points, got {done + 1}")
+    seen = 0
+    for point in points:
+        if seen == count:
+            raise CryptoError(f"expected {count} points, got more")
+        if len(point) != POINT_BYTES or multiply(out + POINT_BYTES * seen, scalar, point) != 0:
+            raise CryptoError(f"refused curve point {seen}: not 32 bytes, or of low order")
+        seen += 1
+    if seen != count:
+        raise CryptoError(f"expected {count} points, got {seen}")
     return np.frombuffer(_ffi.buffer(out), dtype=np.uint8).reshape(count, POINT_BYTES).copy()
 
 
