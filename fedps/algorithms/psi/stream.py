@@ -1,10 +1,11 @@
 """Bucketed streams of fixed-width values between Parquet on disk and the channel.
 
-Executors do the cryptography over Parquet files partitioned by bucket; the
-driver only moves bytes: it reads one bucket at a time and sends it in
-batches, or receives a bucket batch by batch and appends it to a Parquet file.
-So the driver holds at most one bucket, and the executors one Arrow batch per
-task, whatever the total number of ids.
+Executors do the cryptography over Parquet files partitioned by bucket, one
+Spark task per bucket (:meth:`PsiRun.map_buckets`); the driver only moves
+bytes: it reads one bucket at a time and sends it in batches, or receives a
+bucket batch by batch and appends it to a Parquet file. So the driver and
+each task hold at most one bucket, whatever the total number of ids: the
+number of buckets is what bounds memory.
 
 A stream is: ``<name>_counts`` (int64 per bucket), then for bucket ``b``
 messages ``<name>`` at ``iteration=b, batch=k``, each a ``uint8`` array of
