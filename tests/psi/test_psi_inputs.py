@@ -105,3 +105,53 @@ def test_spark_keyed_hash_and_bucket_equal_the_python_definitions(spark):
     assert {r.v: bytes(r.h) for r in rows} == {v: buckets.keyed_hash(key, v) for v in values}
     assert {r.v: r.b for r in rows} == {v: buckets.bucket_of(key, v, 7) for v in values}
     assert len({r.b for r in rows}) > 1
+
+
+def test_key_shares_are_committed_before_they_are_revealed(make_parties, job_id):
+    """Both parties derive the same keys; a share that differs from its commitment is refused."""
+    import os
+    import threading
+
+    import numpy as np
+
+    from fedps.algorithms.psi import buckets
+    from fedps.errors import ProtocolError
+    from fedps.messaging.channel import Channel
+    from fedps.messaging.tags import Scope
+
+    configs = make_parties("guest", "host", recv_timeout_s=30.0)
+    guest = Channel(job_id, "guest", "host", configs["guest"])
+    host = Channel(job_id, "host", "guest", configs["host"])
+    opener = threading.Thread(target=guest.open)
+    opener.start()
+    host.open()
+    opener.join()
+    results: dict = {}
+
+    def agree(name, channel, scope):
+        try:
+            results[name] = buckets.agree_keys(channel, scope, name, "host" if name == "guest" else "guest")
+        except Exception as exc:  # reported below
+            results[name] = exc
+
+    honest = Scope(job_id, "honest")
+    threads = [threading.Thread(target=agree, args=("guest", guest, honest)),
+               threading.Thread(target=agree, args=("host", host, honest))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results["guest"] == results["host"] and len(results["guest"].bucket) == 32
+
+    cheat = Scope(job_id, "cheat")  # the host commits to one share, then reveals another
+    thread = threading.Thread(target=agree, args=("guest", guest, cheat))
+    thread.start()
+    committed, revealed = os.urandom(32), os.urandom(32)
+    host.send(cheat.tag(buckets.COMMIT.name), {"sha256": buckets.commitment(job_id, "host", committed)})
+    host.recv(cheat.tag(buckets.COMMIT.name))
+    host.send(cheat.tag(buckets.SHARE.name), np.frombuffer(revealed, dtype=np.uint8))
+    thread.join()
+    guest.close()
+    host.close()
+    assert isinstance(results["guest"], ProtocolError)
+    assert "does not match the commitment" in str(results["guest"])

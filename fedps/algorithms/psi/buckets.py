@@ -1,10 +1,14 @@
 """Keys the two parties agree on, and the keyed-hash bucketing of ids.
 
-Each party sends a fresh random 32-byte share; both derive, with HKDF-SHA256
-over the two shares (ordered by party name), a *bucket key* (which bucket an
-id falls in) and an *order key* (the sort order of the output). Neither party
-alone chooses them, so neither can steer an id of its choice into a bucket of
-its choice; the broker never sees the shares (the channel seals them).
+Each party commits to a fresh random 32-byte share (SHA-256 over a domain
+tag, the job, its name and the share), and only after it holds the peer's
+commitment reveals the share; both derive, with HKDF-SHA256 over the two
+shares (ordered by party name), a *bucket key* (which bucket an id falls in)
+and an *order key* (the sort order of the output). Neither party alone
+chooses them, and the commitment stops the second to reveal from choosing
+its share after seeing the first's, so neither can steer an id of its
+choice into a bucket of its choice; the broker never sees the shares (the
+channel seals them).
 
 Within a bucket each party orders its ids by a keyed hash under a private key
 that never leaves it, so the position of a value in a stream says nothing
@@ -27,6 +31,7 @@ from fedps.algorithms.psi.ids import ID
 from fedps.errors import ProtocolError
 from fedps.messaging.tags import Message, Scope
 
+COMMIT = Message("key_share_commitment", "either", "other", dict)
 SHARE = Message("key_share", "either", "other", np.ndarray)
 _SHARE_BYTES = 32
 _HMAC_BLOCK = 64  # bytes: SHA-256's block
@@ -38,13 +43,24 @@ class PsiKeys:
     order: bytes
 
 
+def commitment(job: str, party: str, share: bytes) -> str:
+    """The hex SHA-256 a party sends before its share."""
+    return hashlib.sha256(b"fedps/psi/v1/share-commitment\0" + f"{job}\0{party}\0".encode()
+                          + share).hexdigest()
+
+
 def agree_keys(channel: Any, scope: Scope, me: str, peer: str) -> PsiKeys:
-    """Exchange random shares with the peer and derive the shared keys."""
+    """Commit to a random share, exchange commitments, then shares, and derive the shared keys."""
     mine = os.urandom(_SHARE_BYTES)
+    channel.send(scope.tag(COMMIT.name), COMMIT.check({"sha256": commitment(scope.job, me, mine)}))
+    promised = COMMIT.check(channel.recv(scope.tag(COMMIT.name))).get("sha256")
     channel.send(scope.tag(SHARE.name), SHARE.check(np.frombuffer(mine, dtype=np.uint8)))
     theirs = SHARE.check(channel.recv(scope.tag(SHARE.name)))
     if theirs.dtype != np.uint8 or theirs.shape != (_SHARE_BYTES,):
         raise ProtocolError(f"{peer}'s key share is not {_SHARE_BYTES} bytes")
+    if not isinstance(promised, str) or not hmac.compare_digest(
+            promised, commitment(scope.job, peer, theirs.tobytes())):
+        raise ProtocolError(f"{peer}'s key share does not match the commitment it sent first")
     return derive_keys({me: mine, peer: theirs.tobytes()}, scope.job)
 
 
