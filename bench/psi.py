@@ -101,14 +101,13 @@ def micro() -> dict[str, float]:
 
     ids = [str(10**11 + i).encode() for i in range(5000)]
     warm = ecdh.new_secret()
-    for i in ids[:2000]:  # the first thousands of calls run slower on these machines
-        ecdh.blind(warm, ecdh.encode_to_curve(i))
+    # the first thousands of calls run slower on these machines
+    ecdh.blind_all(warm, (ecdh.encode_to_curve(i) for i in ids[:2000]), 2000)
     t0 = time.process_time()
     points = [ecdh.encode_to_curve(i) for i in ids]
     t1 = time.process_time()
     secret = ecdh.new_secret()
-    for p in points:
-        ecdh.blind(secret, p)
+    ecdh.blind_all(secret, points, len(points))  # as the executors call it
     t2 = time.process_time()
     key = rsa.PrivateKey.generate(2048)
     values = [key.public.fdh(i.decode()) for i in ids[:300]]

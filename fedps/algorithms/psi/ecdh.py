@@ -2,7 +2,7 @@
 
 Group: the prime-order subgroup of Curve25519, points as 32-byte
 u-coordinates; blinding is X25519 (libsodium's ``crypto_scalarmult`` through
-PyNaCl). Hash to curve: RFC 9380 ``encode_to_curve`` for the suite
+PyNaCl's cffi bindings). Hash to curve: RFC 9380 ``encode_to_curve`` for the suite
 ``curve25519_XMD:SHA-512_ELL2_NU_`` (expand_message_xmd with SHA-512, then
 Elligator 2), with our own domain-separation tag. The RFC clears the cofactor
 by multiplying by 8; X25519 clamps every secret to a multiple of 8, so
@@ -32,7 +32,6 @@ import gmpy2
 import numpy as np
 import pyarrow as pa
 from nacl._sodium import ffi as _ffi, lib as _lib
-from nacl.bindings import crypto_scalarmult
 
 from fedps.algorithms.psi.stream import (IDS, PsiRun, Stream, check_same_counts, from_matrix, is_in,
                                          to_matrix)
@@ -92,18 +91,16 @@ def new_secret() -> bytes:
 
 
 def blind(secret: bytes, point: bytes) -> bytes:
-    """X25519: the point raised to the (clamped) secret."""
-    try:
-        return crypto_scalarmult(secret, point)
-    except Exception as exc:  # libsodium refuses small-order inputs
-        raise CryptoError(f"refused a curve point of low order: {exc}") from None
+    """X25519: the point raised to the (clamped) secret (one point of :func:`blind_all`)."""
+    return blind_all(secret, [point], 1)[0].tobytes()
 
 
 def blind_all(secret: bytes, points: Iterable[bytes], count: int) -> np.ndarray:
-    """:func:`blind` for ``count`` points into one ``(count, 32)`` array.
+    """X25519 of ``count`` points with one secret, into one ``(count, 32)`` array.
 
-    Calls libsodium directly with one output buffer: the same function as
-    :func:`blind` without PyNaCl's per-call checks and allocations.
+    Calls libsodium's ``crypto_scalarmult`` directly with one output buffer,
+    without PyNaCl's per-call checks and allocations; libsodium refuses a
+    point of low order.
     """
     out = _ffi.new("unsigned char[]", POINT_BYTES * count)
     scalar = _ffi.from_buffer(secret)
