@@ -17,7 +17,9 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -297,6 +299,23 @@ class Channel:
         first = min(held, key=lambda r: r.first_offset)
         delivered = sorted(m for m in self._delivered if m > first.last_id_before[:2])
         return Position(self.in_topic, first.first_offset, first.last_id_before, delivered)
+
+    def subkeys(self, label: str) -> tuple[bytes, bytes]:
+        """``(send_key, recv_key)`` of a sub-channel named ``label``, derived from this channel's keys.
+
+        Per-partition traffic between executor tasks is sealed with these, so
+        it needs no key exchange of its own; both parties derive the same pair
+        (one's send key is the other's receive key) and the broker learns nothing.
+        """
+        self._require_open()
+        check_name("sub-channel", label)
+
+        def derive(key_hex: str, sender: str, receiver: str) -> bytes:
+            info = f"fedps/subchannel/v1|{self.job}|{sender}->{receiver}|{label}".encode()
+            return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(bytes.fromhex(key_hex))
+
+        return (derive(self._state.send_key, self.me, self.peer),
+                derive(self._state.recv_key, self.peer, self.me))
 
     # ------------------------------------------------------------------ internals
     def _require_open(self) -> None:
