@@ -90,6 +90,25 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class PSSettings:
+    """This party's parameter server (``[ps]``): how many shard actors hold its model."""
+
+    #: Shard actors; 0 chooses: 1 for a dense model under 4096 features, else 2.
+    shards: int = 0
+    #: How long an executor's pull waits for the driver to end a step.
+    wait_timeout_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.shards < 0:
+            raise ConfigError("ps.shards must not be negative")
+        if self.wait_timeout_s <= 0:
+            raise ConfigError("ps.wait_timeout_s must be positive")
+
+    def shards_for(self, features: int, sparse: bool) -> int:
+        return self.shards or (2 if sparse or features >= 4096 else 1)
+
+
+@dataclass(frozen=True)
 class FedpsConfig:
     job: JobConfig
     party: PartyConfig
@@ -99,6 +118,7 @@ class FedpsConfig:
     channel: ChannelSettings = field(default_factory=ChannelSettings)
     spark: SparkConfig = field(default_factory=SparkConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    ps: PSSettings = field(default_factory=PSSettings)
     source: str = field(default="<memory>", metadata={"internal": True})
 
     def channel_config(self, bootstrap_servers: str | None = None) -> ChannelConfig:

@@ -1,174 +1,146 @@
-"""Vertical LR maths with parties as threads over the real broker, against a plaintext oracle."""
+"""Vertical LR maths over the in-process transport: partitions as threads, against numpy.
+
+No broker, Spark or Ray: each party's tasks of each partition run
+``*_partition`` in threads, their partials are added under encryption as the
+accumulator does, and the drivers run ``*_step``. The real-broker,
+separate-process tests are in test_hetero_lr_processes.py.
+"""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from fedps.algorithms.hetero_lr import trainer
-from fedps.algorithms.hetero_lr.data import load_party_data
-from fedps.algorithms.hetero_lr.local import run_in_threads
-from fedps.algorithms.hetero_lr.params import LRParams
-from fedps.errors import ConfigError, DataError
+from fedps.algorithms.hetero_lr import protocol
+from fedps.algorithms.hetero_lr.protocol import INTERCEPT, Crypto, Port, Roles
+from fedps.engine.crypto import generate_keypair
+from fedps.engine.vertical.accumulator import _sum_keyed
+from fedps.errors import ProtocolError
+from fedps.messaging.tags import Scope
+from fedps.messaging.transport import in_process_mesh
 
 DATA = Path(__file__).parents[2] / "data"
+KEY_BITS = 512
 
 
-def breast(hosts: int) -> dict[str, trainer.PartyData]:
-    guest = load_party_data(DATA / "breast_hetero_guest.csv", "id", "y")
-    host = load_party_data(DATA / "breast_hetero_host.csv", "id", None)
-    parts = np.array_split(np.arange(host.x.shape[1]), hosts)
-    out = {"guest": guest}
-    for i, cols in enumerate(parts):
-        out[f"host{i + 1}"] = trainer.PartyData(host.x[:, cols], host.row_keys)
-    return out
+@pytest.fixture(scope="module")
+def keys():
+    return {name: generate_keypair(KEY_BITS) for name in ("guest", "h1", "h2")}
 
 
-def run_parties(job: str, configs: dict, data: dict, params: dict[str, LRParams], tmp: Path,
-                ray_address: str, record: bool = False) -> dict:
-    results = run_in_threads(job, configs, data, params, tmp, record=record)
-    return {
-        "results": {n: (r.state, r.weights, None, r.stored_rows) for n, r in results.items() if r.error is None},
-        "errors": {n: r.error for n, r in results.items() if r.error is not None},
-        "received": {n: r.received for n, r in results.items()},
-    }
+def _crypto(keys, me):
+    public = {name: pair[0] for name, pair in keys.items()}
+    return Crypto(keys[me][1], public, me, frac_bits=24)
 
 
-def oracle(data: dict, params: LRParams) -> tuple[list[np.ndarray], float, list[float]]:
-    """The same mini-batch Taylor-gradient descent in plain numpy."""
-    names = list(data)
-    xs = [data[n].x for n in names]
-    y = data["guest"].y
-    weights = [np.zeros(x.shape[1]) for x in xs]
-    bias = 0.0
-    rows = np.flatnonzero(~trainer.validation_rows(data["guest"].row_keys, params.validation_fraction, params.seed))
-    losses = []
-    for epoch in range(params.epochs):
-        batch_losses = []
-        for batch in trainer.batches(rows, params, epoch):
-            u = sum(x[batch] @ w for x, w in zip(xs, weights)) + bias
-            d = 0.25 * u + 0.5 - y[batch]
-            batch_losses.append(np.mean(np.log(2) + (0.5 - y[batch]) * u + 0.125 * u ** 2))
-            for i, x in enumerate(xs):
-                weights[i] = weights[i] - params.learning_rate * (x[batch].T @ d / len(batch) + params.l2 * weights[i])
-            bias -= params.learning_rate * float(np.mean(d))
-        losses.append(float(np.mean(batch_losses)))
-    return weights, bias, losses
+def _threads(targets: dict):
+    results, errors = {}, {}
+
+    def run(name, fn):
+        try:
+            results[name] = fn()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors[name] = exc
+
+    threads = [threading.Thread(target=run, args=item) for item in targets.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    return results
 
 
-@pytest.mark.parametrize("hosts", [1, 2])
-def test_federated_weights_and_loss_match_the_plaintext_oracle(hosts, make_parties, job_id, tmp_path, ray_address):
-    data = breast(hosts)
-    params = LRParams(epochs=2, batch_size=96, learning_rate=0.3, l2=0.01, key_bits=512, validation_fraction=0.3)
-    out = run_parties(job_id, make_parties(*data), data, {n: params for n in data}, tmp_path, ray_address)
-    assert not out["errors"], out["errors"]
-    weights, bias, losses = oracle(data, params)
-    state, (w_guest, b_guest) = out["results"]["guest"][:2]
-    np.testing.assert_allclose(w_guest, weights[0], atol=1e-5)
-    assert abs(b_guest - bias) < 1e-5
-    for i, name in enumerate(list(data)[1:], start=1):
-        np.testing.assert_allclose(out["results"][name][1][0], weights[i], atol=1e-5)
-    np.testing.assert_allclose(state.losses, losses, atol=1e-5)
-    assert state.metrics[-1]["auc"] > 0.97
+def one_batch(keys, hosts, xs, y, ws, bias, partitions, with_loss):
+    """Run one batch through the protocol; returns each party's gradient and the guest's loss."""
+    names = ["guest", *hosts]
+    roles = {n: Roles(n, "guest", hosts) for n in names}
+    crypto = {n: _crypto(keys, n) for n in names}
+    rows = np.array_split(np.random.default_rng(5).permutation(len(y)), partitions)
+    tasks = in_process_mesh("job1", names)
+    scope = Scope("job1", "train").at(iteration=0, batch=0)
+
+    def partials_of(name):
+        out = []
+        for p, idx in enumerate(rows):
+            port = Port(tasks[name], scope, p)
+            x = xs[name][idx]
+            u = x @ ws[name] + (bias if name == "guest" else 0.0)
+            keys_ = np.arange(x.shape[1], dtype=np.int64)
+            if name == "guest":
+                x1, keys1 = np.hstack([x, np.ones((len(idx), 1))]), np.r_[keys_, INTERCEPT]
+                out.append(protocol.guest_partition(port, crypto[name], roles[name], x1, keys1, y[idx], u,
+                                                    None, with_loss))
+            else:
+                out.append(protocol.host_partition(port, crypto[name], roles[name], x, keys_, u, with_loss))
+        return out
+
+    partials = _threads({n: (lambda n=n: partials_of(n)) for n in names})
+    drivers = in_process_mesh("job1", names)
+
+    def driver(name):
+        owner = hosts[0] if name == "guest" else "guest"
+        n = int(keys[owner][0].n)
+        ks, blob = _sum_keyed([(p.keys, p.gradient.to_bytes()) for p in partials[name]], n)
+        gradient = protocol.vector(blob, keys[owner][0])
+        port = Port(drivers[name], scope)
+        if name == "guest":
+            loss = None
+            if with_loss:
+                _, lblob = _sum_keyed([(np.zeros(1, np.int64), p.loss.to_bytes()) for p in partials[name]], n)
+                loss = protocol.vector(lblob, keys[owner][0])
+            result, encrypted = protocol.guest_step(port, crypto[name], roles[name], gradient, loss, b"s" * 32)
+            plain = sum(p.plain_loss for p in partials[name])
+            return ks, result, None if encrypted is None else (plain + encrypted) / len(y)
+        return ks, protocol.host_step(port, crypto[name], roles[name], gradient, with_loss, b"t" * 32), None
+
+    return _threads({n: (lambda n=n: driver(n)) for n in names})
 
 
-def test_what_hosts_receive_reveals_neither_labels_nor_guest_features(make_parties, job_id, tmp_path, ray_address):
-    from fedps.messaging.codec import Blob
-
-    data = breast(1)
-    params = LRParams(epochs=1, batch_size=96, key_bits=512, validation_fraction=0.3)
-    out = run_parties(job_id, make_parties(*data), data, {n: params for n in data}, tmp_path, ray_address,
-                      record=True)
-    assert not out["errors"], out["errors"]
-    received = [v for _, v in out["received"]["host1"]]
-    assert received
-    y, xg = data["guest"].y, data["guest"].x
-    secrets = [y.astype(np.float64).tobytes(), y.astype(np.int64).tobytes(), xg[:4].tobytes(),
-               np.round(xg[:, 0], 6).astype(str)[0].encode()]
-    for value in received:
-        if isinstance(value, Blob):
-            raw = value.data
-            # every blob a host receives is a Paillier vector under the guest's key, or masked
-            assert value.kind == "paillier.vector/1"
-        elif isinstance(value, np.ndarray):
-            raw = value.tobytes()
-        else:
-            raw = repr(value).encode()
-        for secret in secrets:
-            assert secret not in raw
-    # the only plaintext arrays a host gets are none at all; dicts carry keys, shapes and masked integers
-    assert not any(isinstance(v, np.ndarray) for v in received)
+def _breast():
+    guest = pd.read_csv(DATA / "breast_hetero_guest.csv").iloc[:120]
+    host = pd.read_csv(DATA / "breast_hetero_host.csv").set_index("id").loc[guest["id"]]
+    y = guest["y"].to_numpy(dtype=float)
+    xg = guest.drop(columns=["id", "y"]).to_numpy(dtype=float)
+    return xg, host.to_numpy(dtype=float), y
 
 
-def test_parties_with_different_rows_or_settings_are_refused(make_parties, job_id, tmp_path, ray_address):
-    data = breast(1)
-    short = trainer.PartyData(data["host1"].x[:-10], data["host1"].row_keys[:-10])
-    params = LRParams(epochs=1, batch_size=96, key_bits=512)
-    out = run_parties(job_id, make_parties(*data), {"guest": data["guest"], "host1": short},
-                      {n: params for n in data}, tmp_path, ray_address)
-    assert isinstance(out["errors"]["guest"], DataError)
-    assert "host1 has fewer rows after PSI" in str(out["errors"]["guest"])
+@pytest.mark.parametrize("hosts,partitions", [(["h1"], 3), (["h1", "h2"], 2)])
+def test_batch_gradients_and_loss_match_numpy(keys, hosts, partitions):
+    xg, xh, y = _breast()
+    rng = np.random.default_rng(1)
+    split = np.array_split(np.arange(xh.shape[1]), len(hosts))
+    xs = {"guest": xg, **{h: xh[:, cols] for h, cols in zip(hosts, split)}}
+    ws = {n: rng.normal(0, 0.1, x.shape[1]) for n, x in xs.items()}
+    bias = 0.3
+    out = one_batch(keys, hosts, xs, y, ws, bias, partitions, with_loss=True)
+
+    u = sum(xs[n] @ ws[n] for n in xs) + bias
+    d = 0.25 * u + 0.5 - y
+    for name, x in xs.items():
+        ks, gradient, _ = out[name]
+        expected = x.T @ d
+        if name == "guest":
+            assert ks[0] == INTERCEPT       # the intercept sorts first in keyed sums
+            np.testing.assert_allclose(gradient[0], d.sum(), rtol=1e-6, atol=1e-6)
+            gradient = gradient[1:]
+        np.testing.assert_allclose(gradient, expected, rtol=1e-5, atol=1e-4)   # X at 16 fractional bits
+    loss = np.mean(np.log(2) + (0.5 - y) * u + 0.125 * u ** 2)
+    assert out["guest"][2] == pytest.approx(loss, rel=1e-6)
 
 
-def test_batch_below_the_privacy_floor_is_refused(make_parties, job_id, tmp_path, ray_address):
-    data = breast(1)
-    params = LRParams(epochs=1, batch_size=16, key_bits=512)
-    out = run_parties(job_id, make_parties(*data), data, {n: params for n in data}, tmp_path, ray_address)
-    assert isinstance(out["errors"]["guest"], ConfigError)
-    assert "privacy floor" in str(out["errors"]["guest"])
-
-
-def test_bad_training_files_name_the_column(tmp_path):
-    path = tmp_path / "g.csv"
-    path.write_text("id,y,x0,x1\n1,0,0.5,abc\n2,1,0.1,0.2\n")
-    with pytest.raises(DataError, match="feature column 'x1'.*not numeric"):
-        load_party_data(path, "id", "y")
-    path.write_text("id,y,x0\n1,0,0.5\n2,1,\n")
-    with pytest.raises(DataError, match="'x0'.*missing values"):
-        load_party_data(path, "id", "y")
-    with pytest.raises(DataError, match="feature column 'x9' is missing"):
-        load_party_data(path, "id", "y", ("x9",))
-    with pytest.raises(DataError, match="label column 'label' is missing"):
-        load_party_data(path, "id", "label")
-
-
-def test_sparse_host_with_ten_million_hashed_features_trains_touching_only_its_rows(
-        make_parties, job_id, tmp_path, ray_address):
-    rng = np.random.default_rng(7)
-    rows = 480
-    ids = np.arange(rows)
-    y = rng.integers(0, 2, rows)
-    signal = rng.integers(0, 10**7, 40)           # informative hashed ids, split by class
-    guest_lines, host_lines, touched = [], [], set()
-    for i in ids:
-        guest_lines.append(f"{i},{y[i]},{rng.normal():.5f}")
-        picks = [int(rng.choice(signal[:20] if y[i] else signal[20:]))]
-        picks += [int(v) for v in rng.integers(0, 10**7, 4)]      # noise features, mostly unique
-        touched.update(picks)
-        host_lines.append(f"{i} " + " ".join(f"{k}:1" for k in sorted(set(picks))))
-    (tmp_path / "g.csv").write_text("id,y,x0\n" + "\n".join(guest_lines) + "\n")
-    (tmp_path / "h.libsvm").write_text("\n".join(host_lines) + "\n")
-    data = {"guest": load_party_data(tmp_path / "g.csv", "id", "y"),
-            "host": load_party_data(tmp_path / "h.libsvm", "id", None)}
-    assert data["host"].sparse and data["host"].feature_keys.max() < 10**7
-    params = LRParams(epochs=4, batch_size=96, learning_rate=4.0, key_bits=512, d_noise=0.001,
-                      validation_fraction=0.3)
-    out = run_parties(job_id, make_parties(*data), data, {n: params for n in data}, tmp_path, ray_address)
-    assert not out["errors"], out["errors"]
-    assert out["results"]["guest"][0].metrics[-1]["auc"] > 0.9
-    train = ~trainer.validation_rows(data["host"].row_keys, 0.3, 0)
-    touched_in_training = np.unique(data["host"].x[np.flatnonzero(train)].indices).size
-    assert out["results"]["host"][3] == touched_in_training     # rows stored == features touched
-
-
-def test_sparse_features_without_noise_are_refused(make_parties, job_id, tmp_path, ray_address):
-    (tmp_path / "h.libsvm").write_text("\n".join(f"{i} {i * 7}:1 5:1" for i in range(569)) + "\n")
-    guest = load_party_data(DATA / "breast_hetero_guest.csv", "id", "y")
-    host = load_party_data(tmp_path / "h.libsvm", "id", None)
-    ids = host.row_keys
-    data = {"guest": trainer.PartyData(guest.x[:569], ids, guest.y[:569]), "host": host}
-    out = run_parties(job_id, make_parties(*data), data, {n: LRParams(epochs=1, key_bits=512) for n in data},
-                      tmp_path, ray_address)
-    assert "d_noise" in str(out["errors"].get("guest"))
+def test_host_refuses_to_decrypt_an_unmasked_gradient(keys):
+    mesh = in_process_mesh("job1", ["guest", "h1"])
+    scope = Scope("job1", "train").at(iteration=0, batch=0)
+    guest = _crypto(keys, "guest")
+    unmasked = guest.encryptor("h1").encrypt(np.array([0.5, 0.25]))
+    Port(mesh["guest"], scope).send("h1", protocol.GUEST_GRAD, protocol.blob(unmasked))
+    h1 = _crypto(keys, "h1")
+    own_gradient = h1.encryptor("guest").encrypt(np.array([1.0]))
+    with pytest.raises(ProtocolError, match="unmasked"):
+        protocol.host_step(Port(mesh["h1"], scope), h1, Roles("h1", "guest", ["h1"]), own_gradient, False,
+                           b"x" * 32)

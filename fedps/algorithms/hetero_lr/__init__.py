@@ -1,9 +1,11 @@
 """Vertical logistic regression: ``job.algorithm = "hetero_lr"``.
 
-``run(context)`` trains this party's part of the model with its peers, or
-resumes the job from the party's last checkpoint, and writes the party's
-report into its output folder: ``model.json`` (its own weights only),
-``metrics.json``, and on the guest ``loss.png`` and ``roc.png``.
+``run(context)`` trains this party's part of the model with its peers on the
+executor runtime (rows laid out in ``job.params.partitions`` partitions, per-row
+work in Spark tasks, the driver on whole-batch sums only), or resumes the job
+from the party's last checkpoint, and writes the party's report into its
+output folder: ``model.json`` (its own weights only), ``metrics.json``, and
+on the guest ``loss.png`` and ``roc.png``.
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
-from fedps.algorithms.hetero_lr import trainer
-from fedps.algorithms.hetero_lr.checkpoints import JobCheckpoint
-from fedps.algorithms.hetero_lr.data import load_party_data
-from fedps.algorithms.hetero_lr.metrics import write_plots
-from fedps.algorithms.hetero_lr.model import PartyModel
+from fedps.algorithms.hetero_lr import model
 from fedps.algorithms.hetero_lr.params import LRParams
-from fedps.algorithms.hetero_lr.predict import predict
+from fedps.algorithms.hetero_lr.protocol import Crypto, Roles
+from fedps.algorithms.hetero_lr.trainer import Plan, Trainer, noise_seed, restored_state
+from fedps.engine.vertical.checkpoint import JobRecords
+from fedps.engine.vertical.job import JobSpec, VerticalJob, resolve
 from fedps.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -42,9 +44,10 @@ def run(context) -> None:
     raw = dict(context.config.job.params)
     psi_params = raw.pop("psi", None)
     params = LRParams.from_mapping(raw)
+    records = JobRecords(context.output_dir / "checkpoint", context.config.job.id)
     if psi_params is not None:
         aligned = context.output_dir / str(psi_params.get("output", "psi"))
-        resuming = JobCheckpoint(context.output_dir / "checkpoint").exists() and (aligned / "manifest.json").exists()
+        resuming = records.exists() and (aligned / "manifest.json").exists()
         # A resumed party trains on the PSI result it already has: its peers are past the PSI.
         params = dataclasses.replace(params, train=str(aligned if resuming else _run_psi(context, psi_params)))
     me = context.me
@@ -53,49 +56,94 @@ def run(context) -> None:
         raise ConfigError(f"[peers] must list exactly the other parties of the job: {guest}, {', '.join(hosts)}")
     if not params.train:
         raise ConfigError("job.params.train must name this party's data (PSI output or a file)")
-    train_path = Path(params.train)
-    if not train_path.is_absolute():
-        train_path = Path(context.config.source).parent / train_path
     if params.mode == "predict":
-        model_path = Path(params.model)
-        if not model_path.is_absolute():
-            model_path = Path(context.config.source).parent / model_path
-        columns = params.feature_columns or tuple(_saved_features(model_path))
-        data = load_party_data(train_path, params.id_column, None, columns)
-        context.metrics["predict"] = predict(me, guest, hosts, context.channels, data, model_path,
-                                             context.config.job.id, context.output_dir)
+        from fedps.algorithms.hetero_lr.predict import predict
+
+        context.metrics["predict"] = predict(context, params, guest, hosts)
         return
-    data = load_party_data(train_path, params.id_column, params.label_column if me == guest else None,
-                           params.feature_columns)
-    context.ray_address  # the PS runs on this party's Ray
-    xt_d = None
-    if params.spark_partitions:
-        from fedps.algorithms.hetero_lr.protocol import X_FIXED
-        from fedps.engine.crypto.spark import xt_d_on_spark
+    from fedps.engine.layout import build_layout
 
-        spark = context.spark
-        context.metrics["spark_master"] = spark.sparkContext.master
-        xt_d = lambda x, d: xt_d_on_spark(spark, x, d, X_FIXED, params.spark_partitions)  # noqa: E731
-    checkpoint = JobCheckpoint(context.output_dir / "checkpoint")
-    job = context.config.job.id
-
-    def make_model(features: int, intercept: bool, sparse: bool) -> PartyModel:
-        return PartyModel(f"{job}-{me}", features, params, intercept, checkpoint.ps_dir, sparse=sparse)
-
+    source = resolve(params.train, context.config.source)
     started = time.perf_counter()
-    session = trainer.setup(me, guest, hosts, context.channels, data, params, job, checkpoint, make_model, xt_d)
+    layout = build_layout(context.spark, source, folder=str(context.output_dir / "layout"),
+                          partitions=params.partitions, id_column=params.id_column,
+                          label_column=params.label_column if me == guest else None,
+                          feature_columns=params.feature_columns)
+    context.metrics["layout_seconds"] = round(time.perf_counter() - started, 3)
+    context.ray_address  # noqa: B018 - the PS and the accumulator run on this party's Ray
+    job = open_job(context, params, layout, records, guest, hosts)
     try:
-        state = trainer.train(session, on_batch=_progress(me))
-        _write_report(context, session, state, time.perf_counter() - started)
+        trainer = make_trainer(job, params)
+        started = time.perf_counter()
+        trainer.run(on_batch=_progress(me))
+        _write_report(context, trainer, time.perf_counter() - started)
     finally:
-        session.model.stop()
+        job.stop()
 
 
-def _saved_features(model_path: Path) -> list[str]:
+def open_job(context, params: LRParams, layout: Any, records: JobRecords, guest: str,
+             hosts: list[str]) -> VerticalJob:
+    """Set up (or restore) this party's side of the job on the vertical skeleton."""
+    me = context.me
+    _check_layout_fits(params, layout)
+    intercept = me == guest and params.fit_intercept
+    features = 0 if layout.sparse else len(layout.feature_names)
+    ps_settings = context.config.ps
+    spec = JobSpec(
+        algorithm="hetero_lr", key_bits=params.key_bits, shared=params.shared(),
+        announce={"features": features, "sparse": layout.sparse},
+        tables=model.tables(params, features, intercept, layout.sparse),
+        ps_shards=ps_settings.shards_for(features, layout.sparse), ps_wait_s=ps_settings.wait_timeout_s,
+        max_tasks=params.tasks, namespace=context.config.ray.namespace)
+    job = VerticalJob.open(job=context.config.job.id, me=me, guest=guest, hosts=hosts,
+                           channels=context.channels, spark=context.spark, layout=layout, records=records,
+                           spec=spec)
     try:
-        return json.loads(model_path.read_text()).get("features") or []
-    except FileNotFoundError:
-        raise ConfigError(f"job.params.model {model_path} does not exist: train first") from None
+        _check_privacy(params, job, features)
+    except BaseException:
+        job.stop()
+        raise
+    return job
+
+
+def make_trainer(job: VerticalJob, params: LRParams) -> Trainer:
+    roles_ = Roles(job.me, job.guest, list(job.hosts))
+    crypto = Crypto(job.private_key, job.public_keys, job.me, params.frac_bits)
+    intercept = job.is_guest and params.fit_intercept
+    features = 0 if job.layout.sparse else len(job.layout.feature_names)
+    plan = Plan(job=job.job, roles=roles_, params=params,
+                public={name: int(key.n) for name, key in job.public_keys.items()},
+                own=(int(job.private_key.p), int(job.private_key.q)),
+                noise_seed=noise_seed(job.secret) if job.is_guest else 0,
+                w=job.ps.ref("w"), bias=job.ps.ref("bias") if intercept else None,
+                features=features, sparse=job.layout.sparse)
+    state = restored_state(job.restored)
+    trainer = Trainer(job, params, roles_, plan, crypto, state)
+    if job.restored is None and params.checkpoint_every:
+        trainer.save()
+    return trainer
+
+
+def _check_layout_fits(params: LRParams, layout: Any) -> None:
+    if layout.rows * (1 - params.validation_fraction) < params.batch_size:
+        raise ConfigError(f"only {layout.rows} aligned rows: too few for one batch of {params.batch_size} "
+                          f"(job.params.batch_size) after the validation split")
+
+
+def _check_privacy(params: LRParams, job: VerticalJob, features: int) -> None:
+    import math
+
+    counts = {job.me: features, **{peer: int(info.get("features", 0)) for peer, info in job.peers.items()}}
+    widest = max(counts.values())
+    needed = math.ceil(params.min_batch_ratio * widest)
+    if params.batch_size < needed:
+        raise ConfigError(f"job.params.batch_size = {params.batch_size} is below the privacy floor of "
+                          f"{needed} rows (min_batch_ratio {params.min_batch_ratio} x {widest} features): "
+                          "a smaller batch lets a party solve its gradient for the other side's data")
+    sparse = job.layout.sparse or any(info.get("sparse") for info in job.peers.values())
+    if sparse and params.d_noise == 0:
+        raise ConfigError("a party has sparse features: a feature seen in one row of a batch reveals that "
+                          "row's d to it, so set job.params.d_noise (for example 0.01) to blur it")
 
 
 def _run_psi(context, psi_params: dict) -> Path:
@@ -128,25 +176,36 @@ def _progress(me: str):
     return report
 
 
-def _write_report(context, session: trainer.Session, state, seconds: float) -> None:
-    if session.data.sparse:
-        keys, weights = session.model.dump()
-        _, intercept = session.model.weights(keys[:0])
-        model = {"party": context.me, "feature_ids": keys.tolist(), "weights": weights.tolist(),
-                 "intercept": intercept if session.model.intercept else None}
-    else:
-        weights, intercept = session.model.weights()
-        model = {"party": context.me, "features": session.data.feature_names,
-                 "weights": weights.tolist(), "intercept": intercept if session.model.intercept else None}
-    (context.output_dir / "model.json").write_text(json.dumps(model, indent=2))
-    context.metrics.update({"epochs": state.epoch, "steps": state.step, "train_seconds": round(seconds, 3),
-                            "converged": state.done,
-                            "seconds_by_work": {k: round(v, 3) for k, v in session.party.timings.items()}})
-    if context.me == session.party.guest:
+def model_json(trainer: Trainer) -> dict:
+    job, plan = trainer.job, trainer.plan
+    intercept = plan.bias is not None
+    if plan.sparse:
+        keys, weights, b = model.dump(job.ps, intercept)
+        return {"party": job.me, "feature_ids": keys.tolist(), "weights": weights.tolist(),
+                "intercept": b if intercept else None}
+    weights, b = model.weights(job.ps, plan.features, intercept)
+    return {"party": job.me, "features": list(job.layout.feature_names), "weights": weights.tolist(),
+            "intercept": b if intercept else None}
+
+
+def _write_report(context, trainer: Trainer, seconds: float) -> None:
+    from fedps.algorithms.hetero_lr.metrics import write_plots
+
+    state = trainer.state
+    (context.output_dir / "model.json").write_text(json.dumps(model_json(trainer), indent=2))
+    context.metrics.update({
+        "epochs": state.epoch, "steps": state.step, "train_seconds": round(seconds, 3),
+        "converged": state.done, "partitions": trainer.job.partitions,
+        "tasks": trainer.job.stage_spec.tasks,
+        "seconds_by_work": {k: round(v, 3) for k, v in trainer.crypto.timings.items()},
+        "task_seconds_by_work": {k: round(v, 3) for k, v in trainer.task_seconds.items()}})
+    if trainer.roles.is_guest:
         context.metrics.update({"loss": state.losses, "validation": state.metrics,
                                 "final": state.metrics[-1] if state.metrics else {}})
-        y, u = session.last_validation or (None, None)
-        write_plots(context.output_dir, state.losses, y, u)
+        write_plots(context.output_dir, state.losses, trainer.summary)
         final = context.metrics["final"]
         if final:
             log.info("validation AUC %.4f, KS %.4f, accuracy %.4f", final["auc"], final["ks"], final["accuracy"])
+
+
+__all__ = ["run", "roles", "open_job", "make_trainer"]

@@ -1,8 +1,10 @@
 """Every party of a vertical LR job in one process, one thread each.
 
 For tests, benchmarks and simulations: the parties still talk through real
-channels (a Kafka broker) and keep their models in a real parameter server;
-only the processes are shared. Production runs one ``fedps run`` per party.
+channels (a Kafka broker), run their per-row work in Spark tasks of one
+shared local Spark, and keep their models in real parameter servers on one
+local Ray; only the processes are shared. Production runs one ``fedps run``
+per party.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from fedps.algorithms.hetero_lr import trainer
-from fedps.algorithms.hetero_lr.checkpoints import JobCheckpoint
-from fedps.algorithms.hetero_lr.model import PartyModel
+from fedps.algorithms.hetero_lr import make_trainer, model_json, open_job
 from fedps.algorithms.hetero_lr.params import LRParams, TrainState
+from fedps.engine.config import PSSettings
+from fedps.engine.vertical.checkpoint import JobRecords
 from fedps.messaging.channel import Channel
 from fedps.messaging.config import ChannelConfig
 
@@ -23,30 +26,17 @@ from fedps.messaging.config import ChannelConfig
 @dataclass
 class PartyResult:
     state: TrainState | None = None
-    weights: tuple[Any, float] | None = None     # dense parties: (weights, intercept)
-    stored_rows: int = 0
-    validation: tuple[Any, Any] | None = None    # guest: (labels, scores) of the validation rows
+    model: dict | None = None                    # what model.json would hold
+    metrics: dict[str, Any] = field(default_factory=dict)
     error: BaseException | None = None
-    received: list[tuple[Any, Any]] = field(default_factory=list)
 
 
-def _record(channel: Channel, into: list) -> None:
-    original = channel.recv
-
-    def recv(tag, timeout=None):
-        value = original(tag, timeout)
-        into.append((tag, value))
-        return value
-
-    channel.recv = recv
-
-
-def run_in_threads(job: str, configs: dict[str, ChannelConfig], data: dict[str, trainer.PartyData],
-                   params: dict[str, LRParams], folder: Path, record: bool = False,
-                   timeout_s: float = 3600) -> dict[str, PartyResult]:
-    """Train with ``guest`` and every other name in ``data`` as hosts; returns each party's result."""
-    names = list(data)
-    hosts = [n for n in names if n != "guest"]
+def run_in_threads(job: str, configs: dict[str, ChannelConfig], layouts: dict[str, Any],
+                   params: dict[str, LRParams], folder: Path, spark: Any, timeout_s: float = 1800,
+                   hosts: list[str] | None = None) -> dict[str, PartyResult]:
+    """Train with ``guest`` and every other name in ``layouts`` as hosts; returns each party's result."""
+    names = list(layouts)
+    hosts = hosts or [n for n in names if n != "guest"]
     results = {name: PartyResult() for name in names}
 
     def party(name: str) -> None:
@@ -58,23 +48,21 @@ def run_in_threads(job: str, configs: dict[str, ChannelConfig], data: dict[str, 
                 opener.start()
             for opener in openers:
                 opener.join()
-            if record:
-                for channel in channels.values():
-                    _record(channel, result.received)
-
-            def make_model(features: int, intercept: bool, sparse: bool) -> PartyModel:
-                return PartyModel(f"{job}-{name}", features, params[name], intercept,
-                                  str(Path(folder) / name / "ps"), sparse=sparse)
-
-            session = trainer.setup(name, "guest", hosts, channels, data[name], params[name], job,
-                                    JobCheckpoint(Path(folder) / name), make_model)
+            context = SimpleNamespace(
+                me=name, channels=channels, spark=spark,
+                config=SimpleNamespace(job=SimpleNamespace(id=job), ps=PSSettings(),
+                                       ray=SimpleNamespace(namespace="fedps")))
+            records = JobRecords(Path(folder) / name / "checkpoint", job)
+            vertical = open_job(context, params[name], layouts[name], records, "guest", hosts)
             try:
-                result.state = trainer.train(session)
-                result.weights = None if data[name].sparse else session.model.weights()
-                result.stored_rows = session.model.stored_rows()
-                result.validation = session.last_validation
+                trainer = make_trainer(vertical, params[name])
+                result.state = trainer.run()
+                result.model = model_json(trainer)
+                result.metrics = {"seconds_by_work": dict(trainer.crypto.timings),
+                                  "task_seconds_by_work": dict(trainer.task_seconds),
+                                  "final": trainer.state.metrics[-1] if trainer.state.metrics else {}}
             finally:
-                session.model.stop()
+                vertical.stop()
         except BaseException as exc:  # handed to the caller, per party
             result.error = exc
         finally:

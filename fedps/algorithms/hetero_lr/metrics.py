@@ -1,4 +1,4 @@
-"""Binary-classification metrics from scores, and the report's plots."""
+"""Binary-classification metrics from scores (the tests' exact oracle), and the report's plots."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def classification_metrics(y: np.ndarray, u: np.ndarray) -> dict[str, float]:
     }
 
 
-def write_plots(folder: Path, losses: list[float], y: np.ndarray | None, u: np.ndarray | None) -> list[Path]:
+def write_plots(folder: Path, losses: list[float], summary=None) -> list[Path]:
     """``loss.png`` (loss per epoch) and ``roc.png`` (validation ROC); returns the files written."""
     import matplotlib
 
@@ -60,8 +60,8 @@ def write_plots(folder: Path, losses: list[float], y: np.ndarray | None, u: np.n
         fig.savefig(folder / "loss.png", dpi=100)
         plt.close(fig)
         written.append(folder / "loss.png")
-    if y is not None and u is not None and len(y):
-        fpr, tpr = roc_curve(np.asarray(y, dtype=np.float64), sigmoid(u))
+    if summary is not None and summary.rows:
+        fpr, tpr = summary.roc()
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.plot(fpr, tpr, label=f"AUC {np.trapezoid(tpr, fpr):.4f}")
         ax.plot([0, 1], [0, 1], linestyle="--", color="grey")

@@ -51,11 +51,12 @@ class LRParams:
     loss_every: int = 1             # batches between encrypted loss computations
     # checkpoints
     checkpoint_every: int = 0       # batches between job checkpoints; 0: never
-    # compute
-    spark_partitions: int = 0       # >0: run X^T[[d]] over this many Spark partitions
+    # executor layout (shared): rows are spread over this many partitions on every party
+    partitions: int = 4
+    tasks: int = 0                  # this party's tasks per stage; 0: its Spark's slots (at most partitions)
 
     def __post_init__(self) -> None:
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size,
+        positive = {"partitions": self.partitions, "epochs": self.epochs, "batch_size": self.batch_size,
                     "learning_rate": self.learning_rate, "min_batch_ratio": self.min_batch_ratio}
         for key, value in positive.items():
             if value <= 0:
@@ -79,14 +80,14 @@ class LRParams:
                 "job.params.key_bits = %d is for tests only; use 2048 or more", self.key_bits)
         if not 8 <= self.frac_bits <= 40:
             raise ConfigError("job.params.frac_bits must be between 8 and 40")
-        for key in ("evaluate_every", "loss_every", "checkpoint_every", "spark_partitions"):
+        for key in ("evaluate_every", "loss_every", "checkpoint_every", "tasks"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"job.params.{key} must not be negative")
 
     def shared(self) -> dict[str, Any]:
         """The settings both parties must agree on, compared at the start of a job."""
         names = ("epochs", "batch_size", "tolerance", "seed", "min_batch_ratio", "d_noise",
-                 "validation_fraction", "evaluate_every", "loss_every", "checkpoint_every")
+                 "validation_fraction", "evaluate_every", "loss_every", "checkpoint_every", "partitions")
         return {name: getattr(self, name) for name in names}
 
     @classmethod

@@ -1,301 +1,353 @@
-"""The training loop of every role: setup, mini-batches, evaluation, checkpoints.
+"""The epochs of vertical LR on the executor runtime: tasks do the rows, drivers the sums.
 
-The per-batch maths is in :mod:`protocol`; this module decides which rows form
-a batch (the same seeded permutation on every side), when the loss and the
-validation metrics are computed, when to stop, and what a checkpoint holds.
+Per epoch, every party runs one barrier stage (``train_epoch`` in each task)
+and, beside it on the driver, the loop of batch steps (``Trainer.step``):
+the task side pulls the step's weights from its own PS, computes ``u``,
+runs steps 1–3 of :mod:`protocol` with the peer tasks of its partitions and
+leaves its partials in the party's accumulator; the driver takes the
+whole-batch sums, runs steps 4–5 with the peer drivers, pushes the gradient
+and ends the step, which lets the tasks go on to the next batch. After the
+epoch, the guest decides whether to stop, and an evaluation stage scores
+the validation rows (the hosts' scores on those rows go to the guest: the
+documented leakage of evaluation).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
-from fedps.algorithms.hetero_lr import protocol
-from fedps.algorithms.hetero_lr.checkpoints import JobCheckpoint
-from fedps.algorithms.hetero_lr.metrics import classification_metrics
-from fedps.algorithms.hetero_lr.model import PartyModel
+from fedps.algorithms.hetero_lr import model, protocol
 from fedps.algorithms.hetero_lr.params import LRParams, TrainState
-from fedps.engine.crypto import PublicKey, generate_keypair
-from fedps.errors import ConfigError, DataError
-from fedps.messaging.tags import Message, Scope
+from fedps.algorithms.hetero_lr.protocol import INTERCEPT, Crypto, Partial, Port, Roles
+from fedps.engine.vertical.accumulator import KEYED_CIPHER, PLAIN
+from fedps.engine.vertical.job import VerticalJob
+from fedps.engine.vertical.plan import batch_count, partition_batches, validation_rows
+from fedps.engine.vertical.scores import ScoreSummary
+from fedps.engine.vertical.stage import TaskEnv
+from fedps.errors import PeerError
+from fedps.messaging.tags import Message, Scope, Tag
 
 log = logging.getLogger(__name__)
 
-HELLO = Message("lr_setup", "any", "any", dict)          # public key, shape, shared settings
-STOP = Message("stop", "guest", "host", dict)            # after each epoch: converged or not
-VALID_U = Message("valid_u", "host", "guest", np.ndarray)    # host scores of validation rows
+STOP = Message("stop", "guest", "host", dict)                # after each epoch: converged or not
+VALID_U = Message("valid_u", "host", "guest", np.ndarray)    # host scores of validation rows (per partition)
 
 
-@dataclass
-class PartyData:
-    """One party's aligned training rows (same order on every side)."""
+@dataclass(frozen=True)
+class Plan:
+    """What a task needs for one stage (picklable: shipped to the executors)."""
 
-    x: Any                             # (rows, features): ndarray, or scipy CSR for sparse data
-    row_keys: np.ndarray               # hashed ids in row order, for the validation split
-    y: np.ndarray | None = None        # guest only
-    feature_names: list[str] = field(default_factory=list)
-    feature_keys: np.ndarray | None = None   # sparse only: the int64 feature id of each column
-    ids: np.ndarray | None = None            # the original ids in row order, where known
-
-    def __post_init__(self) -> None:
-        if len(self.x.shape) != 2 or self.x.shape[0] != len(self.row_keys):
-            raise DataError(f"features of shape {self.x.shape} do not match {len(self.row_keys)} ids")
-        values = self.x.data if self.sparse else self.x
-        if not np.all(np.isfinite(values)):
-            raise DataError("features hold NaN or infinite values; clean or impute them first")
-        if self.sparse and (self.feature_keys is None or len(self.feature_keys) != self.x.shape[1]):
-            raise DataError("sparse features need one feature id per column")
-        if self.y is not None and not set(np.unique(self.y)) <= {0.0, 1.0}:
-            raise DataError("labels must be 0 or 1")
+    job: str
+    roles: Roles
+    params: LRParams
+    public: dict[str, int]             # every party's Paillier n
+    own: tuple[int, int]               # this party's p, q: its own executors encrypt with CRT
+    noise_seed: int                    # guest: seeds the noise on d (0 when there is none)
+    w: Any                             # TableRef of the weights
+    bias: Any | None                   # TableRef of the intercept (guest)
+    features: int
+    sparse: bool
+    epoch: int = 0
+    batches: int = 1
 
     @property
-    def sparse(self) -> bool:
-        return hasattr(self.x, "tocsr")
-
-    def columns(self, rows: np.ndarray) -> tuple[Any, np.ndarray | None]:
-        """The batch's feature matrix, and for sparse data the feature ids of its columns.
-
-        A sparse batch keeps only the columns it touches, so a model of 10^7
-        hashed features costs per batch what the batch holds.
-        """
-        x = self.x[rows]
-        if not self.sparse:
-            return x, None
-        touched = np.unique(x.indices)
-        return x[:, touched], self.feature_keys[touched]
-
-    def digest(self) -> str:
-        return hashlib.sha256(np.ascontiguousarray(self.row_keys).tobytes()).hexdigest()
+    def first_step(self) -> int:
+        return self.epoch * self.batches
 
 
-def sparse_hstack(x: Any, dense: np.ndarray) -> Any:
-    from scipy import sparse
-
-    return sparse.hstack([x, sparse.csr_matrix(dense)], format="csr")
+# --------------------------------------------------------------------------- executor side
+_CRYPTO: dict[tuple, Crypto] = {}
 
 
-def validation_rows(row_keys: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of validation rows, from a seeded hash of each row's id (same on every side)."""
-    if fraction == 0:
-        return np.zeros(len(row_keys), dtype=bool)
-    salt = np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)
-    h = (row_keys.astype(np.uint64) ^ salt) * np.uint64(0xBF58476D1CE4E5B9)
-    h ^= h >> np.uint64(31)
-    h *= np.uint64(0x94D049BB133111EB)
-    h ^= h >> np.uint64(29)
-    return (h >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
+def _crypto(plan: Plan) -> Crypto:
+    """This worker's keys and fixed-base tables, built once per Python worker."""
+    from phe import paillier
+
+    key = (plan.roles.me, plan.own, tuple(sorted(plan.public.items())), plan.params.frac_bits)
+    if key not in _CRYPTO:
+        p, q = plan.own
+        public = {name: paillier.PaillierPublicKey(n) for name, n in plan.public.items()}
+        private = paillier.PaillierPrivateKey(public[plan.roles.me], p, q)
+        _CRYPTO[key] = Crypto(private, public, plan.roles.me, plan.params.frac_bits)
+    crypto = _CRYPTO[key]
+    crypto.timings = {}
+    return crypto
 
 
-def batches(rows: np.ndarray, params: LRParams, epoch: int) -> list[np.ndarray]:
-    """The epoch's batches: a seeded permutation cut in ``batch_size`` pieces (a short tail joins the last)."""
-    order = rows[np.random.default_rng([params.seed, epoch]).permutation(len(rows))]
-    count = max(1, len(order) // params.batch_size)
-    return np.array_split(order, count)
+class _OnPartition:
+    """A link seen as the transport of one partition (what :class:`Port` talks to)."""
+
+    def __init__(self, link: Any, p: int) -> None:
+        self.link, self.p = link, p
+
+    def send(self, tag: Tag, value: Any) -> None:
+        self.link.send(self.p, tag, value)
+
+    def recv(self, tag: Tag) -> Any:
+        return self.link.recv(self.p, tag)
 
 
-@dataclass
-class Session:
-    """Everything one party needs across the job."""
+def _ps_step(ref: Any) -> int:
+    import ray
 
-    party: protocol.Party
-    data: PartyData
-    params: LRParams
-    model: PartyModel
-    checkpoint: JobCheckpoint
-    secret: bytes
-    state: TrainState = field(default_factory=TrainState)
-    last_validation: tuple[np.ndarray, np.ndarray] | None = None
-
-    @functools.cached_property
-    def validation(self) -> np.ndarray:
-        """Which of this party's rows are held out (the same rows at every party)."""
-        return validation_rows(self.data.row_keys, self.params.validation_fraction, self.params.seed)
+    client = ref.client()
+    return int(ray.get(client.shards[0].describe.remote())["step"])
 
 
-def setup(name: str, guest: str, hosts: list[str], channels: dict, data: PartyData, params: LRParams,
-          job: str, checkpoint: JobCheckpoint, make_model: Callable[[int, bool, bool], PartyModel],
-          xt_d: Callable | None = None) -> Session:
-    """Exchange keys and shapes, check agreement, or restore everything from a checkpoint."""
-    restored = checkpoint.load_latest()
-    intercept = name == guest and params.fit_intercept
-    features = data.x.shape[1]
-    new_model = lambda: make_model(features, intercept, data.sparse)  # noqa: E731
-    if restored is not None:
-        keys, public, secret, state, positions = restored
-        for peer, position in positions.items():
-            channels[peer].rewind(position)
-        party = protocol.Party(name, guest, hosts, channels, keys, public, params.frac_bits, xt_d)
-        model = new_model()
-        model.restore(state.step)
-        log.info("%s resumed from the checkpoint of step %d (epoch %d, batch %d)",
-                 name, state.step, state.epoch, state.batch)
-        return Session(party, data, params, model, checkpoint, secret, state)
-    public_key, private_key = generate_keypair(params.key_bits)
-    scope = Scope(job, "setup")
-    hello = {"n": str(public_key.n), "features": 0 if data.sparse else features, "sparse": data.sparse,
-             "rows": int(data.x.shape[0]),
-             "digest": data.digest(), "shared": params.shared()}
-    for peer, channel in channels.items():
-        channel.send(scope.tag(HELLO.name), hello)
-    public: dict[str, PublicKey] = {name: public_key}
-    counts = {name: hello["features"]}
-    sparse = data.sparse
-    for peer, channel in sorted(channels.items()):
-        theirs = HELLO.check(channel.recv(scope.tag(HELLO.name)))
-        _agree(name, peer, hello, theirs)
-        public[peer] = PublicKey(int(theirs["n"]))
-        counts[peer] = int(theirs["features"])
-        sparse = sparse or bool(theirs.get("sparse"))
-    _check_batch(params, counts, data.x.shape[0])
-    if sparse and params.d_noise == 0:
-        raise ConfigError("a party has sparse features: a feature seen in one row of a batch reveals that "
-                          "row's d to it, so set job.params.d_noise (for example 0.01) to blur it")
-    party = protocol.Party(name, guest, hosts, channels, private_key, public, params.frac_bits, xt_d)
-    session = Session(party, data, params, new_model(), checkpoint, os.urandom(32))
-    if params.checkpoint_every:
-        save_checkpoint(session)
-    return session
+def _columns(rows: Any, idx: np.ndarray, plan: Plan) -> tuple[Any, np.ndarray]:
+    """The batch's rows of this partition and the feature ids of their columns."""
+    x = rows.x[idx]
+    if not plan.sparse:
+        return x, np.arange(plan.features, dtype=np.int64)
+    touched = np.unique(x.indices)
+    return x[:, touched], rows.feature_keys[touched]
 
 
-def _agree(me: str, peer: str, mine: dict, theirs: dict) -> None:
-    if theirs.get("rows") != mine["rows"]:
-        fewer = peer if theirs.get("rows", 0) < mine["rows"] else me
-        raise DataError(f"{peer} has {theirs.get('rows')} aligned rows and {me} has {mine['rows']}: "
-                        f"{fewer} has fewer rows after PSI; both must train on the same intersection")
-    if theirs.get("digest") != mine["digest"]:
-        raise DataError(f"{peer}'s rows are not the same ids in the same order as {me}'s; "
-                        "train on the output of one PSI run")
-    for key, value in mine["shared"].items():
-        if theirs.get("shared", {}).get(key) != value:
-            raise ConfigError(f"job.params.{key} differs: {me} has {value!r}, {peer} has "
-                              f"{theirs.get('shared', {}).get(key)!r}; both parties must agree")
+def _scores(plan: Plan, x: Any, keys: np.ndarray, step: int, dense_w: np.ndarray | None) -> np.ndarray:
+    if dense_w is not None:
+        w = dense_w
+    else:
+        w = plan.w.client().pull(keys, step=step)[:, 0] if len(keys) else np.zeros(0)
+    u = np.asarray(x @ w).ravel()
+    if plan.bias is not None:
+        u = u + float(plan.bias.client().pull(model.ZERO, step=step)[0, 0])
+    return u
 
 
-def _check_batch(params: LRParams, counts: dict[str, int], rows: int) -> None:
-    widest = max(counts.values())
-    needed = math.ceil(params.min_batch_ratio * widest)
-    if params.batch_size < needed:
-        raise ConfigError(f"job.params.batch_size = {params.batch_size} is below the privacy floor of "
-                          f"{needed} rows (min_batch_ratio {params.min_batch_ratio} x {widest} features): "
-                          "a smaller batch lets a party solve its gradient for the other side's data")
-    if rows * (1 - params.validation_fraction) < needed:
-        raise DataError(f"only {rows} aligned rows: too few for one batch of {needed}")
+def _with_intercept(x: Any, keys: np.ndarray, sparse: bool) -> tuple[Any, np.ndarray]:
+    ones = np.ones((x.shape[0], 1))
+    if sparse:
+        from scipy import sparse as sp
+
+        matrix = sp.hstack([x, sp.csr_matrix(ones)], format="csr")
+    else:
+        matrix = np.hstack([x, ones])
+    return matrix, np.r_[keys, INTERCEPT]
 
 
-def save_checkpoint(session: Session) -> None:
-    for channel in session.party.channels.values():
-        channel.flush()
-    step = session.model.checkpoint()
-    positions = {peer: channel.position() for peer, channel in session.party.channels.items()}
-    session.checkpoint.save(step, session.party.private_key, session.party.public_keys, session.secret,
-                            session.state, positions)
-
-
-def train(session: Session, on_batch: Callable[[TrainState], None] | None = None) -> TrainState:
-    """Run (or resume) the epochs; returns the final state (losses and metrics on the guest)."""
-    s, params, party = session, session.params, session.party
-    is_guest = party.name == party.guest
-    rows = np.flatnonzero(~s.validation)
-    job = next(iter(party.channels.values())).job
-    while s.state.epoch < params.epochs and not s.state.done:
-        epoch = s.state.epoch
-        plan = batches(rows, params, epoch)
-        for b in range(s.state.batch, len(plan)):
-            scope = Scope(job, "train").at(iteration=epoch, batch=b)
-            _drop_older(party, epoch, b)
-            started = time.perf_counter()
-            _one_batch(s, scope, plan[b], is_guest)
-            s.state.batch, s.state.step = b + 1, s.state.step + 1
-            log.debug("%s epoch %d batch %d in %.2fs", party.name, epoch, b, time.perf_counter() - started)
-            if params.checkpoint_every and s.state.step % params.checkpoint_every == 0:
-                save_checkpoint(s)
-            if on_batch is not None:
-                on_batch(s.state)
-        _end_epoch(s, job, epoch, is_guest)
-    return s.state
-
-
-def _drop_older(party: protocol.Party, epoch: int, batch: int) -> None:
-    """Messages of batches already done (re-sent by a resumed peer) are dropped unread."""
-    def older(tag: Any) -> bool:
+def _older_than(epoch: int, batch: int) -> Callable[[Tag], bool]:
+    def older(tag: Tag) -> bool:
         return (tag.phase == "setup"
                 or (tag.phase == "train" and (tag.iteration, tag.batch) < (epoch, batch))
-                or (tag.phase == "epoch" and tag.iteration < epoch))
-
-    for channel in party.channels.values():
-        channel.drop(older)
+                or (tag.phase in ("epoch", "eval") and tag.iteration < epoch))
+    return older
 
 
-def _one_batch(s: Session, scope: Scope, rows: np.ndarray, is_guest: bool) -> None:
-    x, keys = s.data.columns(rows)
-    u = s.model.scores(x, keys)
-    with_loss = s.params.loss_every > 0 and scope.batch % s.params.loss_every == 0
-    if is_guest:
-        noise = None
-        if s.params.d_noise:
-            seed = int.from_bytes(hashlib.sha256(s.secret + b"noise").digest()[:8], "big")
-            noise = np.random.default_rng([seed, scope.iteration, scope.batch]).normal(0, s.params.d_noise, len(rows))
-        if s.model.intercept:
-            ones = np.ones((len(rows), 1))
-            features = sparse_hstack(x, ones) if s.data.sparse else np.hstack([x, ones])
-        else:
-            features = x
-        gradient, loss = protocol.guest_batch(s.party, scope, features, s.data.y[rows], u, noise,
-                                              with_loss, s.secret)
-        if loss is not None:
-            s.state.batch_losses.append(loss)
-    else:
-        gradient = protocol.host_batch(s.party, scope, x, u, with_loss, s.secret)
-    s.model.step(gradient / len(rows), keys)
-
-
-def _end_epoch(s: Session, job: str, epoch: int, is_guest: bool) -> None:
-    party, params = s.party, s.params
-    scope = Scope(job, "epoch").at(iteration=epoch)
-    last = epoch + 1 >= params.epochs
-    evaluate = last or (params.evaluate_every and (epoch + 1) % params.evaluate_every == 0)
-    if is_guest:
-        if s.state.batch_losses:
-            s.state.losses.append(float(np.mean(s.state.batch_losses)))
-        s.state.batch_losses = []
-        converged = len(s.state.losses) > 1 and abs(s.state.losses[-1] - s.state.losses[-2]) < params.tolerance
-        for host in party.hosts:
-            party.send(host, scope, STOP, {"stop": bool(converged)})
-        if evaluate or converged:
-            s.state.metrics.append({"epoch": epoch + 1, **evaluate_guest(s, scope)})
-        s.state.done = bool(converged)
-        log.info("epoch %d: loss %s", epoch + 1, f"{s.state.losses[-1]:.5f}" if s.state.losses else "n/a")
-    else:
-        stop = bool(party.recv(party.guest, scope, STOP)["stop"])
-        if evaluate or stop:
-            evaluate_host(s, scope)
-        s.state.done = stop
-    s.state.epoch, s.state.batch = epoch + 1, 0
-
-
-def evaluate_host(s: Session, scope: Scope) -> None:
-    """Send this host's scores on the validation rows to the guest (documented leakage)."""
-    valid = s.validation
-    x, keys = s.data.columns(np.flatnonzero(valid))
-    s.party.send(s.party.guest, scope, VALID_U, s.model.scores(x, keys))
-
-
-def evaluate_guest(s: Session, scope: Scope) -> dict[str, float]:
-    """Validation metrics from the guest's scores plus every host's."""
-    valid = s.validation
-    if not valid.any():
+def train_epoch(env: TaskEnv, plan: Plan) -> dict[str, float]:
+    """One task's batches of an epoch (resuming at the PS's step after a retry or a restart)."""
+    crypto, roles, params = _crypto(plan), plan.roles, plan.params
+    first = max(0, _ps_step(plan.w) - plan.first_step)
+    if first >= plan.batches:
         return {}
-    x, keys = s.data.columns(np.flatnonzero(valid))
-    u = s.model.scores(x, keys)
-    for host in s.party.hosts:
-        u = u + np.asarray(s.party.recv(host, scope, VALID_U), dtype=np.float64)
-    s.last_validation = (s.data.y[valid], u)
-    return classification_metrics(s.data.y[valid], u)
+    env.seek(plan.first_step + first)
+    for link in env.links.values():
+        link.drop(_older_than(plan.epoch, first))
+    slices = {}
+    for p in env.partitions:
+        rows = env.rows(p)
+        slices[p] = (rows, partition_batches(rows.row_keys, seed=params.seed, epoch=plan.epoch, partition=p,
+                                             batches=plan.batches, validation_fraction=params.validation_fraction))
+    for b in range(first, plan.batches):
+        step = plan.first_step + b
+        scope = Scope(plan.job, "train").at(iteration=plan.epoch, batch=b)
+        with_loss = params.loss_every > 0 and b % params.loss_every == 0
+        dense_w = None
+        if not plan.sparse:
+            with crypto.timed("pull"):
+                dense_w = plan.w.client().pull(np.arange(plan.features, dtype=np.int64), step=step)[:, 0]
+        for p in env.partitions:
+            rows, plan_p = slices[p]
+            idx = plan_p[b]
+            partial = None
+            if len(idx):
+                transports = {peer: _OnPartition(link, p) for peer, link in env.links.items()}
+                port = Port(transports, scope, p, crypto.timings)
+                x, keys = _columns(rows, idx, plan)
+                u = _scores(plan, x, keys, step, dense_w[keys] if dense_w is not None else None)
+                if roles.is_guest:
+                    noise = None
+                    if params.d_noise:
+                        rng = np.random.default_rng([plan.noise_seed, plan.epoch, b, p])
+                        noise = rng.normal(0, params.d_noise, len(idx))
+                    if plan.bias is not None:
+                        x, keys = _with_intercept(x, keys, plan.sparse)
+                    partial = protocol.guest_partition(port, crypto, roles, x, keys, rows.y[idx], u, noise, with_loss)
+                else:
+                    partial = protocol.host_partition(port, crypto, roles, x, keys, u, with_loss)
+            env.record(step + 1, p)   # everything of step `step` on p is consumed
+            _put(env, step, p, partial, with_loss=roles.is_guest and with_loss)
+    return dict(crypto.timings)
+
+
+def _put(env: TaskEnv, step: int, p: int, partial: Partial | None, with_loss: bool) -> None:
+    """Hand partition ``p``'s partials of ``step`` to the accumulator (None: an empty slice)."""
+    acc = env.accumulator
+    if partial is None:
+        names = [("grad", KEYED_CIPHER), ("stats", PLAIN)] + ([("loss", KEYED_CIPHER)] if with_loss else [])
+        for name, kind in names:
+            acc.put(step, name, p, kind, None)
+        return
+    acc.put(step, "grad", p, KEYED_CIPHER, (partial.keys, partial.gradient.to_bytes()))
+    if with_loss:
+        acc.put(step, "loss", p, KEYED_CIPHER, (model.ZERO, partial.loss.to_bytes()))
+    acc.put(step, "stats", p, PLAIN, {"rows": partial.rows, "plain_loss": partial.plain_loss})
+
+
+def evaluate_epoch(env: TaskEnv, plan: Plan) -> ScoreSummary | None:
+    """Score the validation rows: hosts send theirs to the guest, who summarises them."""
+    roles, params = plan.roles, plan.params
+    step = plan.first_step + plan.batches
+    env.seek(step)
+    for link in env.links.values():
+        link.drop(lambda tag: tag.phase == "train" or (tag.phase == "eval" and tag.iteration < plan.epoch))
+    scope = Scope(plan.job, "eval").at(iteration=plan.epoch)
+    summary = ScoreSummary() if roles.is_guest else None
+    dense_w = None if plan.sparse else plan.w.client().pull(np.arange(plan.features, dtype=np.int64),
+                                                            step=step)[:, 0]
+    for p in env.partitions:
+        rows = env.rows(p)
+        idx = np.flatnonzero(validation_rows(rows.row_keys, params.validation_fraction, params.seed))
+        if len(idx):
+            transports = {peer: _OnPartition(link, p) for peer, link in env.links.items()}
+            port = Port(transports, scope, p)
+            x, keys = _columns(rows, idx, plan)
+            u = _scores(plan, x, keys, step, dense_w[keys] if dense_w is not None else None)
+            if roles.is_guest:
+                for host in roles.hosts:
+                    u = u + np.asarray(port.recv(host, VALID_U), dtype=np.float64)
+                summary.add(rows.y[idx], u)
+            else:
+                port.send(roles.guest, VALID_U, u)
+        env.record(step, p)
+    for link in env.links.values():
+        link.flush()
+    return summary
+
+
+# --------------------------------------------------------------------------- driver side
+@dataclass
+class Trainer:
+    """One party's epochs: the driver's batch steps beside each epoch's executor stage."""
+
+    job: VerticalJob
+    params: LRParams
+    roles: Roles
+    plan: Plan
+    crypto: Crypto
+    state: TrainState = field(default_factory=TrainState)
+    summary: ScoreSummary | None = None
+    task_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def batches(self) -> int:
+        return batch_count(self.job.layout.rows, self.params.batch_size, self.params.validation_fraction)
+
+    def run(self, on_batch: Callable[[TrainState], None] | None = None) -> TrainState:
+        s, params = self.state, self.params
+        while s.epoch < params.epochs and not s.done:
+            epoch = s.epoch
+            plan = dataclasses.replace(self.plan, epoch=epoch, batches=self.batches)
+            self.job.drop(_older_than(epoch, s.batch))
+            if s.batch < plan.batches:
+                stage = self.job.stage(functools.partial(train_epoch, plan=plan), f"train-epoch-{epoch}")
+                try:
+                    for b in range(s.batch, plan.batches):
+                        self.step(plan, b)
+                        s.batch, s.step = b + 1, s.step + 1
+                        if params.checkpoint_every and s.step % params.checkpoint_every == 0:
+                            self.save()
+                        if on_batch is not None:
+                            on_batch(s)
+                except PeerError:
+                    if stage.error is not None or not stage.alive:
+                        stage.join()   # the stage's own error says more
+                    raise
+                self._add_timings(stage.join())
+            self.end_epoch(plan)
+        return s
+
+    def save(self) -> None:
+        self.job.save(self.state.step, dataclasses.asdict(self.state))
+
+    def _add_timings(self, results: list[dict[str, float]]) -> None:
+        for result in results:
+            for name, seconds in (result or {}).items():
+                self.task_seconds[name] = self.task_seconds.get(name, 0.0) + seconds
+
+    def step(self, plan: Plan, b: int) -> None:
+        """Steps 4–5 of one batch on the driver, over the whole-batch sums."""
+        job, roles, crypto = self.job, self.roles, self.crypto
+        step = plan.first_step + b
+        scope = Scope(plan.job, "train").at(iteration=plan.epoch, batch=b)
+        port = Port(job.channels, scope, None, crypto.timings)
+        owner = roles.hosts[0] if roles.is_guest else roles.guest
+        key = crypto.public_keys[owner]
+        stats = job.total(step, "stats")
+        keys, grad = job.total(step, "grad", n=int(key.n))
+        gradient = protocol.vector(grad, key)
+        with_loss = self.params.loss_every > 0 and b % self.params.loss_every == 0
+        if roles.is_guest:
+            loss_total = job.total(step, "loss", n=int(key.n)) if with_loss else None
+            loss = protocol.vector(loss_total[1], key) if loss_total is not None else None
+            result, encrypted = protocol.guest_step(port, crypto, roles, gradient, loss, job.secret)
+            if encrypted is not None:
+                self.state.batch_losses.append((stats["plain_loss"] + encrypted) / stats["rows"])
+        else:
+            result = protocol.host_step(port, crypto, roles, gradient, with_loss, job.secret)
+        with crypto.timed("ps"):
+            model.push(job.ps, np.asarray(keys, dtype=np.int64), result / stats["rows"])
+
+    def end_epoch(self, plan: Plan) -> None:
+        s, params, roles = self.state, self.params, self.roles
+        epoch = plan.epoch
+        port = Port(self.job.channels, Scope(plan.job, "epoch").at(iteration=epoch), None, self.crypto.timings)
+        last = epoch + 1 >= params.epochs
+        evaluate = last or (params.evaluate_every and (epoch + 1) % params.evaluate_every == 0)
+        if roles.is_guest:
+            if s.batch_losses:
+                s.losses.append(float(np.mean(s.batch_losses)))
+            s.batch_losses = []
+            converged = len(s.losses) > 1 and abs(s.losses[-1] - s.losses[-2]) < params.tolerance
+            for host in roles.hosts:
+                port.send(host, STOP, {"stop": bool(converged)})
+            stop = bool(converged)
+        else:
+            stop = bool(port.recv(roles.guest, STOP)["stop"])
+        if (evaluate or stop) and params.validation_fraction > 0:
+            stage = self.job.stage(functools.partial(evaluate_epoch, plan=plan), f"evaluate-epoch-{epoch}")
+            results = stage.join()
+            if roles.is_guest:
+                summary = ScoreSummary()
+                for part in results:
+                    summary.merge(part)
+                self.summary = summary
+                s.metrics.append({"epoch": epoch + 1, **summary.metrics()})
+        if roles.is_guest:
+            log.info("epoch %d: loss %s", epoch + 1, f"{s.losses[-1]:.5f}" if s.losses else "n/a")
+        s.done = stop
+        s.epoch, s.batch = epoch + 1, 0
+
+
+def noise_seed(secret: bytes) -> int:
+    return int.from_bytes(hashlib.sha256(secret + b"noise").digest()[:8], "big")
+
+
+def restored_state(record: dict[str, Any] | None) -> TrainState:
+    if record is None:
+        return TrainState()
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    return TrainState(**{k: v for k, v in record["state"].items() if k in known})
+
+
+def timed_run(trainer: Trainer, on_batch: Callable[[TrainState], None] | None) -> tuple[TrainState, float]:
+    started = time.perf_counter()
+    state = trainer.run(on_batch)
+    return state, time.perf_counter() - started
