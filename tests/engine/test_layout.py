@@ -25,10 +25,6 @@ from fedps.engine.layout import (LAYOUT, Layout, build_layout, check_layout, loa
 from fedps.errors import ConfigError, DataError
 from fedps.messaging.tags import Scope
 
-try:
-    from fedps.algorithms.hetero_lr.data import id_hash as hetero_lr_id_hash
-except ImportError:  # hetero_lr is moving onto this layout
-    hetero_lr_id_hash = None
 
 DATA = Path(__file__).parents[2] / "data"
 GUEST, HOST = DATA / "breast_hetero_guest.csv", DATA / "breast_hetero_host.csv"
@@ -103,12 +99,6 @@ def test_text_ids_are_canonical_before_hashing(spark, tmp_path):
 
     keys = np.concatenate([r.row_keys for r in _all_rows(layout)])
     np.testing.assert_array_equal(np.sort(keys), np.sort(id_hash(pd.Series(TRICKY_IDS))))
-
-
-@pytest.mark.skipif(hetero_lr_id_hash is None, reason="fedps.algorithms.hetero_lr.data is not importable")
-def test_the_oracle_is_hetero_lr_id_hash():
-    for ids in (pd.Series(TRICKY_IDS), pd.read_csv(GUEST)["id"]):
-        np.testing.assert_array_equal(id_hash(ids), hetero_lr_id_hash(ids))
 
 
 def test_features_and_labels_stay_with_their_row(laid_out):

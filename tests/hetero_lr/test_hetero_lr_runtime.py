@@ -1,0 +1,109 @@
+"""Vertical LR on the executor runtime, parties as threads of one process.
+
+Real parts: the session's local Spark (each party's stages are barrier stages
+of Spark tasks), the session's local Ray (each party's PS and accumulator),
+and the embedded broker (driver channels and per-partition links). The
+model must equal the numpy oracle that cuts the same batches from the same
+layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedps.algorithms.hetero_lr.local import run_in_threads
+from fedps.algorithms.hetero_lr.params import LRParams
+from fedps.engine.layout import build_layout, read_partition
+from fedps.engine.vertical.plan import batch_count, partition_batches
+
+DATA = Path(__file__).parents[2] / "data"
+PARTITIONS = 4
+
+
+def lay_out(spark, tmp: Path, files: dict[str, Path], partitions: int = PARTITIONS) -> dict:
+    return {name: build_layout(spark, str(path), folder=str(tmp / "layout" / name), partitions=partitions,
+                               id_column="id", label_column="y" if name == "guest" else None)
+            for name, path in files.items()}
+
+
+def oracle(layouts: dict, params: LRParams) -> tuple[dict[str, np.ndarray], float, list[float]]:
+    """The same mini-batches of the same layout, the same Taylor-gradient descent, in numpy."""
+    names = list(layouts)
+    n = layouts["guest"].partitions
+    parts = {name: [read_partition(layouts[name], p) for p in range(n)] for name in names}
+    weights = {name: np.zeros(parts[name][0].x.shape[1]) for name in names}
+    bias, losses = 0.0, []
+    batches = batch_count(layouts["guest"].rows, params.batch_size, params.validation_fraction)
+    for epoch in range(params.epochs):
+        plans = [partition_batches(parts["guest"][p].row_keys, seed=params.seed, epoch=epoch, partition=p,
+                                   batches=batches, validation_fraction=params.validation_fraction)
+                 for p in range(n)]
+        batch_losses = []
+        for b in range(batches):
+            xs = {name: np.vstack([parts[name][p].x[plans[p][b]] for p in range(n)]) for name in names}
+            y = np.concatenate([parts["guest"][p].y[plans[p][b]] for p in range(n)])
+            u = sum(xs[name] @ weights[name] for name in names) + bias
+            d = 0.25 * u + 0.5 - y
+            batch_losses.append(np.mean(np.log(2) + (0.5 - y) * u + 0.125 * u ** 2))
+            for name in names:
+                weights[name] = weights[name] - params.learning_rate * (
+                    xs[name].T @ d / len(y) + params.l2 * weights[name])
+            bias -= params.learning_rate * float(np.mean(d))
+        losses.append(float(np.mean(batch_losses)))
+    return weights, bias, losses
+
+
+def split_host(tmp: Path, hosts: int) -> dict[str, Path]:
+    frame = pd.read_csv(DATA / "breast_hetero_host.csv")
+    columns = np.array_split([c for c in frame.columns if c != "id"], hosts)
+    files = {"guest": DATA / "breast_hetero_guest.csv"}
+    for i, cols in enumerate(columns):
+        path = tmp / f"host{i + 1}.csv"
+        frame[["id", *cols]].to_csv(path, index=False)
+        files[f"host{i + 1}"] = path
+    return files
+
+
+@pytest.mark.parametrize("hosts", [1])   # three parties need three slots: see test_hetero_lr_processes
+def test_executor_runtime_trains_the_oracles_model(tmp_path, spark, ray_address, make_parties, job_id, hosts):
+    files = split_host(tmp_path, hosts)
+    layouts = lay_out(spark, tmp_path, files)
+    names = list(files)
+    params = LRParams(epochs=2, batch_size=96, learning_rate=0.3, l2=0.001, key_bits=512,
+                      validation_fraction=0.3, partitions=PARTITIONS, tasks=1, min_batch_ratio=1.0)
+    configs = make_parties(*names, recv_timeout_s=120)
+    results = run_in_threads(job_id, configs, layouts, {n: params for n in names}, tmp_path / "out", spark)
+    errors = {n: r.error for n, r in results.items() if r.error is not None}
+    assert not errors, errors
+    weights, bias, losses = oracle(layouts, params)
+    for name in names:
+        model = results[name].model
+        np.testing.assert_allclose(model["weights"], weights[name], rtol=1e-4, atol=1e-6)
+    assert results["guest"].model["intercept"] == pytest.approx(bias, rel=1e-4, abs=1e-6)
+    np.testing.assert_allclose(results["guest"].state.losses, losses, rtol=1e-4)
+    final = results["guest"].state.metrics[-1]
+    assert final["rows"] > 100 and 0.9 < final["auc"] <= 1.0
+
+
+def test_sparse_host_trains_over_hashed_feature_ids(tmp_path, spark, ray_address, make_parties, job_id):
+    frame = pd.read_csv(DATA / "breast_hetero_host.csv")
+    values = frame.drop(columns=["id"]).to_numpy()
+    ids = [(1 << 40) - 7 - 1000 * j for j in range(values.shape[1])]   # hashed ids near 2^40
+    lines = [" ".join([str(i), *(f"{ids[j]}:{v:.6g}" for j, v in enumerate(row) if v != 0)])
+             for i, row in zip(frame["id"], values)]
+    (tmp_path / "host.libsvm").write_text("\n".join(lines) + "\n")
+    files = {"guest": DATA / "breast_hetero_guest.csv", "host": tmp_path / "host.libsvm"}
+    layouts = lay_out(spark, tmp_path, files)
+    assert layouts["host"].sparse
+    params = LRParams(epochs=2, batch_size=96, learning_rate=0.3, l2=0.001, key_bits=512, d_noise=0.01,
+                      validation_fraction=0.3, partitions=PARTITIONS, tasks=1, min_batch_ratio=1.0)
+    configs = make_parties("guest", "host", recv_timeout_s=120)
+    results = run_in_threads(job_id, configs, layouts, {"guest": params, "host": params}, tmp_path / "out", spark)
+    assert not {n: r.error for n, r in results.items() if r.error is not None}
+    host = results["host"].model
+    assert sorted(host["feature_ids"]) == sorted(ids) and len(host["weights"]) == len(ids)
+    assert results["guest"].state.metrics[-1]["auc"] > 0.9
