@@ -72,6 +72,12 @@ def finish(procs: dict[str, subprocess.Popen], timeout: float = 600) -> dict[str
     return out
 
 
+def row_keys(ids) -> np.ndarray:
+    from fedps.engine.layout import id_digest
+
+    return np.array([int.from_bytes(id_digest(str(i))[:8], "big") >> 1 for i in ids], dtype=np.int64)
+
+
 def model(tmp: Path, name: str) -> dict:
     return json.loads((tmp / "out" / name / "model.json").read_text())
 
@@ -80,23 +86,27 @@ def test_two_processes_train_to_the_central_models_auc(tmp_path, broker, job_id)
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
-    from fedps.algorithms.hetero_lr import trainer
-    from fedps.algorithms.hetero_lr.data import load_party_data
+    from fedps.engine.vertical.plan import validation_rows
 
     files = {"guest": DATA / "breast_hetero_guest.csv", "host": DATA / "breast_hetero_host.csv"}
     confs = write_configs(tmp_path, job_id, broker.bootstrap_servers, files, epochs=8)
     metrics = finish({n: start(c) for n, c in confs.items()})
 
-    guest, host = (load_party_data(files["guest"], "id", "y"), load_party_data(files["host"], "id", None))
-    valid = trainer.validation_rows(guest.row_keys, 0.3, 0)
-    x = np.hstack([guest.x, host.x])
-    central = LogisticRegression(C=1.0 / (0.001 * (~valid).sum()), max_iter=2000).fit(x[~valid], guest.y[~valid])
-    central_auc = roc_auc_score(guest.y[valid], central.decision_function(x[valid]))
+    guest = pd.read_csv(files["guest"])
+    host = pd.read_csv(files["host"]).set_index("id").loc[guest["id"]]
+    y = guest["y"].to_numpy()
+    valid = validation_rows(row_keys(guest["id"]), 0.3, 0)
+    x = np.hstack([guest.drop(columns=["id", "y"]).to_numpy(), host.to_numpy()])
+    central = LogisticRegression(C=1.0 / (0.001 * (~valid).sum()), max_iter=2000).fit(x[~valid], y[~valid])
+    central_auc = roc_auc_score(y[valid], central.decision_function(x[valid]))
     federated = metrics["guest"]["final"]
+    assert federated["rows"] == int(valid.sum())
     assert federated["auc"] >= central_auc - 0.01
     assert len(metrics["guest"]["loss"]) == 8 and metrics["guest"]["loss"][-1] < metrics["guest"]["loss"][0]
+    assert metrics["guest"]["partitions"] == 4 and metrics["guest"]["tasks"] == 2    # N above the slots
+    assert metrics["guest"]["task_seconds_by_work"]["encrypt"] > 0               # the rows' crypto ran in tasks
     assert (tmp_path / "out" / "guest" / "roc.png").stat().st_size > 1000
-    assert len(model(tmp_path, "host")["weights"]) == host.x.shape[1]
+    assert len(model(tmp_path, "host")["weights"]) == host.shape[1]
     assert model(tmp_path, "host")["intercept"] is None
 
 
@@ -150,7 +160,7 @@ def test_killed_party_resumes_to_the_same_model(tmp_path, broker, job_id, victim
 
 def test_guest_under_spark_submit_runs_its_products_on_executors(tmp_path, broker, job_id):
     files = {"guest": DATA / "breast_hetero_guest.csv", "host": DATA / "breast_hetero_host.csv"}
-    confs = write_configs(tmp_path, job_id, broker.bootstrap_servers, files, epochs=1, spark_partitions=2)
+    confs = write_configs(tmp_path, job_id, broker.bootstrap_servers, files, epochs=1)
     submit = Path(sys.executable).with_name("spark-submit")
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
            "RAY_USAGE_STATS_ENABLED": "0"}
@@ -161,6 +171,7 @@ def test_guest_under_spark_submit_runs_its_products_on_executors(tmp_path, broke
     metrics = finish({"guest": guest, "host": start(confs["host"])})
     assert metrics["guest"]["final"]["auc"] > 0.95
     assert metrics["guest"]["spark_master"] == "local[1]"      # the submit command's, not the config's
+    assert metrics["guest"]["tasks"] == 1 and metrics["guest"]["partitions"] == 4
 
 
 def test_trained_model_predicts_new_rows_jointly(tmp_path, broker, job_id):
@@ -178,8 +189,24 @@ def test_trained_model_predicts_new_rows_jointly(tmp_path, broker, job_id):
         confs[name].write_text(confs[name].read_text().replace(
             'mode = "predict"', f'mode = "predict", model = "{model_file}"'))
     metrics = finish({n: start(c) for n, c in confs.items()})
-    assert metrics["guest"]["predict"]["rows"] == 60
-    predictions = pd.read_csv(folder / "out" / "guest" / "predictions.csv")
-    assert sorted(predictions["id"]) == sorted(pd.read_csv(files["guest"]).iloc[40:100]["id"])
-    labels = pd.read_csv(files["guest"]).set_index("id").loc[predictions["id"], "y"].to_numpy()
+    assert metrics["guest"]["predict"]["rows"] == 60 and metrics["guest"]["predict"]["written"] == 60
+    predictions = pd.read_parquet(folder / "out" / "guest" / "predictions")
+    rows = pd.read_csv(files["guest"]).iloc[40:100]
+    by_key = dict(zip(row_keys(rows["id"]).tolist(), rows["y"]))
+    assert sorted(predictions["row_key"]) == sorted(by_key)
+    labels = predictions["row_key"].map(by_key).to_numpy()
     assert ((predictions["probability"] > 0.5) == (labels == 1)).mean() > 0.85
+
+
+def test_a_layout_that_differs_stops_both_parties_before_any_cryptography(tmp_path, broker, job_id):
+    host = tmp_path / "host.csv"
+    pd.read_csv(DATA / "breast_hetero_host.csv").iloc[1:].to_csv(host, index=False)
+    files = {"guest": DATA / "breast_hetero_guest.csv", "host": host}
+    confs = write_configs(tmp_path, job_id, broker.bootstrap_servers, files, epochs=1)
+    procs = {n: start(c) for n, c in confs.items()}
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 2, stderr[-2000:]
+        assert "partition" in stderr and "both parties must lay out" in stderr, stderr[-2000:]
+        assert "Traceback" not in stderr
+        assert not (tmp_path / "out" / name / "checkpoint" / "ps").exists()   # stopped before the PS

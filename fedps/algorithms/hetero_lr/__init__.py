@@ -70,6 +70,7 @@ def run(context) -> None:
                           label_column=params.label_column if me == guest else None,
                           feature_columns=params.feature_columns)
     context.metrics["layout_seconds"] = round(time.perf_counter() - started, 3)
+    context.metrics["spark_master"] = context.spark.sparkContext.master
     context.ray_address  # noqa: B018 - the PS and the accumulator run on this party's Ray
     job = open_job(context, params, layout, records, guest, hosts)
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,13 +147,14 @@ class AccumulatorRef:
     name: str
     namespace: str
     address: str
+    auth_mode: str = ""      # the driver's RAY_AUTH_MODE, as TableRef carries it
 
     def actor(self) -> Any:
         import ray
 
         from fedps.ps.client import _ensure_ray
 
-        _ensure_ray(self.address, self.namespace, "")
+        _ensure_ray(self.address, self.namespace, self.auth_mode)
         return ray.get_actor(self.name, namespace=self.namespace)
 
     def put(self, step: int, name: str, partition: int, kind: str, value: Any) -> None:
@@ -192,4 +194,4 @@ def start_accumulator(name: str, namespace: str) -> tuple[Any, AccumulatorRef]:
                                                          max_concurrency=64).remote()
     ray.get(handle.positions.remote(0))
     address = ray.get_runtime_context().gcs_address
-    return handle, AccumulatorRef(name, namespace, address)
+    return handle, AccumulatorRef(name, namespace, address, os.environ.get("RAY_AUTH_MODE", ""))
