@@ -207,7 +207,9 @@ def evaluate_epoch(env: TaskEnv, plan: Plan) -> ScoreSummary | None:
     step = plan.first_step + plan.batches
     env.seek(step)
     for link in env.links.values():
-        link.drop(lambda tag: tag.phase == "train" or (tag.phase == "eval" and tag.iteration < plan.epoch))
+        # this epoch's training and older are done; a peer already in the next epoch keeps its messages
+        link.drop(lambda tag: (tag.phase == "train" and tag.iteration <= plan.epoch)
+                  or (tag.phase == "eval" and tag.iteration < plan.epoch))
     scope = Scope(plan.job, "eval").at(iteration=plan.epoch)
     summary = ScoreSummary() if roles.is_guest else None
     dense_w = None if plan.sparse else plan.w.client().pull(np.arange(plan.features, dtype=np.int64),
