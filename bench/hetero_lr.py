@@ -26,9 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from fedps.algorithms.hetero_lr import trainer  # noqa: E402
-from fedps.algorithms.hetero_lr.data import load_party_data  # noqa: E402
 from fedps.algorithms.hetero_lr.params import LRParams  # noqa: E402
+from fedps.engine.vertical.plan import validation_rows  # noqa: E402
 from fedps.messaging.broker import EmbeddedBroker  # noqa: E402
 from fedps.messaging.identity import generate_identity  # noqa: E402
 
@@ -39,6 +38,19 @@ def data_files(name: str) -> dict[str, Path]:
     local = ROOT / "data"
     pick = lambda f: local / f if (local / f).exists() else SHARED / f  # noqa: E731
     return {"guest": pick(f"{name}_hetero_guest.csv"), "host": pick(f"{name}_hetero_host.csv")}
+
+
+def load(files: dict[str, Path]):
+    """Guest features, labels, host features (rows aligned by id) and the rows' 63-bit keys."""
+    import pandas as pd
+
+    from fedps.engine.layout import id_digest
+
+    guest = pd.read_csv(files["guest"])
+    host = pd.read_csv(files["host"]).set_index("id").loc[guest["id"]]
+    keys = np.array([int.from_bytes(id_digest(str(i))[:8], "big") >> 1 for i in guest["id"]], dtype=np.int64)
+    return (guest.drop(columns=["id", "y"]).to_numpy(dtype=float), guest["y"].to_numpy(dtype=float),
+            host.to_numpy(dtype=float), keys)
 
 
 def run_fedps(files: dict[str, Path], settings: dict, folder: Path) -> dict:
@@ -71,31 +83,33 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--learning-rate", type=float, default=0.15)
     parser.add_argument("--baseline-batches", type=int, default=2)
-    parser.add_argument("--spark-partitions", type=int, default=0)
+    parser.add_argument("--partitions", type=int, default=4)
     args = parser.parse_args()
 
     files = data_files(args.data)
-    guest, host = load_party_data(files["guest"], "id", "y"), load_party_data(files["host"], "id", None)
+    gx, gy, hx, keys = load(files)
     params = LRParams(epochs=1, batch_size=args.batch, key_bits=args.bits, learning_rate=args.learning_rate)
-    rows = np.flatnonzero(~trainer.validation_rows(guest.row_keys, params.validation_fraction, params.seed))
-    plan = trainer.batches(rows, params, 0)
+    rows = np.flatnonzero(~validation_rows(keys, params.validation_fraction, params.seed))
+    # the baseline's own batches: as many, of the same sizes, as fedps's epoch has
+    order = rows[np.random.default_rng([params.seed, 0]).permutation(len(rows))]
+    plan = np.array_split(order, max(1, len(order) // args.batch))
 
     settings = {"epochs": 1, "batch_size": args.batch, "key_bits": args.bits, "learning_rate": args.learning_rate,
-                "spark_partitions": args.spark_partitions}
+                "partitions": args.partitions}
     with tempfile.TemporaryDirectory() as folder:
         fedps = run_fedps(files, settings, Path(folder))
 
     import phe_lr_baseline
 
     limit = args.baseline_batches or None
-    (wg, bg, wh), times = phe_lr_baseline.run(guest.x, host.x, guest.y, plan, args.bits, args.learning_rate, limit)
+    (wg, bg, wh), times = phe_lr_baseline.run(gx, hx, gy, plan, args.bits, args.learning_rate, limit)
     # the exact plaintext maths over the same batches
-    ref_g, ref_b, ref_h = np.zeros(guest.x.shape[1]), 0.0, np.zeros(host.x.shape[1])
+    ref_g, ref_b, ref_h = np.zeros(gx.shape[1]), 0.0, np.zeros(hx.shape[1])
     for batch_rows in plan[: len(times)]:
-        u = guest.x[batch_rows] @ ref_g + ref_b + host.x[batch_rows] @ ref_h
-        d = 0.25 * u + 0.5 - guest.y[batch_rows]
-        ref_g = ref_g - args.learning_rate * guest.x[batch_rows].T @ d / len(batch_rows)
-        ref_h = ref_h - args.learning_rate * host.x[batch_rows].T @ d / len(batch_rows)
+        u = gx[batch_rows] @ ref_g + ref_b + hx[batch_rows] @ ref_h
+        d = 0.25 * u + 0.5 - gy[batch_rows]
+        ref_g = ref_g - args.learning_rate * gx[batch_rows].T @ d / len(batch_rows)
+        ref_h = ref_h - args.learning_rate * hx[batch_rows].T @ d / len(batch_rows)
         ref_b -= args.learning_rate * float(np.mean(d))
     baseline_epoch = float(np.mean(times)) * len(plan)
     report = {
@@ -104,6 +118,7 @@ def main() -> None:
         "fedps_epoch_seconds": fedps["train_seconds"],
         "fedps_validation_auc_after_1_epoch": round(fedps["final"]["auc"], 4),
         "fedps_guest_seconds_by_work": fedps.get("seconds_by_work"),
+        "fedps_guest_task_seconds_by_work": fedps.get("task_seconds_by_work"),
         "phe_seconds_per_batch": [round(t, 1) for t in times],
         "phe_epoch_seconds": round(baseline_epoch, 1),
         "phe_epoch_extrapolated": limit is not None,

@@ -24,12 +24,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedps.algorithms.hetero_lr import trainer  # noqa: E402
-from fedps.algorithms.hetero_lr.data import load_party_data  # noqa: E402
 from fedps.algorithms.hetero_lr.local import run_in_threads  # noqa: E402
-from fedps.algorithms.hetero_lr.metrics import classification_metrics  # noqa: E402
 from fedps.algorithms.hetero_lr.params import LRParams  # noqa: E402
-from fedps.engine.session import start_ray  # noqa: E402
+from fedps.engine.config import SparkConfig  # noqa: E402
+from fedps.engine.layout import build_layout  # noqa: E402
+from fedps.engine.session import start_ray, start_spark  # noqa: E402
+from fedps.engine.vertical.plan import validation_rows  # noqa: E402
 from fedps.messaging.broker import EmbeddedBroker  # noqa: E402
 from fedps.messaging.config import ChannelConfig, KafkaConfig  # noqa: E402
 from fedps.messaging.identity import generate_identity  # noqa: E402
@@ -45,26 +45,35 @@ def files(name: str) -> tuple[Path, Path]:
     return pick(f"{name}_hetero_guest.csv"), pick(f"{name}_hetero_host.csv")
 
 
-def one(name: str, bits: int, servers: str, folder: Path) -> dict:
+def one(name: str, bits: int, servers: str, folder: Path, spark) -> dict:
+    import pandas as pd
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
+    from fedps.engine.layout import id_digest
+
     guest_file, host_file = files(name)
-    data = {"guest": load_party_data(guest_file, "id", "y"), "host": load_party_data(host_file, "id", None)}
-    params = LRParams(key_bits=bits, validation_fraction=0.3, **SETTINGS[name])
-    keys = {n: generate_identity(folder / name / f"{n}.key") for n in data}
+    sources = {"guest": guest_file, "host": host_file}
+    layouts = {n: build_layout(spark, str(path), folder=str(folder / name / "layout" / n), partitions=4,
+                               label_column="y" if n == "guest" else None) for n, path in sources.items()}
+    # one task per party: both parties share this process's local[2] Spark
+    params = LRParams(key_bits=bits, validation_fraction=0.3, tasks=1, **SETTINGS[name])
+    keys = {n: generate_identity(folder / name / f"{n}.key") for n in sources}
     configs = {n: ChannelConfig(KafkaConfig(bootstrap_servers=servers), str(folder / name / f"{n}.key"),
-                                {p: keys[p] for p in data if p != n}, str(folder / name / n)) for n in data}
-    results = run_in_threads(f"q{uuid.uuid4().hex[:10]}", configs, data, {n: params for n in data}, folder / name)
+                                {p: keys[p] for p in sources if p != n}, str(folder / name / n)) for n in sources}
+    results = run_in_threads(f"q{uuid.uuid4().hex[:10]}", configs, layouts, {n: params for n in sources},
+                             folder / name, spark)
     for party, result in results.items():
         if result.error is not None:
             raise SystemExit(f"{party} failed: {result.error!r}")
-    y_test, u_test = results["guest"].validation
-    federated = classification_metrics(y_test, u_test)
+    federated = results["guest"].metrics["final"]
 
-    valid = trainer.validation_rows(data["guest"].row_keys, 0.3, params.seed)
-    x = np.hstack([data["guest"].x, data["host"].x])
-    y = data["guest"].y
+    guest = pd.read_csv(guest_file)
+    host = pd.read_csv(host_file).set_index("id").loc[guest["id"]]
+    row_keys = np.array([int.from_bytes(id_digest(str(i))[:8], "big") >> 1 for i in guest["id"]], dtype=np.int64)
+    valid = validation_rows(row_keys, 0.3, params.seed)
+    x = np.hstack([guest.drop(columns=["id", "y"]).to_numpy(dtype=float), host.to_numpy(dtype=float)])
+    y = guest["y"].to_numpy(dtype=float)
     central = LogisticRegression(C=1.0 / (params.l2 * (~valid).sum()), max_iter=5000).fit(x[~valid], y[~valid])
     central_auc = roc_auc_score(y[valid], central.decision_function(x[valid]))
     return {"data": name, "train_rows": int((~valid).sum()), "test_rows": int(valid.sum()),
@@ -80,8 +89,9 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=1024)
     args = parser.parse_args()
     start_ray()
+    spark = start_spark(SparkConfig(master="local[2]"))
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as folder:
-        report = [one(name, args.bits, broker.bootstrap_servers, Path(folder)) for name in args.data]
+        report = [one(name, args.bits, broker.bootstrap_servers, Path(folder), spark) for name in args.data]
     print(json.dumps(report, indent=2))
 
 

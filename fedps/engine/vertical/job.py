@@ -1,7 +1,7 @@
 """The vertical-job skeleton: what every vertical algorithm does the same way.
 
 ``VerticalJob.open`` takes a party from its configuration to the first
-step of training, in this order (docs/protocols.md, "Vertical jobs"):
+step of training, in this order (docs/operations.md, "Executor stages"; docs/protocols.md, "Where each step runs"):
 
 1. the layout of its rows (``fedps.engine.layout``), built once and reused;
 2. its setup record (Paillier key pair and mask secret), persisted before
