@@ -28,7 +28,7 @@ def open_pair(job: str, configs: dict, a: str = "a", b: str = "b") -> tuple[Chan
 
 @pytest.fixture
 def pair(make_parties, job_id):
-    a, b = open_pair(job_id, make_parties("a", "b"))
+    a, b = open_pair(job_id, make_parties("a", "b", on_bad_message="raise"))
     yield a, b
     a.close()
     b.close()
@@ -125,7 +125,7 @@ def test_replayed_message_is_dropped(pair, job_id, kafka_config):
 
 
 def test_message_sealed_by_third_identity_is_refused(make_parties, job_id, kafka_config, tmp_path):
-    configs = make_parties("a", "b", handshake_timeout_s=10)
+    configs = make_parties("a", "b", handshake_timeout_s=10, on_bad_message="raise")
     # An impostor who calls itself "a" but holds its own identity key.
     import dataclasses
 
@@ -135,7 +135,7 @@ def test_message_sealed_by_third_identity_is_refused(make_parties, job_id, kafka
     fake = Channel(job_id, "a", "b", impostor)
     threading.Thread(target=lambda: _quietly(fake.open), daemon=True).start()
     victim = Channel(job_id, "b", "a", configs["b"])
-    with pytest.raises(ProtocolError, match="not signed by a's pinned identity"):
+    with pytest.raises(ProtocolError, match="claiming to be 'a', signed by an unpinned key ed25519:"):
         victim.open()
     victim.close()
 

@@ -55,7 +55,7 @@ class ChannelSettings:
     recv_timeout_s: float = 120.0
     handshake_timeout_s: float = 120.0
     commit_interval_s: float = 0.2
-    on_bad_message: str = "raise"
+    on_bad_message: str = "skip"
 
     def __post_init__(self) -> None:
         check_channel_settings(self.chunk_bytes, self.recv_timeout_s, self.handshake_timeout_s,

@@ -91,22 +91,41 @@ def resolve_algorithm(name: str) -> Any:
 
 
 def run_party(config: FedpsConfig) -> dict[str, Any]:
-    """Run this party's role of the configured job; returns its metrics."""
+    """Run this party's role of the configured job; returns its metrics.
+
+    ``metrics.json`` is written also when the algorithm fails (with ``error``),
+    and always says how many records each channel refused, per reason.
+    """
     run = resolve_algorithm(config.job.algorithm)
     output = Path(config.party.output_dir or f"out/{config.job.id}/{config.party.name}")
     output.mkdir(parents=True, exist_ok=True)
     channel_config = config.channel_config()
     started = time.perf_counter()
-    with ExitStack() as stack:
-        channels = {}
-        for peer in sorted(config.peers):
-            channel = Channel(config.job.id, config.party.name, peer, channel_config)
-            channels[peer] = stack.enter_context(channel.open())
-        log.info("%s: channels open to %s in %.2fs", config.party.name, ", ".join(channels),
-                 time.perf_counter() - started)
-        context = PartyContext(config, channels, output)
-        stack.callback(context.close)
-        run(context)
-    context.metrics.setdefault("wall_s", round(time.perf_counter() - started, 3))
-    context.write_metrics()
+    channels: dict[str, Channel] = {}
+    context = PartyContext(config, channels, output)
+    try:
+        with ExitStack() as stack:
+            for peer in sorted(config.peers):
+                channel = Channel(config.job.id, config.party.name, peer, channel_config)
+                channels[peer] = stack.enter_context(channel.open())
+            log.info("%s: channels open to %s in %.2fs", config.party.name, ", ".join(channels),
+                     time.perf_counter() - started)
+            stack.callback(context.close)
+            run(context)
+    except BaseException as exc:
+        context.metrics["error"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        _record_refusals(context)
+        context.metrics.setdefault("wall_s", round(time.perf_counter() - started, 3))
+        context.write_metrics()
     return context.metrics
+
+
+def _record_refusals(context: PartyContext) -> None:
+    """Put each channel's refused records into the metrics, and warn once if there were any."""
+    refused = {peer: channel.refused_counts for peer, channel in context.channels.items()}
+    context.metrics["refused_records"] = refused
+    for peer, channel in context.channels.items():
+        if refused[peer]:
+            log.warning("%s: %s", context.me, channel.refused_summary())

@@ -6,6 +6,15 @@ value in chunks under the direction's key; ``recv`` hands over the value with
 the wanted tag, buffering others that arrive first. The consumer's position is
 committed (to Kafka and to the party's state folder) only after a value has
 been handed over, and a restarted party carries on from there.
+
+A record that is not a genuine frame of this channel (garbage, an altered,
+foreign or misdirected copy, a frame under another key, an impostor's hello)
+is refused: dropped, logged once, counted per reason in ``refused_counts``
+and never read again after a resume; with ``on_bad_message = "raise"`` the
+first one stops the channel instead. Two things stop it whatever the mode: a
+validly signed new hello from the pinned peer (it lost its channel state) and
+a topic that ends below the position already reached (the broker lost the
+job's topics).
 """
 
 from __future__ import annotations
@@ -14,8 +23,9 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -25,9 +35,10 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
-from fedps.errors import PeerError, ProtocolError
+from fedps.errors import DataError, FedpsError, PeerError, ProtocolError
 from fedps.messaging import codec, identity, wire
 from fedps.messaging.config import ChannelConfig, check_name
+from fedps.messaging.refusals import Refusals, Refused
 from fedps.messaging.state import Position, SessionState, StateFile
 from fedps.messaging.tags import Tag
 
@@ -43,6 +54,11 @@ _IDLE_AFTER_S = 0.2
 # waited so far and at most this long, so a long wait costs a few percent of
 # a core and ends at most about a tenth later than it would have.
 _IDLE_SLEEP_S = 0.05
+# How long ``open`` waits for a first fetch of a resumed channel's topic, to
+# see where the log ends before anything is sent.
+_PROBE_S = 5.0
+# How long ``close`` waits for pending sends when the channel failed.
+_CLOSE_AFTER_ERROR_S = 5.0
 
 
 def topic_name(prefix: str, job: str, sender: str, receiver: str) -> str:
@@ -94,18 +110,36 @@ class Channel:
         self._assembly: dict[tuple[int, int], _Assembly] = {}
         self._handed: list[_Ready] = []   # handed over, not yet committed
         self._delivered: set[tuple[int, int]] = set()
+        self._skip: set[int] = set()      # offsets of refused records not yet below the position
         self._next_offset = 0
         self._last_id: tuple[int, int, int] = (-1, -1, -1)
         self._producer: KafkaProducer | None = None
         self._consumer: KafkaConsumer | None = None
         self._state = SessionState()
         self._drop: Callable[[Tag], bool] | None = None
+        self._aborts: set[str] = set()
+        self._failed: FedpsError | None = None
         self.dropped = 0
-        self.refused: list[str] = []
+        self.refusals = Refusals(self.in_topic, log)
+        #: True when ``open`` found this channel's keys from an earlier run (a restarted party).
+        self.resumed = False
+
+    @property
+    def refused_counts(self) -> dict[str, int]:
+        """Refused records of the incoming topic, per reason (see :class:`Refused`)."""
+        return dict(self.refusals.counts)
+
+    def refused_summary(self) -> str:
+        """How many records were refused on the incoming topic and why, as one sentence."""
+        return self.refusals.summary()
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> Channel:
-        """Create the topics, restore or run the key exchange, and position the consumer."""
+        """Create the topics, restore or run the key exchange, and position the consumer.
+
+        A resumed channel first checks that its topic still reaches the
+        position it had read to (PeerError if the broker lost the job's topics).
+        """
         options = self.config.kafka.client_options()
         self._ensure_topics(options)
         self._producer = KafkaProducer(
@@ -130,6 +164,8 @@ class Channel:
             self._state = saved
         self._restore_position()
         if self._state.keyed:
+            self.resumed = True
+            self._probe_log_end()
             self._state.send_epoch += 1
             self._file.save(self._state)
         else:
@@ -137,24 +173,39 @@ class Channel:
         log.debug("channel %s <-> %s open (epoch %d)", self.me, self.peer, self._state.send_epoch)
         return self
 
-    def close(self) -> None:
-        """Commit what was handed over and release the Kafka clients."""
+    def close(self, *, after_error: bool = False) -> None:
+        """Commit what was handed over and release the Kafka clients.
+
+        ``after_error`` (set by ``__exit__`` when an exception is on its way)
+        waits only briefly for pending sends and logs instead of raising, so
+        the first error is the one that reaches the caller.
+        """
+        quiet = after_error or self._failed is not None
         try:
             if self._producer is not None and self._state.keyed:
-                self.flush()
-            if self._consumer is not None and self._state.keyed:
+                if quiet:
+                    self._producer.flush(timeout=_CLOSE_AFTER_ERROR_S)
+                else:
+                    self.flush()
+            if self._consumer is not None and self._state.keyed and self._failed is None:
                 self.commit(wait=True)
+        except (FedpsError, KafkaError) as exc:
+            if not quiet:
+                raise
+            log.warning("channel %s -> %s closed after an error; not all sends were confirmed: %s",
+                        self.me, self.peer, exc)
         finally:
-            for client in (self._producer, self._consumer):
-                if client is not None:
-                    client.close()
+            if self._producer is not None:
+                self._producer.close(timeout=_CLOSE_AFTER_ERROR_S if quiet else None)
+            if self._consumer is not None:
+                self._consumer.close()
             self._producer = self._consumer = None
 
     def __enter__(self) -> Channel:
         return self.open() if self._producer is None else self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(after_error=exc_type is not None)
 
     # ------------------------------------------------------------------ sending
     def send(self, tag: Tag, value: Any, *, wait: bool = False) -> None:
@@ -201,9 +252,39 @@ class Channel:
                     f"could not deliver {tag} to topic {self.out_topic}: {future.exception}"
                 )
 
+    # ------------------------------------------------------------------ aborting
+    def abort(self, tag: Tag, reason: str) -> None:
+        """Tell the peer, under ``tag``, that this job cannot go on and why; waits until sent.
+
+        A peer that watches ``tag`` (:meth:`stop_on`) fails its current or next
+        ``recv`` at once with ``reason``, instead of waiting for its timeout.
+        """
+        self.send(tag, {"abort": str(reason)}, wait=True)
+
+    @contextmanager
+    def stop_on(self, tag: Tag) -> Iterator[None]:
+        """While inside, a value under ``tag`` (the peer's :meth:`abort`) fails ``recv`` at once."""
+        key = tag.encode()
+        self._aborts.add(key)
+        try:
+            yield
+        finally:
+            self._aborts.discard(key)
+
+    def _check_aborts(self) -> None:
+        for key in self._aborts:
+            if self._ready.get(key):
+                value = self._ready[key][0].value
+                reason = value.get("abort") if isinstance(value, dict) else None
+                raise PeerError(f"peer {self.peer!r} stopped job {self.job!r}: "
+                                f"{reason or 'no reason given'}")
+
     # ------------------------------------------------------------------ receiving
     def recv(self, tag: Tag, timeout: float | None = None) -> Any:
-        """Return the value sent under ``tag``; PeerError if none comes within ``timeout`` s."""
+        """Return the value sent under ``tag``; PeerError if none comes within ``timeout`` s.
+
+        The error of a timeout says how many records were refused meanwhile, and why.
+        """
         self._require_open()
         key = tag.encode()
         limit = self.config.recv_timeout_s if timeout is None else timeout
@@ -213,15 +294,15 @@ class Channel:
                 self.commit()
             active = time.monotonic()
             while not self._ready.get(key):
+                self._check_aborts()
                 now = time.monotonic()
                 remaining = deadline - now
                 if remaining <= 0:
                     raise PeerError(
                         f"timed out after {limit:g}s waiting for {tag} from peer "
-                        f"{self.peer!r} on topic {self.in_topic}"
+                        f"{self.peer!r} on topic {self.in_topic}; {self.refusals.summary()}"
                     )
-                with self._send_lock:
-                    self._check_deliveries()
+                self._check_sends()
                 idle = now - active
                 if idle < _IDLE_AFTER_S:
                     got = self._poll(min(remaining, _POLL_S))
@@ -231,10 +312,21 @@ class Channel:
                         time.sleep(min(remaining, _IDLE_SLEEP_S, idle / 20))
                 if got:
                     active = time.monotonic()
+            if key not in self._aborts:
+                self._check_aborts()
             ready = self._ready[key].popleft()
             self._handed.append(ready)
             self._delivered.add(ready.message_id)
             return ready.value
+
+    def _check_sends(self) -> None:
+        """Raise a failed delivery; when the broker lost the job's topics, say that instead."""
+        try:
+            with self._send_lock:
+                self._check_deliveries()
+        except PeerError:
+            self._poll(_POLL_S)   # a restarted broker fails sends first: look at the topic's end
+            raise
 
     def drop(self, predicate: Callable[[Tag], bool]) -> None:
         """Drop, now and from now on, values whose tag matches ``predicate`` unread.
@@ -263,21 +355,24 @@ class Channel:
             self._next_offset = position.offset
             self._last_id = tuple(position.last_id)  # type: ignore[assignment]
             self._delivered = set(map(tuple, position.delivered))
+            self._skip = set(getattr(position, "refused", []))
             self._consumer.seek(self._partition, position.offset)
             self._state.position = position
             self._file.save(self._state)
 
     def commit(self, wait: bool = False) -> Position:
-        """Record as consumed everything handed over so far; returns the new position.
+        """Record as consumed everything handed over (or refused) so far; returns the new position.
 
         The state file is always written before returning; the Kafka offset
         commit (for monitoring and for tools) is asynchronous unless ``wait``.
         """
         position = self.position()
-        if self._handed or position.offset != (self._state.position.offset if self._state.position else 0):
+        saved = self._state.position
+        if self._handed or saved is None or (position.offset, position.refused) != (saved.offset, saved.refused):
             self._handed.clear()
             self._last_commit = time.monotonic()
             self._delivered = {m for m in self._delivered if m > position.last_id[:2]}
+            self._skip = set(position.refused)
             self._state.position = position
             self._file.save(self._state)
             metadata = f"{position.last_id[0]},{position.last_id[1]},{position.last_id[2]}"
@@ -292,13 +387,14 @@ class Channel:
         return position
 
     def position(self) -> Position:
-        """The committable position: below it, every value was handed over or dropped."""
+        """The committable position: below it, every value was handed over, dropped or refused."""
         held = [r for queue in self._ready.values() for r in queue] + list(self._assembly.values())
         if not held:
             return Position(self.in_topic, self._next_offset, self._last_id, [])
         first = min(held, key=lambda r: r.first_offset)
         delivered = sorted(m for m in self._delivered if m > first.last_id_before[:2])
-        return Position(self.in_topic, first.first_offset, first.last_id_before, delivered)
+        refused = sorted(o for o in self._skip if o >= first.first_offset)
+        return Position(self.in_topic, first.first_offset, first.last_id_before, delivered, refused)
 
     def subkeys(self, label: str) -> tuple[bytes, bytes]:
         """``(send_key, recv_key)`` of a sub-channel named ``label``, derived from this channel's keys.
@@ -351,8 +447,40 @@ class Channel:
         self._next_offset = position.offset
         self._last_id = tuple(position.last_id)  # type: ignore[assignment]
         self._delivered = set(position.delivered)
+        self._skip = set(position.refused)
         self._consumer.seek(self._partition, position.offset)
 
+    # ------------------------------------------------------------------ a lost broker
+    def _expected_end(self) -> int:
+        """The least the incoming topic must hold: what was read, and the peer's hello once keyed."""
+        return max(self._next_offset, 1 if self._state.their_hello else 0)
+
+    def _probe_log_end(self) -> None:
+        """Fetch once so the topic's end is known before a resumed channel sends anything."""
+        deadline = time.monotonic() + _PROBE_S
+        while self._consumer.highwater(self._partition) is None and time.monotonic() < deadline:
+            self._poll(_POLL_S)
+        self._check_log_end()
+
+    def _check_log_end(self) -> None:
+        """PeerError if the topic now ends below where this channel had read (a lost broker).
+
+        The high watermark of the consumer's own fetches is used: the embedded
+        broker under-reports ``end_offsets`` when the last batch holds several records.
+        """
+        end = self._consumer.highwater(self._partition)
+        if end is not None and end < self._expected_end():
+            raise self._lost(end)
+
+    def _lost(self, found: int) -> PeerError:
+        self._failed = PeerError(
+            f"the broker lost the topics of this job; rerun it under a new job id (topic "
+            f"{self.in_topic} is back at offset {found}, below the position {self._expected_end()} "
+            f"this channel had reached)"
+        )
+        return self._failed
+
+    # ------------------------------------------------------------------ the key exchange
     def _handshake(self) -> None:
         if not self._state.my_hello:
             hello, ephemeral = identity.make_hello(self._identity, self.job, self.me, self.peer)
@@ -368,20 +496,27 @@ class Channel:
             if time.monotonic() > deadline:
                 raise PeerError(
                     f"peer {self.peer!r} did not answer the key exchange of job {self.job!r} "
-                    f"within {self.config.handshake_timeout_s:g}s (topic {self.in_topic})"
+                    f"within {self.config.handshake_timeout_s:g}s (topic {self.in_topic}); "
+                    f"{self.refusals.summary()}"
                 )
             self._poll(_POLL_S)
 
     def _accept_hello(self, frame: wire.Frame) -> None:
-        hello = identity.Hello.from_bytes(frame.body)
+        """Verify a hello before drawing any conclusion from it, then key the channel."""
+        try:
+            hello = identity.Hello.from_bytes(frame.body)
+            identity.verify_hello(hello, self._pinned, self.job, self.me, self.peer)
+        except identity.HelloRefused as exc:
+            raise Refused.of(exc.reason, exc) from None
         if self._state.their_hello:
-            if hello.to_bytes().hex() == self._state.their_hello:
-                return  # the peer re-sent its hello after a restart
-            raise ProtocolError(
-                f"peer {self.peer!r} started a new key exchange for job {self.job!r}; it has "
-                "lost its channel state, so this job cannot continue safely"
+            if hello.signed == identity.Hello.from_bytes(bytes.fromhex(self._state.their_hello)).signed:
+                return  # the peer re-sent its hello after a restart, or a copy of it was replayed
+            self._failed = ProtocolError(
+                f"peer {self.peer!r} started a new key exchange for job {self.job!r} (its hello is "
+                "validly signed by its pinned key); it has lost its channel state, so this job "
+                "cannot continue safely: rerun it under a new job id"
             )
-        identity.verify_hello(hello, self._pinned, self.job, self.me, self.peer)
+            raise self._failed
         mine = X25519PrivateKey.from_private_bytes(bytes.fromhex(self._state.my_ephemeral))
         send_key, recv_key = identity.derive_keys(
             mine, identity.Hello.from_bytes(bytes.fromhex(self._state.my_hello)), hello
@@ -391,33 +526,49 @@ class Channel:
         self._state.my_ephemeral = ""
         self._file.save(self._state)
 
+    # ------------------------------------------------------------------ records
     def _poll(self, timeout_s: float) -> int:
-        """Handle the records one fetch brings; returns how many there were."""
+        """Handle the records one fetch brings; returns how many there were.
+
+        A refused record is counted and skipped (and the position committed
+        past it), or raises at once in strict mode.
+        """
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=64)
-        error: ProtocolError | None = None
         records = batches.get(self._partition, [])
+        refused = False
         for record in records:
+            if record.offset < self._next_offset:   # the consumer fell back: the log was replaced
+                raise self._lost(record.offset)
             self._next_offset = record.offset + 1
+            if record.offset in self._skip:
+                log.debug("skipped the record at offset %d of %s, refused before", record.offset, self.in_topic)
+                continue
             try:
                 self._handle(record.offset, record.value)
-            except ProtocolError as exc:
-                self.refused.append(str(exc))
-                log.warning("refused a message on %s at offset %d: %s", self.in_topic, record.offset, exc)
-                if self.config.on_bad_message == "raise" and error is None:
-                    error = exc
-        if error is not None:
-            raise error
+            except Refused as exc:
+                self._skip.add(record.offset)
+                self.refusals.add(record.offset, exc)
+                refused = True
+                if self.config.on_bad_message == "raise":   # strict: the first one stops the channel
+                    self._consumer.seek(self._partition, record.offset + 1)   # the rest is read again
+                    self.commit()
+                    raise exc.original or exc
+        self._check_log_end()
+        if refused:
+            self.commit()   # so a restart does not read the refused records again
         return len(records)
 
-    def _handle(self, offset: int, data: bytes) -> None:
-        frame = wire.parse(data)
-        wire.check_route(frame, self.job, self.peer, self.me)
+    def _handle(self, offset: int, data: bytes | None) -> None:
+        frame = self._parse(data)
         if frame.kind == wire.KIND_HELLO:
             self._accept_hello(frame)
             return
         if not self._state.keyed:
-            raise ProtocolError(f"data message from {self.peer!r} arrived before its key exchange")
-        plaintext = wire.open_sealed(bytes.fromhex(self._state.recv_key), frame)
+            raise Refused("unkeyed", f"data message from {self.peer!r} arrived before its key exchange")
+        try:
+            plaintext = wire.open_sealed(bytes.fromhex(self._state.recv_key), frame)
+        except wire.TamperedMessage as exc:
+            raise Refused.of("tampered", exc) from None
         if frame.frame_id <= self._last_id or frame.message_id in self._delivered:
             self.dropped += 1
             log.debug("dropped duplicate or replayed frame %s on %s", frame.frame_id, self.in_topic)
@@ -433,16 +584,36 @@ class Channel:
             self._assembly[frame.message_id] = assembly
         if frame.chunk != len(assembly.parts) or frame.chunks != assembly.chunks or frame.tag != assembly.tag:
             del self._assembly[frame.message_id]
-            raise ProtocolError(f"message {frame.message_id} from {self.peer!r} has chunks out of order")
+            raise Refused("chunk-order", f"message {frame.message_id} from {self.peer!r} has chunks out of order")
         assembly.parts.append(plaintext)
         if len(assembly.parts) == assembly.chunks:
             del self._assembly[frame.message_id]
-            value = codec.decode(b"".join(assembly.parts))
-            if self._drop is not None and self._drop(Tag.decode(assembly.tag)):
+            try:
+                tag = Tag.decode(assembly.tag)
+                value = codec.decode(b"".join(assembly.parts))
+            except (ProtocolError, DataError) as exc:
+                raise Refused("undecodable", f"message {frame.message_id} from {self.peer!r}: {exc}") from None
+            if self._drop is not None and self._drop(tag):
                 self.dropped += 1
                 return
             ready = _Ready(frame.message_id, assembly.first_offset, assembly.last_id_before, value)
             self._ready[assembly.tag].append(ready)
+
+    def _parse(self, data: bytes | None) -> wire.Frame:
+        """Parse and route-check one record, or raise Refused with its reason."""
+        try:
+            frame = wire.parse(data)
+        except wire.NotAFrame as exc:
+            raise Refused.of("not-a-frame", exc) from None
+        except wire.WrongVersion as exc:
+            raise Refused.of("wrong-version", exc) from None
+        except ProtocolError as exc:
+            raise Refused.of("malformed", exc) from None
+        try:
+            wire.check_route(frame, self.job, self.peer, self.me)
+        except wire.ForeignMessage as exc:
+            raise Refused.of("foreign", exc) from None
+        return frame
 
     def _abandon_partials(self, current: tuple[int, int]) -> None:
         """A sender that died mid-message leaves a partial one; a newer message ends it."""

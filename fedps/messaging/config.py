@@ -117,8 +117,10 @@ class ChannelConfig:
     #: How often ``recv`` records the position of values handed over (state file
     #: and Kafka); ``close`` and ``commit`` always do. 0 commits on every recv.
     commit_interval_s: float = 0.2
-    #: What ``recv`` does with a tampered or foreign message: raise, or log and skip.
-    on_bad_message: str = "raise"
+    #: What the channel does with a record it refuses (garbage, altered, foreign, under
+    #: another key, an impostor's hello): "skip" drops, logs and counts it and goes on;
+    #: "raise" (strict) stops at the first one with ProtocolError.
+    on_bad_message: str = "skip"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peers", dict(self.peers))

@@ -87,27 +87,46 @@ def parse_public(text: str, owner: str) -> Ed25519PublicKey:
         raise ConfigError(f"pinned key of peer {owner!r} is not a valid Ed25519 key") from exc
 
 
+class HelloRefused(ProtocolError):
+    """A hello that does not come from the pinned peer for this channel; ``reason`` names why."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Hello:
-    """One side's half of the key exchange, as published on its outgoing topic."""
+    """One side's half of the key exchange, as published on its outgoing topic.
+
+    ``identity`` is the signer's public key in printable form. It is not
+    signed and proves nothing; it only lets a receiver name the key of a
+    refused hello.
+    """
 
     job: str
     sender: str
     receiver: str
     ephemeral: bytes
     signature: bytes
+    identity: str = ""
+
+    @property
+    def signed(self) -> tuple[str, str, str, bytes, bytes]:
+        """What the signature covers, with the signature: two hellos are the same hello when these are."""
+        return (self.job, self.sender, self.receiver, self.ephemeral, self.signature)
 
     def to_bytes(self) -> bytes:
-        return json.dumps(
-            {
-                "job": self.job,
-                "sender": self.sender,
-                "receiver": self.receiver,
-                "ephemeral": self.ephemeral.hex(),
-                "signature": self.signature.hex(),
-            },
-            separators=(",", ":"),
-        ).encode()
+        fields = {
+            "job": self.job,
+            "sender": self.sender,
+            "receiver": self.receiver,
+            "ephemeral": self.ephemeral.hex(),
+            "signature": self.signature.hex(),
+        }
+        if self.identity:
+            fields["identity"] = self.identity
+        return json.dumps(fields, separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Hello:
@@ -119,9 +138,10 @@ class Hello:
                 str(fields["receiver"]),
                 bytes.fromhex(fields["ephemeral"]),
                 bytes.fromhex(fields["signature"]),
+                str(fields.get("identity", ""))[:200],
             )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ProtocolError(f"malformed hello message: {exc}") from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise HelloRefused("malformed-hello", f"malformed hello message: {exc}") from exc
 
 
 def _signed_part(job: str, sender: str, receiver: str, ephemeral: bytes) -> bytes:
@@ -136,23 +156,52 @@ def make_hello(identity: Ed25519PrivateKey, job: str, me: str, peer: str) -> tup
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
     signature = identity.sign(_signed_part(job, me, peer, public))
-    return Hello(job, me, peer, public, signature), ephemeral
+    return Hello(job, me, peer, public, signature, public_text(identity.public_key())), ephemeral
 
 
 def verify_hello(hello: Hello, pinned: Ed25519PublicKey, job: str, me: str, peer: str) -> None:
-    """Check that ``hello`` comes from ``peer``'s pinned identity, for this job and for us."""
+    """Check that ``hello`` comes from ``peer``'s pinned identity, for this job and for us.
+
+    Raises :class:`HelloRefused`: ``foreign-hello`` (another job or party),
+    ``unpinned-hello`` (validly signed, but by a key that is not pinned) or
+    ``forged-hello`` (signed by no key it names).
+    """
     if (hello.job, hello.sender, hello.receiver) != (job, peer, me):
-        raise ProtocolError(
+        raise HelloRefused(
+            "foreign-hello",
             f"foreign hello: it is for job {hello.job!r}, {hello.sender} -> {hello.receiver}, "
-            f"expected job {job!r}, {peer} -> {me}"
+            f"expected job {job!r}, {peer} -> {me}",
         )
+    signed = _signed_part(job, peer, me, hello.ephemeral)
+    if _verifies(pinned, hello.signature, signed):
+        return
+    claimed = _parse_claimed(hello.identity)
+    if claimed is not None and hello.identity != public_text(pinned) and _verifies(claimed, hello.signature, signed):
+        raise HelloRefused(
+            "unpinned-hello",
+            f"a hello for job {job!r} claiming to be {peer!r}, signed by an unpinned key "
+            f"{hello.identity}, was refused ({peer}'s pinned key is {public_text(pinned)})",
+        )
+    raise HelloRefused(
+        "forged-hello",
+        f"a hello for job {job!r} claiming to be {peer!r} is not signed by {peer}'s pinned identity "
+        "key (nor by the key it names), and was refused",
+    )
+
+
+def _verifies(key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
     try:
-        pinned.verify(hello.signature, _signed_part(job, peer, me, hello.ephemeral))
-    except InvalidSignature:
-        raise ProtocolError(
-            f"hello claiming to be from {peer!r} is not signed by {peer}'s pinned identity key; "
-            "a third party or a wrong key is on the channel"
-        ) from None
+        key.verify(signature, data)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def _parse_claimed(text: str) -> Ed25519PublicKey | None:
+    try:
+        return parse_public(text, "hello") if text else None
+    except ConfigError:
+        return None
 
 
 def derive_keys(

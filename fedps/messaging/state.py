@@ -21,13 +21,16 @@ class Position:
 
     ``last_id`` is the newest frame id ``(epoch, seq, chunk)`` below ``offset``;
     ``delivered`` lists message ids at or above ``offset`` that were already
-    handed over (values received out of order), so they are not handed again.
+    handed over (values received out of order), so they are not handed again;
+    ``refused`` lists offsets at or above ``offset`` of records that were
+    refused (hostile or broken), so a resumed receiver skips them unread.
     """
 
     topic: str
     offset: int = 0
     last_id: tuple[int, int, int] = (-1, -1, -1)
     delivered: list[tuple[int, int]] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,6 +42,7 @@ class Position:
             offset=int(data["offset"]),
             last_id=tuple(int(v) for v in data["last_id"]),  # type: ignore[arg-type]
             delivered=[(int(e), int(s)) for e, s in data.get("delivered", [])],
+            refused=[int(o) for o in data.get("refused", [])],
         )
 
 

@@ -33,6 +33,10 @@ MAX_OVERHEAD = 1024
 _PREFIX = struct.Struct(">3sBBH")
 
 
+class NotAFrame(ProtocolError):
+    """A record that is not a fedps frame at all (no magic bytes, or no value)."""
+
+
 class WrongVersion(ProtocolError):
     """A frame of a wire-format version this party does not speak."""
 
@@ -104,8 +108,10 @@ def hello_frame(*, job: str, sender: str, receiver: str, body: bytes) -> bytes:
 
 def parse(record: bytes) -> Frame:
     """Split a record into its parts; raises ProtocolError if it is not a fedps frame."""
+    if not isinstance(record, (bytes, bytearray)):
+        raise NotAFrame("record has no value; it is not a fedps frame")
     if len(record) < _PREFIX.size or record[:3] != MAGIC:
-        raise ProtocolError("record is not a fedps frame (bad magic bytes)")
+        raise NotAFrame(f"record of {len(record)} bytes is not a fedps frame (bad magic bytes)")
     _, version, kind, length = _PREFIX.unpack_from(record)
     if version != VERSION:
         raise WrongVersion(
