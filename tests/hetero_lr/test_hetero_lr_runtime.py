@@ -107,3 +107,59 @@ def test_sparse_host_trains_over_hashed_feature_ids(tmp_path, spark, ray_address
     host = results["host"].model
     assert sorted(host["feature_ids"]) == sorted(ids) and len(host["weights"]) == len(ids)
     assert results["guest"].state.metrics[-1]["auc"] > 0.9
+
+
+def _synthetic(tmp: Path, rows: int) -> dict[str, Path]:
+    rng = np.random.default_rng(rows)
+    ids = np.arange(rows)
+    xg, xh = rng.normal(size=(rows, 4)), rng.normal(size=(rows, 6))
+    y = (rng.random(rows) < 1 / (1 + np.exp(-(xg[:, 0] - xh[:, 0])))).astype(int)
+    files = {"guest": tmp / f"g{rows}.csv", "host": tmp / f"h{rows}.csv"}
+    pd.DataFrame({"id": ids, "y": y, **{f"g{i}": xg[:, i] for i in range(4)}}).to_csv(files["guest"], index=False)
+    pd.DataFrame({"id": ids, **{f"h{i}": xh[:, i] for i in range(6)}}).to_csv(files["host"], index=False)
+    return files
+
+
+def test_driver_memory_does_not_grow_with_rows(tmp_path, spark, ray_address, make_parties):
+    """Python allocations of the drivers (both parties' threads) at 10x the rows: the rows stay in the tasks."""
+    import tracemalloc
+    import uuid
+
+    peaks = {}
+    configs = make_parties("guest", "host", recv_timeout_s=120)
+    for rows in (800, 8000):
+        layouts = lay_out(spark, tmp_path / str(rows), _synthetic(tmp_path, rows))
+        params = LRParams(epochs=1, batch_size=rows // 4, key_bits=512, validation_fraction=0.2,
+                          partitions=PARTITIONS, tasks=1, loss_every=0)
+        tracemalloc.start()
+        results = run_in_threads(f"t{uuid.uuid4().hex[:12]}", configs, layouts, {"guest": params, "host": params},
+                                 tmp_path / "out" / str(rows), spark)
+        peaks[rows] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert not {n: r.error for n, r in results.items() if r.error is not None}
+    # the same number of batches, 10x the rows per batch: a driver holding rows or per-row
+    # ciphertexts would grow ~10x; the bound is generous for CI noise
+    assert peaks[8000] < 2.0 * peaks[800], peaks
+
+
+def test_a_task_retried_by_spark_gives_the_same_model(tmp_path, spark, ray_address, make_parties, monkeypatch):
+    import uuid
+
+    from fedps.engine.vertical.stage import FAIL_ONCE_ENV
+
+    files = {"guest": DATA / "breast_hetero_guest.csv", "host": DATA / "breast_hetero_host.csv"}
+    layouts = lay_out(spark, tmp_path, files)
+    params = LRParams(epochs=1, batch_size=96, learning_rate=0.3, key_bits=512, validation_fraction=0.3,
+                      partitions=PARTITIONS, tasks=1, min_batch_ratio=1.0)
+    models = []
+    configs = make_parties("guest", "host", recv_timeout_s=120)
+    for attempt in ("clean", "retried"):
+        if attempt == "retried":
+            monkeypatch.setenv(FAIL_ONCE_ENV, str(tmp_path / "failed-once"))
+        results = run_in_threads(f"t{uuid.uuid4().hex[:12]}", configs, layouts, {"guest": params, "host": params},
+                                 tmp_path / attempt, spark)
+        assert not {n: r.error for n, r in results.items() if r.error is not None}
+        models.append({n: r.model for n, r in results.items()})
+    assert (tmp_path / "failed-once").exists()           # a task did fail, and its stage was run again
+    for name in ("guest", "host"):
+        np.testing.assert_allclose(models[1][name]["weights"], models[0][name]["weights"], rtol=1e-12)

@@ -37,6 +37,9 @@ from fedps.messaging.tags import Message, Scope, Tag
 
 log = logging.getLogger(__name__)
 
+#: How often the driver runs a failed stage again (its tasks resume at the PS's step).
+STAGE_RETRIES = 2
+
 STOP = Message("stop", "guest", "host", dict)                # after each epoch: converged or not
 VALID_U = Message("valid_u", "host", "guest", np.ndarray)    # host scores of validation rows (per partition)
 
@@ -260,18 +263,28 @@ class Trainer:
             self.job.drop(_older_than(epoch, s.batch))
             if s.batch < plan.batches:
                 stage = self.job.stage(functools.partial(train_epoch, plan=plan), f"train-epoch-{epoch}")
-                try:
-                    for b in range(s.batch, plan.batches):
+                retries = STAGE_RETRIES
+                b = s.batch
+                while b < plan.batches:
+                    try:
                         self.step(plan, b)
-                        s.batch, s.step = b + 1, s.step + 1
-                        if params.checkpoint_every and s.step % params.checkpoint_every == 0:
-                            self.save()
-                        if on_batch is not None:
-                            on_batch(s)
-                except PeerError:
-                    if stage.error is not None or not stage.alive:
+                    except PeerError:
+                        if stage.settle(10.0):   # still running: the error is not the stage's
+                            raise
+                        if stage.retriable and retries > 0:
+                            log.warning("%s: the %s stage failed (%s); running it again from step %d",
+                                        self.roles.me, stage.name, stage.error.__class__.__name__, s.step)
+                            retries -= 1
+                            stage = stage.restart()
+                            continue
                         stage.join()   # the stage's own error says more
-                    raise
+                        raise
+                    s.batch, s.step = b + 1, s.step + 1
+                    b += 1
+                    if params.checkpoint_every and s.step % params.checkpoint_every == 0:
+                        self.save()
+                    if on_batch is not None:
+                        on_batch(s)
                 self._add_timings(stage.join())
             self.end_epoch(plan)
         return s

@@ -156,6 +156,25 @@ class Stage:
         return self.results or []
 
     @property
+    def retriable(self) -> bool:
+        """The stage failed for a reason of its own (a crashed worker, a lost executor), not fedps's."""
+        if self.error is None or self._thread.is_alive():
+            return False
+        return not isinstance(self.error, FedpsError) and "fedps.errors." not in str(self.error)
+
+    def restart(self) -> Stage:
+        """The same stage once more: its tasks resume at the PS's step (nothing counts twice)."""
+        import ray
+
+        ray.get(self.spec.accumulator.actor().clear_failure.remote())
+        return Stage(self.spark, self.spec, self.work, self.name).start()
+
+    def settle(self, timeout_s: float) -> bool:
+        """Give a stage that is failing ``timeout_s`` to finish; True if it still runs."""
+        self._thread.join(timeout_s)
+        return self._thread.is_alive()
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
