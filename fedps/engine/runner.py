@@ -40,7 +40,7 @@ class PartyContext:
     def spark(self) -> Any:
         """This party's SparkSession, started on first use from ``[spark]``."""
         if self._spark is None:
-            self._spark = start_spark(self.config.spark)
+            self._spark = start_spark(self.config.spark, self.config.ray)
         return self._spark
 
     @property

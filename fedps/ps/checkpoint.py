@@ -13,6 +13,11 @@ then renamed), the manifest is written last, and the folder is renamed to
 folder's step and every file it lists exists with its recorded size; anything
 else is ignored by restore and removed by later pruning. Step ``S`` means that
 ``S`` steps have been applied: a restored server continues with step ``S``.
+
+The tree holds weights and optimizer state, so on the local disk every folder
+is made mode 0700 and every file 0600 (pyarrow writes with the process umask,
+so modes are set after writing, before a file gets its final name). On HDFS or
+object stores, the folder's own permissions and the cluster's umask apply.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{12})$")
 _TMP_DIR = re.compile(r"^_tmp-step-(\d{12})-[0-9a-f]+$")
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -53,6 +60,27 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
+
+
+def make_private(fs: pafs.FileSystem, path: str, mode: int) -> None:
+    """Give a local file or folder ``mode`` (other filesystems keep their own permissions)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.chmod(path, mode)
+
+
+def create_private_dir(uri: str) -> None:
+    """Create the folder ``uri`` (and missing parents, all mode 0700 on the local disk)."""
+    fs, path = filesystem(uri)
+    missing = []
+    parent = path
+    while fs.get_file_info(parent).type == pafs.FileType.NotFound:
+        missing.append(parent)
+        parent = os.path.dirname(parent.rstrip("/"))
+        if not parent or parent == "/":
+            break
+    fs.create_dir(path)
+    for folder in [path, *missing]:
+        make_private(fs, folder, PRIVATE_DIR)
 
 
 def step_dir(step: int) -> str:
@@ -93,6 +121,7 @@ def write_rows(uri: str, keys: np.ndarray, weights: np.ndarray, state: dict[str,
     table = table.replace_schema_metadata({"fedps": json.dumps(meta)})
     fs, path = filesystem(uri)
     pq.write_table(table, path + ".tmp", filesystem=fs)
+    make_private(fs, path + ".tmp", PRIVATE_FILE)
     fs.move(path + ".tmp", path)
     return fs.get_file_info(path).size
 
@@ -132,6 +161,7 @@ def read_rows(
 def _write_json(fs: pafs.FileSystem, path: str, value: dict) -> None:
     with fs.open_output_stream(path + ".tmp") as out:
         out.write(json.dumps(value, indent=1, sort_keys=True).encode())
+    make_private(fs, path + ".tmp", PRIVATE_FILE)
     fs.move(path + ".tmp", path)
 
 

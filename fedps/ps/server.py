@@ -104,14 +104,13 @@ class ParameterServer:
         if not root:
             raise DataError("ps.checkpoint_dir is not set; nowhere to write a checkpoint")
         tmp = checkpoint.tmp_dir(self.step)
-        fs, root_path = checkpoint.filesystem(root)
-        fs.create_dir(f"{root_path}/{tmp}")
+        checkpoint.create_private_dir(checkpoint.join(root, tmp))   # 0700 on the local disk, as its files are 0600
         files = {
             spec.name: [f"{spec.name}/shard-{i:05d}.parquet" for i in range(self.config.num_shards)]
             for spec in self.config.tables
         }
         for spec in self.config.tables:
-            fs.create_dir(f"{root_path}/{tmp}/{spec.name}")
+            checkpoint.create_private_dir(checkpoint.join(root, tmp, spec.name))
         saved = ray.get(
             [
                 handle.save.remote({name: checkpoint.join(root, tmp, paths[i]) for name, paths in files.items()})
