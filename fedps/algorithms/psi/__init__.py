@@ -15,6 +15,11 @@ common to both, in order (docs/protocols.md, "Private set intersection"):
 
 Training reads ``<output_dir>/<params.output>/rows`` and checks
 ``manifest.json`` with :func:`fedps.algorithms.psi.output.check_manifest`.
+
+A PSI does not resume. A party restarted with the channel state of an earlier
+run of the job either finds its result of that run (and keeps it), or tells
+its peer with an ``abort`` message and stops; the peer's next receive of the
+PSI fails at once (not after ``wait_s``), so both say: rerun under a new job id.
 """
 
 from __future__ import annotations
@@ -26,13 +31,15 @@ from typing import Any
 
 from fedps.algorithms.psi import buckets, ids, output, params as params_module
 from fedps.algorithms.psi.stream import PsiRun
-from fedps.errors import ConfigError, DataError, PeerError
+from fedps.errors import ConfigError, DataError, PeerError, ProtocolError
 from fedps.messaging.tags import Message
 
 log = logging.getLogger(__name__)
 
 SETTINGS = Message("settings", "either", "other", dict)
 ID_TYPE = Message("id_type", "either", "other", dict)
+#: Sent by a party restarted in the middle of the PSI; ends the peer's PSI at once.
+ABORT = Message("abort", "either", "other", dict)
 
 __all__ = ["run", "check_manifest", "load_manifest"]
 check_manifest = output.check_manifest
@@ -50,6 +57,40 @@ def run(context: Any) -> None:
     (peer,) = context.channels
     channel = context.channels[peer]
     scope = context.scope("psi")
+    if getattr(channel, "resumed", False):
+        _after_restart(context, params, channel, scope)
+        return
+    stop_on = getattr(channel, "stop_on", None)
+    if stop_on is None:   # a transport without aborts (in-process tests)
+        _run(context, params, channel, scope, peer)
+        return
+    with stop_on(scope.tag(ABORT.name)):
+        _run(context, params, channel, scope, peer)
+
+
+def _after_restart(context: Any, params: params_module.PsiParams, channel: Any, scope: Any) -> None:
+    """This party ran this job before: keep the result of that run, or stop both parties."""
+    job = context.config.job.id
+    folder = context.output_dir / params.output
+    try:
+        manifest = output.load_manifest(folder)
+    except (DataError, ValueError):   # none, or half written when the party was killed
+        manifest = None
+    if manifest is not None and manifest.get("job") == job:
+        log.info("psi: %s already has the result of job %s in %s; keeping it", context.me, job, folder)
+        context.metrics.update({"psi_protocol": params.protocol, "psi_learned": True,
+                                "psi_intersection": manifest["count"], "psi_digest": manifest["digest"],
+                                "psi_reused": True})
+        return
+    reason = (f"{context.me} restarted in the middle of the PSI of job {job!r}; a PSI cannot "
+              "resume: rerun it under a new job id")
+    channel.abort(scope.tag(ABORT.name), reason)
+    raise ProtocolError(f"the PSI of job {job!r} was interrupted on {context.me} (this party has the "
+                        "channel state of an earlier run but no PSI result); a PSI cannot resume: "
+                        "rerun it under a new job id (the peer was told to stop)")
+
+
+def _run(context: Any, params: params_module.PsiParams, channel: Any, scope: Any, peer: str) -> None:
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -92,7 +133,8 @@ def run(context: Any) -> None:
     if matched is not None:
         manifest = output.write_output(
             context.spark, table.frame, matched, keys.order, context.output_dir / params.output,
-            extra={"protocol": params.protocol, "id_column": params.id_column, "peer": peer})
+            extra={"protocol": params.protocol, "id_column": params.id_column, "peer": peer,
+                   "job": context.config.job.id})
     timings["output_s"] = time.perf_counter() - tick
     psi.cleanup()
     timings["total_s"] = time.perf_counter() - started
