@@ -99,6 +99,10 @@ def run_party(config: FedpsConfig) -> dict[str, Any]:
     run = resolve_algorithm(config.job.algorithm)
     output = Path(config.party.output_dir or f"out/{config.job.id}/{config.party.name}")
     output.mkdir(parents=True, exist_ok=True)
+    # An algorithm's own checks of its settings and folders, before any peer is waited for.
+    preflight = getattr(importlib.import_module(f"fedps.algorithms.{config.job.algorithm}"), "preflight", None)
+    if preflight is not None:
+        preflight(config, output)
     channel_config = config.channel_config()
     started = time.perf_counter()
     channels: dict[str, Channel] = {}

@@ -138,17 +138,21 @@ def uninterrupted(broker, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("victim", ["host", "guest"])
-def test_killed_party_resumes_to_the_same_model(tmp_path, broker, job_id, victim, uninterrupted):
+@pytest.mark.parametrize("victim,when", [("host", "mid-epoch"), ("guest", "mid-epoch"), ("guest", "setup")])
+def test_killed_party_resumes_to_the_same_model(tmp_path, broker, job_id, victim, when, uninterrupted):
     confs = write_configs(tmp_path, job_id, broker.bootstrap_servers, RESUME_FILES, **RESUME_SETTINGS)
     procs = {n: start(c) for n, c in confs.items()}
     checkpoints = tmp_path / "out" / victim / "checkpoint"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        steps = [int(p.stem.split("-")[1]) for p in checkpoints.glob("job-*.json")]
-        if steps and max(steps) >= 4:
-            break
-        time.sleep(0.2)
+        if when == "setup":   # keys persisted and about to be announced, no step checkpoint yet
+            if (checkpoints / "setup.json").exists():
+                break
+        else:
+            steps = [int(p.stem.split("-")[1]) for p in checkpoints.glob("job-*.json")]
+            if steps and max(steps) >= 4:
+                break
+        time.sleep(0.05)
     assert procs[victim].poll() is None, "the party finished before it could be killed"
     os.killpg(procs[victim].pid, signal.SIGKILL)      # the party and its local Ray die at once
     procs[victim].wait()
@@ -156,6 +160,18 @@ def test_killed_party_resumes_to_the_same_model(tmp_path, broker, job_id, victim
     finish(procs)
     for name in RESUME_FILES:
         assert model(tmp_path, name) == model(uninterrupted, name), f"{name}'s model differs after resume"
+
+
+def test_an_output_folder_of_another_job_is_refused_by_name(tmp_path, broker, job_id, uninterrupted):
+    old_job = json.loads((uninterrupted / "out" / "guest" / "checkpoint" / "setup.json").read_text())["job"]
+    confs = write_configs(tmp_path, job_id, broker.bootstrap_servers, RESUME_FILES, **RESUME_SETTINGS)
+    text = confs["guest"].read_text().replace('output_dir = "out/guest"',
+                                              f'output_dir = "{uninterrupted / "out" / "guest"}"')
+    confs["guest"].write_text(text)
+    proc = start(confs["guest"])
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert f"belongs to job '{old_job}', not '{job_id}'" in stderr and "Traceback" not in stderr
 
 
 def test_guest_under_spark_submit_runs_its_products_on_executors(tmp_path, broker, job_id):

@@ -40,11 +40,20 @@ def roles(me: str, role: str, peers: list[str], params: LRParams) -> tuple[str, 
     raise ConfigError("job.params.guest (and job.params.hosts) must name the parties when there are several hosts")
 
 
+def preflight(config, output_dir: Path) -> None:
+    """Checks that need no peer, run before the channels open: settings and the output folder."""
+    raw = dict(config.job.params)
+    raw.pop("psi", None)
+    LRParams.from_mapping(raw)
+    JobRecords(Path(output_dir) / "checkpoint", config.job.id).check_owner()
+
+
 def run(context) -> None:
     raw = dict(context.config.job.params)
     psi_params = raw.pop("psi", None)
     params = LRParams.from_mapping(raw)
     records = JobRecords(context.output_dir / "checkpoint", context.config.job.id)
+    records.check_owner()   # before any work: an output folder belongs to one job
     if psi_params is not None:
         aligned = context.output_dir / str(psi_params.get("output", "psi"))
         resuming = records.exists() and (aligned / "manifest.json").exists()

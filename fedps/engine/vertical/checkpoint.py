@@ -48,26 +48,36 @@ class JobRecords:
         return str(self.folder / "ps")
 
     # ------------------------------------------------------------------ setup
+    def check_owner(self) -> None:
+        """ConfigError if this folder holds the records of another job."""
+        path = self.folder / "setup.json"
+        try:
+            owner = json.loads(path.read_text()).get("job")
+        except FileNotFoundError:
+            return
+        except ValueError as exc:
+            raise DataError(f"setup record {path} is unreadable: {exc}") from exc
+        if owner != self.job:
+            raise ConfigError(
+                f"the output folder {self.folder.parent} belongs to job {owner!r}, not {self.job!r}: "
+                f"give job {self.job!r} its own party.output_dir, or delete {self.folder} to reuse it")
+
     def setup(self, key_bits: int) -> tuple[paillier.PaillierPrivateKey | None, bytes, bool]:
         """``(private key, secret, restarted)``: the persisted ones, or new ones persisted now.
 
         ``key_bits = 0``: a job without Paillier (joint prediction); only the secret is kept.
         """
         path = self.folder / "setup.json"
+        self.check_owner()
         if key_bits == 0:
             return None, b"", False
         if path.exists():
             try:
                 record = json.loads(path.read_text())
-                owner = record["job"]
                 p, q = int(record["paillier"]["p"]), int(record["paillier"]["q"])
                 secret = bytes.fromhex(record["secret"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise DataError(f"setup record {path} is unreadable: {exc}") from exc
-            if owner != self.job:
-                raise ConfigError(
-                    f"the output folder {self.folder.parent} belongs to job {owner!r}, not {self.job!r}: "
-                    f"give job {self.job!r} its own party.output_dir, or delete {self.folder} to reuse it")
             if (p * q).bit_length() != key_bits:
                 raise ConfigError(f"{path} holds a {(p * q).bit_length()}-bit key but key_bits is {key_bits}; "
                                   "a job keeps its settings across a restart")
