@@ -57,6 +57,24 @@ def oracle(layouts: dict, params: LRParams) -> tuple[dict[str, np.ndarray], floa
     return weights, bias, losses
 
 
+def _hostile_rows_topic(servers: str, job: str, sender: str, receiver: str) -> int:
+    """Create the per-partition topic early and write junk into two of its partitions; returns how many."""
+    import os
+
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from attacks import produce
+
+    topic = f"fedps.{job}.{sender}.{receiver}.rows"
+    admin = KafkaAdminClient(bootstrap_servers=servers)
+    admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
+    admin.close()
+    for partition in (1, 3):
+        produce(servers, topic, os.urandom(300), partition=partition)
+    produce(servers, topic, b"FPS\x01\x01\x00\x02{}" + os.urandom(40), partition=3)
+    return 3
+
+
 def split_host(tmp: Path, hosts: int) -> dict[str, Path]:
     frame = pd.read_csv(DATA / "breast_hetero_host.csv")
     columns = np.array_split([c for c in frame.columns if c != "id"], hosts)
@@ -76,9 +94,12 @@ def test_executor_runtime_trains_the_oracles_model(tmp_path, spark, ray_address,
     params = LRParams(epochs=2, batch_size=96, learning_rate=0.3, l2=0.001, key_bits=512,
                       validation_fraction=0.3, partitions=PARTITIONS, tasks=1, min_batch_ratio=1.0)
     configs = make_parties(*names, recv_timeout_s=120)
+    hostile = _hostile_rows_topic(configs["guest"].kafka.bootstrap_servers, job_id, "host1", "guest")
     results = run_in_threads(job_id, configs, layouts, {n: params for n in names}, tmp_path / "out", spark)
     errors = {n: r.error for n, r in results.items() if r.error is not None}
     assert not errors, errors
+    # the records a hostile producer put into the guest's incoming partitions were refused and counted
+    assert sum(sum(r.values()) for r in results["guest"].metrics["refused"].values()) == hostile
     weights, bias, losses = oracle(layouts, params)
     for name in names:
         model = results[name].model

@@ -208,7 +208,8 @@ def _write_report(context, trainer: Trainer, seconds: float) -> None:
         "converged": state.done, "partitions": trainer.job.partitions,
         "tasks": trainer.job.stage_spec.tasks,
         "seconds_by_work": {k: round(v, 3) for k, v in trainer.crypto.timings.items()},
-        "task_seconds_by_work": {k: round(v, 3) for k, v in trainer.task_seconds.items()}})
+        "task_seconds_by_work": {k: round(v, 3) for k, v in trainer.task_seconds.items()},
+        "refused_partition_records": trainer.refused})
     if trainer.roles.is_guest:
         context.metrics.update({"loss": state.losses, "validation": state.metrics,
                                 "final": state.metrics[-1] if state.metrics else {}})

@@ -60,6 +60,7 @@ def run_in_threads(job: str, configs: dict[str, ChannelConfig], layouts: dict[st
                 result.model = model_json(trainer)
                 result.metrics = {"seconds_by_work": dict(trainer.crypto.timings),
                                   "task_seconds_by_work": dict(trainer.task_seconds),
+                                  "refused": dict(trainer.refused),
                                   "final": trainer.state.metrics[-1] if trainer.state.metrics else {}}
             finally:
                 vertical.stop()

@@ -187,7 +187,12 @@ def train_epoch(env: TaskEnv, plan: Plan) -> dict[str, float]:
                     partial = protocol.host_partition(port, crypto, roles, x, keys, u, with_loss)
             env.record(step + 1, p)   # everything of step `step` on p is consumed
             _put(env, step, p, partial, with_loss=roles.is_guest and with_loss)
-    return dict(crypto.timings)
+    return {"seconds": dict(crypto.timings), "refused": _refused(env)}
+
+
+def _refused(env: TaskEnv) -> dict[str, dict[str, int]]:
+    """Records this task's links refused (hostile or broken), per peer and reason, for metrics.json."""
+    return {peer: dict(link.refused) for peer, link in env.links.items() if link.refused}
 
 
 def _put(env: TaskEnv, step: int, p: int, partial: Partial | None, with_loss: bool) -> None:
@@ -250,6 +255,7 @@ class Trainer:
     state: TrainState = field(default_factory=TrainState)
     summary: ScoreSummary | None = None
     task_seconds: dict[str, float] = field(default_factory=dict)
+    refused: dict[str, dict[str, int]] = field(default_factory=dict)   # by the tasks' links
 
     @property
     def batches(self) -> int:
@@ -292,10 +298,14 @@ class Trainer:
     def save(self) -> None:
         self.job.save(self.state.step, dataclasses.asdict(self.state))
 
-    def _add_timings(self, results: list[dict[str, float]]) -> None:
+    def _add_timings(self, results: list[dict[str, Any]]) -> None:
         for result in results:
-            for name, seconds in (result or {}).items():
+            for name, seconds in (result or {}).get("seconds", {}).items():
                 self.task_seconds[name] = self.task_seconds.get(name, 0.0) + seconds
+            for peer, reasons in (result or {}).get("refused", {}).items():
+                mine = self.refused.setdefault(peer, {})
+                for reason, count in reasons.items():
+                    mine[reason] = mine.get(reason, 0) + count
 
     def step(self, plan: Plan, b: int) -> None:
         """Steps 4–5 of one batch on the driver, over the whole-batch sums."""
