@@ -190,10 +190,8 @@ def test_guest_under_spark_submit_runs_its_products_on_executors(tmp_path, broke
     assert metrics["guest"]["tasks"] == 1 and metrics["guest"]["partitions"] == 4
 
 
-def test_trained_model_predicts_new_rows_jointly(tmp_path, broker, job_id):
-    files = {"guest": DATA / "breast_hetero_guest.csv", "host": DATA / "breast_hetero_host.csv"}
-    trained = write_configs(tmp_path / "train", job_id + "t", broker.bootstrap_servers, files, epochs=2)
-    finish({n: start(c) for n, c in trained.items()})
+def test_trained_model_predicts_new_rows_jointly(tmp_path, broker, job_id, uninterrupted):
+    files = RESUME_FILES   # the models of the uninterrupted run were trained on these
     # new rows of the same 60 ids on both sides (PSI output or aligned files; the demo covers PSI)
     new = {"guest": tmp_path / "guest_new.csv", "host": tmp_path / "host_new.csv"}
     pd.read_csv(files["guest"]).iloc[40:100].drop(columns=["y"]).to_csv(new["guest"], index=False)
@@ -201,7 +199,7 @@ def test_trained_model_predicts_new_rows_jointly(tmp_path, broker, job_id):
     folder = tmp_path / "predict"
     confs = write_configs(folder, job_id + "p", broker.bootstrap_servers, new, mode="predict")
     for name in confs:
-        model_file = tmp_path / "train" / "out" / name / "model.json"
+        model_file = uninterrupted / "out" / name / "model.json"
         confs[name].write_text(confs[name].read_text().replace(
             'mode = "predict"', f'mode = "predict", model = "{model_file}"'))
     metrics = finish({n: start(c) for n, c in confs.items()})
