@@ -128,8 +128,6 @@ class Stage:
             try:
                 _maybe_fail_once()
                 result = work(env)
-            except FedpsError:
-                raise
             finally:
                 env.close()
             yield result
