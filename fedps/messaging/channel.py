@@ -31,12 +31,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.admin import KafkaAdminClient
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from fedps.errors import DataError, FedpsError, PeerError, ProtocolError
-from fedps.messaging import codec, identity, wire
+from fedps.messaging import codec, identity, topics, wire
 from fedps.messaging.config import ChannelConfig, check_name
 from fedps.messaging.refusals import Refusals, Refused
 from fedps.messaging.state import Position, SessionState, StateFile
@@ -421,13 +421,7 @@ class Channel:
     def _ensure_topics(self, options: dict) -> None:
         admin = KafkaAdminClient(**options)
         try:
-            for topic in (self.out_topic, self.in_topic):
-                try:
-                    admin.create_topics(
-                        [NewTopic(topic, 1, self.config.kafka.replication_factor)]
-                    )
-                except TopicAlreadyExistsError:
-                    pass
+            topics.ensure(admin, {self.out_topic: 1, self.in_topic: 1}, self.config.kafka.replication_factor)
         except KafkaError as exc:
             raise PeerError(
                 f"could not create topics on {self.config.kafka.bootstrap_servers}: {exc}"

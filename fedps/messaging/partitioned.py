@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.admin import KafkaAdminClient
+from kafka.errors import KafkaError
 
 from fedps.errors import ConfigError, DataError, PeerError, ProtocolError
-from fedps.messaging import codec, wire
+from fedps.messaging import codec, topics, wire
 from fedps.messaging.channel import topic_name
 from fedps.messaging.config import KafkaConfig, check_channel_settings, check_name
 from fedps.messaging.tags import Tag
@@ -104,27 +104,17 @@ def ensure_topics(spec: LinkSpec) -> None:
     """Create both topics of the link with ``spec.partitions`` partitions (driver side)."""
     admin = KafkaAdminClient(**spec.kafka.client_options())
     try:
-        for topic in (spec.out_topic, spec.in_topic):
-            try:
-                admin.create_topics([NewTopic(topic, spec.partitions, spec.kafka.replication_factor)])
-            except TopicAlreadyExistsError:
-                have = _partition_count(admin, topic)
-                if have < spec.partitions:
-                    raise ProtocolError(
-                        f"topic {topic} already exists with {have} partitions, but this job needs "
-                        f"{spec.partitions}; rerun under a new job id or delete the topic"
-                    ) from None
+        wanted = {spec.out_topic: spec.partitions, spec.in_topic: spec.partitions}
+        for topic, have in topics.ensure(admin, wanted, spec.kafka.replication_factor).items():
+            if have < spec.partitions:
+                raise ProtocolError(
+                    f"topic {topic} already exists with {have} partitions, but this job needs "
+                    f"{spec.partitions}; rerun under a new job id or delete the topic"
+                )
     except KafkaError as exc:
         raise PeerError(f"could not create topics on {spec.kafka.bootstrap_servers}: {exc}") from exc
     finally:
         admin.close()
-
-
-def _partition_count(admin: KafkaAdminClient, topic: str) -> int:
-    for described in admin.describe_topics([topic]):
-        if described.get("topic", described.get("name")) == topic:
-            return len(described.get("partitions") or [])
-    return 0
 
 
 class _Refused(ProtocolError):
