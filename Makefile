@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench dist clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/messaging.py
+
+# The wheel, a zip for --py-files and a packed virtualenv for --archives (README, "Ship it").
+# `make dist DIST_ARGS=--no-env` skips the packed virtualenv (minutes, ~1 GB download).
+dist: $(STAMP)
+	$(PY) scripts/dist.py $(DIST_ARGS)
 
 clean:
 	rm -rf out .pytest_cache .hypothesis
