@@ -1,0 +1,1 @@
+"""SecureBoost: vertical gradient-boosted trees (guest holds labels, hosts hold features)."""
