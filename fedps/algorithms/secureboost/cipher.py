@@ -110,96 +110,118 @@ class GHPacker:
         self.plains_per_row = math.ceil(self.classes / self.classes_per_plain)
         self.layout = PackingLayout(slots=2 * self.classes_per_plain, value_bits=value_bits, mask_bits=0)
 
-    def _check(self, g: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        g = np.asarray(g, dtype=np.float64)
-        h = np.asarray(h, dtype=np.float64)
-        if self.classes == 1 and g.ndim == 2 and g.shape[1] == 1:
+    def _shaped(self, g: Any, h: Any, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+        g, h = np.asarray(g, dtype=dtype), np.asarray(h, dtype=dtype)
+        if self.classes == 1 and g.ndim == 2 and g.shape[1] == 1 and h.shape == g.shape:
             g, h = g[:, 0], h[:, 0]
         want = 1 if self.classes == 1 else 2
         if g.ndim != want or g.shape != h.shape or (want == 2 and g.shape[1] != self.classes):
             raise DataError(f"g and h must both have shape (rows,{'' if want == 1 else f' {self.classes}'}),"
                             f" got {g.shape} and {h.shape}")
+        return g.reshape(len(g), -1), h.reshape(len(h), -1)
+
+    def quantize(self, g: Any, h: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``round(v * 2^precision_bits)`` of g and h as integers, after checking the declared bounds."""
+        g, h = self._shaped(g, h, np.float64)
         if not (np.all(np.isfinite(g)) and np.all(np.isfinite(h))):
             raise DataError("g or h contains NaN or infinite values")
         if g.size and np.max(np.abs(g)) > self.g_bound:
             raise DataError(f"|g| reaches {np.max(np.abs(g)):.6g}, above the declared g_bound={self.g_bound}")
         if h.size and (np.min(h) < 0 or np.max(h) > self.h_bound):
             raise DataError(f"h must lie in [0, h_bound={self.h_bound}], got [{np.min(h):.6g}, {np.max(h):.6g}]")
-        return g.reshape(len(g), -1), h.reshape(len(h), -1)
+        g, h = np.rint(np.ldexp(g, self.precision_bits)), np.rint(np.ldexp(h, self.precision_bits))
+        if self.row_bound < 2**62:
+            return g.astype(np.int64), h.astype(np.int64)
+        as_int = np.vectorize(int, otypes=[object])
+        return as_int(g), as_int(h)
 
-    def encode(self, g: np.ndarray, h: np.ndarray) -> list[int]:
+    def _check_quantized(self, g: Any, h: Any) -> tuple[np.ndarray, np.ndarray]:
+        g, h = self._shaped(g, h, np.int64 if self.row_bound < 2**62 else object)
+        gmax = math.ceil(self.g_bound * 2.0 ** self.precision_bits)
+        hmax = math.ceil(self.h_bound * 2.0 ** self.precision_bits)
+        if g.size and (int(np.max(np.abs(g))) > gmax or int(np.min(h)) < 0 or int(np.max(h)) > hmax):
+            raise DataError(f"quantized g or h outside |g| <= {gmax}, 0 <= h <= {hmax}"
+                            f" (g_bound, h_bound at {self.precision_bits} fractional bits)")
+        return g, h
+
+    def encode(self, g: Any, h: Any, quantized: bool = False) -> list[int]:
         """Packed plaintexts, ``plains_per_row`` per row, row after row (row-major).
 
-        ``g``, ``h``: shape ``(rows,)``, or ``(rows, classes)`` for several classes.
+        ``g``, ``h``: shape ``(rows,)``, or ``(rows, classes)`` for several classes;
+        floats, or with ``quantized`` the integers ``round(v * 2^precision_bits)``
+        (``quantize`` output, or the same rounding done by the caller).
         """
-        g, h = self._check(g, h)
-        scale = self.precision_bits
-        gi = np.rint(np.ldexp(g, scale)).astype(np.int64) if self.row_bound < 2**62 else None
-        hi = np.rint(np.ldexp(h, scale)).astype(np.int64) if gi is not None else None
-        if gi is None:  # more than int64 holds: exact Python ints
-            gi = np.array([[int(v) for v in row] for row in np.rint(np.ldexp(g, scale))], dtype=object)
-            hi = np.array([[int(v) for v in row] for row in np.rint(np.ldexp(h, scale))], dtype=object)
+        gi, hi = self._check_quantized(g, h) if quantized else self.quantize(g, h)
         k, width = self.classes_per_plain, self.layout.slot_bits
-        out: list[int] = []
+        out: list[list[int]] = []
         for j in range(self.plains_per_row):
-            cols = range(j * k, min(self.classes, (j + 1) * k))
-            shifts = [(c, 2 * (c - j * k) * width) for c in cols]
-            gl = [gi[:, c].tolist() for c, _ in shifts]
-            hl = [hi[:, c].tolist() for c, _ in shifts]
             part = [0] * len(gi)
-            for (_, s), gc, hc in zip(shifts, gl, hl):
-                part = [p + (a << s) + (b << (s + width)) for p, a, b in zip(part, gc, hc)]
+            for c in range(j * k, min(self.classes, (j + 1) * k)):
+                s = 2 * (c - j * k) * width
+                part = [p + (int(a) << s) + (int(b) << (s + width))
+                        for p, a, b in zip(part, gi[:, c].tolist(), hi[:, c].tolist())]
             out.append(part)
         if self.plains_per_row == 1:
             return out[0]
         return [v for row in zip(*out) for v in row]
 
-    def encrypt(self, g: np.ndarray, h: np.ndarray) -> CipherVector:
+    def encrypt(self, g: Any, h: Any, quantized: bool = False) -> CipherVector:
         """``encode`` then encrypt with fresh randomness: ``plains_per_row`` ciphertexts per row.
 
         Runs where the rows are (a Spark task); the vector's ``bound`` is one
         row's encoded bound and its layout this packer's ``layout``.
         """
-        plains = self.encode(g, h)
+        plains = self.encode(g, h, quantized)
         enc = _encryptor(self.public_key, self.private_key, self.exponent_bits)
         cts = enc.raw.encrypt(plains)
         return CipherVector(self.public_key, cts, len(cts) * self.layout.slots, self.precision_bits,
                             self.row_bound, self.layout)
 
-    def decode_sums(self, ints: Sequence[int], counts: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def decode_sums(self, ints: Sequence[int], counts: Sequence[int] | None = None,
+                    quantized: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(G, H) from decrypted sums of encoded rows, ``plains_per_row`` ints per sum.
 
         Shapes ``(sums,)``, or ``(sums, classes)`` for several classes; exactly the
-        sums of the rounded values. The signed encoding needs no row counts;
-        when ``counts`` (rows per sum) are given, each sum is checked against the
-        bounds they imply (``|G| <= count * g_bound``, ``0 <= H <= count * h_bound``).
+        sums of the rounded values: float64, or with ``quantized`` the integer
+        sums themselves (int64, or Python ints past 2^62). The signed encoding
+        needs no row counts; when ``counts`` (rows per sum) are given, each sum is
+        checked against the bounds they imply (``|G| <= count * g_bound``,
+        ``0 <= H <= count * h_bound``) and a violation raises ``CryptoError``.
         """
         per = self.plains_per_row
         if len(ints) % per:
             raise CryptoError(f"{len(ints)} plaintexts are not whole sums of {per} plaintexts each")
         lay = self.layout
-        slots = [lay.unpack(int(v)) for v in ints]
-        flat = np.array([[s for j in range(per) for s in slots[i * per + j]] for i in range(len(ints) // per)],
-                        dtype=object).reshape(-1, per * lay.slots)
-        g, h = self._decode_slots(flat)
+        flat = np.array([s for v in ints for s in lay.unpack(int(v))], dtype=object).reshape(-1, per * lay.slots)
+        gq, hq = self._slot_sums(flat)
         if counts is not None:
-            self._check_counts(g, h, np.asarray(counts, dtype=np.float64))
-        return g, h
+            self._check_counts(gq, hq, counts)
+        return (gq, hq) if quantized else (self.dequantize(gq), self.dequantize(hq))
 
-    def _decode_slots(self, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Float (G, H) from an object array of slot integers, ``plains_per_row * slots`` per sum."""
+    def dequantize(self, sums: np.ndarray) -> np.ndarray:
+        """Integer sums back to float64 (``sums * 2^-precision_bits``)."""
+        arr = np.asarray(sums)
+        return np.ldexp(arr.astype(np.float64), -self.precision_bits)
+
+    def _slot_sums(self, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Integer (G, H) from an object array of slot integers, ``plains_per_row * slots`` per sum."""
         k = self.classes_per_plain
         cols_g = [(c // k) * 2 * k + 2 * (c % k) for c in range(self.classes)]
-        vals = np.ldexp(flat.astype(np.float64) if flat.size else np.zeros(flat.shape), -self.precision_bits)
-        g, h = vals[:, cols_g], vals[:, [c + 1 for c in cols_g]]
+        if self.row_bound * self.rows_max < 2**62:
+            flat = flat.astype(np.int64) if flat.size else np.zeros(flat.shape, dtype=np.int64)
+        g, h = flat[:, cols_g], flat[:, [c + 1 for c in cols_g]]
         if self.classes == 1:
             return g[:, 0], h[:, 0]
         return g, h
 
-    def _check_counts(self, g: np.ndarray, h: np.ndarray, counts: np.ndarray) -> None:
-        c = counts.reshape(-1, *([1] * (g.ndim - 1)))
-        slack = 2.0 ** -self.precision_bits * c
-        if np.any(np.abs(g) > c * self.g_bound + slack) or np.any(h < -slack) or np.any(h > c * self.h_bound + slack):
+    def _check_counts(self, g: np.ndarray, h: np.ndarray, counts: Sequence[int]) -> None:
+        c = np.asarray(counts, dtype=object).reshape(-1, *([1] * (g.ndim - 1)))
+        if c.shape[0] != g.shape[0]:
+            raise DataError(f"{c.shape[0]} counts for {g.shape[0]} sums")
+        gmax = c * math.ceil(self.g_bound * 2.0 ** self.precision_bits)
+        hmax = c * math.ceil(self.h_bound * 2.0 ** self.precision_bits)
+        g, h = g.astype(object), h.astype(object)
+        if np.any(abs(g) > gmax) or np.any(h < 0) or np.any(h > hmax):
             raise CryptoError("a decrypted sum exceeds what its row count allows: overflow, tampering or wrong counts")
 
     def describe(self) -> dict[str, int]:
@@ -604,8 +626,13 @@ class BinSums(NamedTuple):
     H: np.ndarray
 
 
-def open_histograms(decryptor: Decryptor, sealed: SealedHistograms, packer: GHPacker) -> dict[int, list[BinSums]]:
-    """Decrypt and unpack sealed histograms: per node id, per host feature, ``BinSums``."""
+def open_histograms(decryptor: Decryptor, sealed: SealedHistograms, packer: GHPacker,
+                    quantized: bool = False) -> dict[int, list[BinSums]]:
+    """Decrypt and unpack sealed histograms: per node id, per host feature, ``BinSums``.
+
+    Float64 sums, or with ``quantized`` the exact integer sums of the rounded
+    g and h (what ``GHPacker.quantize`` makes of them).
+    """
     check_same_key(decryptor.public_key, fingerprint(sealed.public_key), "sealed histograms")
     if (sealed.layout, sealed.frac_bits, sealed.plains) != (packer.layout, packer.precision_bits,
                                                             packer.plains_per_row):
@@ -624,7 +651,9 @@ def open_histograms(decryptor: Decryptor, sealed: SealedHistograms, packer: GHPa
             count = min(m, units - j * m) * slots
             vals.extend(big.unpack(p, count))
         flat = np.array(vals, dtype=object).reshape(entries, sealed.plains * slots)
-        g, h = packer._decode_slots(flat)
+        g, h = packer._slot_sums(flat)
+        if not quantized:
+            g, h = packer.dequantize(g), packer.dequantize(h)
         bounds = np.cumsum((0,) + sealed.n_bins)
         out[int(node)] = [BinSums(g[a:b], h[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     return out
