@@ -1,0 +1,1 @@
+"""FedAvg: horizontal federated learning with secure aggregation."""
