@@ -9,6 +9,8 @@
 FROM python:3.11-slim-bookworm
 
 ARG FEDPS_VERSION=0.1.0
+# the Ray of the image; conf/k8s/raycluster.yaml's rayVersion must be the same
+ARG RAY_VERSION=2.60.0
 RUN apt-get update \
  && apt-get install -y --no-install-recommends openjdk-17-jre-headless tini procps \
  && rm -rf /var/lib/apt/lists/*
@@ -16,7 +18,7 @@ RUN apt-get update \
 COPY dist/fedps-${FEDPS_VERSION}-py3-none-any.whl /tmp/
 # ray[default]: the dashboard and agent a KubeRay head expects; pyspark comes with fedps and
 # brings Spark's jars (spark-kubernetes included) and bin/spark-submit.
-RUN pip install --no-cache-dir "/tmp/fedps-${FEDPS_VERSION}-py3-none-any.whl" "ray[default]>=2.40,<3" \
+RUN pip install --no-cache-dir "/tmp/fedps-${FEDPS_VERSION}-py3-none-any.whl" "ray[default]==${RAY_VERSION}" \
  && rm /tmp/*.whl
 
 ENV SPARK_HOME=/usr/local/lib/python3.11/site-packages/pyspark \
