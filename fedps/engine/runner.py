@@ -7,10 +7,12 @@ algorithm statically; the arrows point from algorithms down to engine.)
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
 import time
+import types
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +20,16 @@ from typing import Any
 
 from fedps.engine.config import FedpsConfig
 from fedps.engine.session import start_ray, start_spark, stop_ray, stop_spark
-from fedps.errors import ConfigError
+from fedps.engine.preflight import exchange, public_reason, run_checks
+from fedps.errors import ConfigError, FedpsError, PeerError
 from fedps.messaging.channel import Channel
+from fedps.messaging.control import PeerStopped, send_stopped
 from fedps.messaging.tags import Scope
 
 log = logging.getLogger(__name__)
+
+#: How long a party whose own checks failed waits for each peer, to tell it why before it stops.
+TELL_PEERS_S = 15.0
 
 
 @dataclass
@@ -93,29 +100,49 @@ def resolve_algorithm(name: str) -> Any:
 def run_party(config: FedpsConfig) -> dict[str, Any]:
     """Run this party's role of the configured job; returns its metrics.
 
+    Before any work the algorithm's ``preflight`` checks the party's whole job
+    (its settings, then each input in one Spark pass, with the Spark session
+    kept for the job); right after the channels open the parties exchange
+    the outcome, so a mistake on either side stops both before the first
+    protocol step. A party that stops on an error tells every peer why (one
+    ``stopped`` control message: the kind and a sentence, never data).
     ``metrics.json`` is written also when the algorithm fails (with ``error``),
     and always says how many records each channel refused, per reason.
     """
     run = resolve_algorithm(config.job.algorithm)
     output = Path(config.party.output_dir or f"out/{config.job.id}/{config.party.name}")
     output.mkdir(parents=True, exist_ok=True)
-    # An algorithm's own checks of its settings and folders, before any peer is waited for.
-    preflight = getattr(importlib.import_module(f"fedps.algorithms.{config.job.algorithm}"), "preflight", None)
-    if preflight is not None:
-        preflight(config, output)
     channel_config = config.channel_config()
     started = time.perf_counter()
     channels: dict[str, Channel] = {}
     context = PartyContext(config, channels, output)
     try:
         with ExitStack() as stack:
-            for peer in sorted(config.peers):
-                channel = Channel(config.job.id, config.party.name, peer, channel_config)
-                channels[peer] = stack.enter_context(channel.open())
-            log.info("%s: channels open to %s in %.2fs", config.party.name, ", ".join(channels),
-                     time.perf_counter() - started)
             stack.callback(context.close)
-            run(context)
+            failed = _preflight(context)
+            if failed is not None:   # tell the peers why, if they come soon; never wait long to stop
+                channel_config = dataclasses.replace(
+                    channel_config, handshake_timeout_s=min(channel_config.handshake_timeout_s, TELL_PEERS_S))
+            try:
+                for peer in sorted(config.peers):
+                    channel = Channel(config.job.id, config.party.name, peer, channel_config)
+                    try:
+                        channels[peer] = stack.enter_context(channel.open())
+                    except PeerError:
+                        if failed is None:
+                            raise
+                        log.warning("%s: %s did not come within %gs to be told why this party stops",
+                                    config.party.name, peer, TELL_PEERS_S)
+                        raise failed from None
+                log.info("%s: channels open to %s in %.2fs", config.party.name, ", ".join(channels),
+                         time.perf_counter() - started)
+                if failed is not None:
+                    raise failed
+                exchange(channels, config.job.id)
+                run(context)
+            except BaseException as exc:
+                _tell_peers(context, exc)
+                raise
     except BaseException as exc:
         context.metrics["error"] = f"{type(exc).__name__}: {exc}"
         raise
@@ -124,6 +151,50 @@ def run_party(config: FedpsConfig) -> dict[str, Any]:
         context.metrics.setdefault("wall_s", round(time.perf_counter() - started, 3))
         context.write_metrics()
     return context.metrics
+
+
+def _preflight(context: PartyContext) -> FedpsError | None:
+    """The algorithm's checks of this party's job; the error they found, to tell the peers."""
+    config = context.config
+    preflight = find_preflight(config.job.algorithm)
+    if preflight is None:
+        return None
+    tick = time.perf_counter()
+    try:
+        checks = list(preflight(config, context.output_dir) or [])
+        if checks:
+            context.metrics["inputs"] = run_checks(context.spark, checks)
+    except FedpsError as exc:
+        log.error("%s: %s", config.party.name, exc)
+        return exc
+    log.info("%s: checked its settings and %d input%s in %.1fs", config.party.name, len(checks),
+             "" if len(checks) == 1 else "s", time.perf_counter() - tick)
+    return None
+
+
+def find_preflight(algorithm: str) -> Any:
+    """``fedps.algorithms.<name>.preflight``: a function of the package, or of its ``preflight`` module."""
+    found = getattr(importlib.import_module(f"fedps.algorithms.{algorithm}"), "preflight", None)
+    if found is None:
+        try:
+            found = importlib.import_module(f"fedps.algorithms.{algorithm}.preflight")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"fedps.algorithms.{algorithm}.preflight":
+                raise
+            return None
+    if isinstance(found, types.ModuleType):
+        found = getattr(found, "preflight", None)
+    return found
+
+
+def _tell_peers(context: PartyContext, exc: BaseException) -> None:
+    """Send every open channel's peer the ``stopped`` message (not back to a peer that stopped)."""
+    if isinstance(exc, PeerStopped):
+        return
+    reason = public_reason(exc)
+    kind, _, text = reason.partition(": ")
+    for channel in context.channels.values():
+        send_stopped(channel, kind, text)
 
 
 def _record_refusals(context: PartyContext) -> None:

@@ -40,17 +40,77 @@ def roles(me: str, role: str, peers: list[str], params: LRParams) -> tuple[str, 
     raise ConfigError("job.params.guest (and job.params.hosts) must name the parties when there are several hosts")
 
 
-def preflight(config, output_dir: Path) -> None:
-    """Checks that need no peer, run before the channels open: settings and the output folder."""
-    raw = dict(config.job.params)
-    raw.pop("psi", None)
-    LRParams.from_mapping(raw)
+#: Settings given once for the whole job: PSI and training both use them (``job.params.psi`` may
+#: give them instead, or repeat them with the same value).
+SHARED_WITH_PSI = ("id_column",)
+
+
+def split_settings(params: dict, source: str = "<memory>") -> tuple[dict, dict | None]:
+    """``job.params`` as (training settings, PSI settings or None), with the shared ones in both."""
+    raw = dict(params)
+    psi_raw = raw.pop("psi", None)
+    if psi_raw is None:
+        return raw, None
+    if not isinstance(psi_raw, dict):
+        raise ConfigError(f"job.params.psi in {source} must be a table of PSI settings")
+    psi_raw = dict(psi_raw)
+    for key in SHARED_WITH_PSI:
+        if key in raw and key in psi_raw and raw[key] != psi_raw[key]:
+            raise ConfigError(f"job.params.{key} = {raw[key]!r} but job.params.psi.{key} = {psi_raw[key]!r} "
+                              f"in {source}: PSI and training read the same column; give it once")
+        if key in raw:
+            psi_raw.setdefault(key, raw[key])
+        elif key in psi_raw:
+            raw[key] = psi_raw[key]
+    return raw, psi_raw
+
+
+def preflight(config, output_dir: Path) -> list:
+    """Every check of this party's job that needs no peer: settings, output folder, inputs.
+
+    Returns the input checks for the runner's one pass over the data: the PSI
+    input (when ``job.params.psi`` is set) or ``job.params.train``, with the
+    label rule (binary 0/1) on the guest.
+    """
+    from fedps.algorithms.psi.preflight import psi_settings
+    from fedps.engine.preflight import InputCheck, LabelRule, check_keys, with_public
+
+    source = config.source
+    check_keys(config.job.params, [f.name for f in dataclasses.fields(LRParams)] + ["psi"], "job.params", source)
+    raw, psi_raw = split_settings(config.job.params, source)
+    psi = psi_settings(config, psi_raw, "job.params.psi") if psi_raw is not None else None
+    try:
+        params = LRParams.from_mapping(raw)
+    except ConfigError as exc:
+        raise with_public(ConfigError(f"{exc} (in {source})"), str(exc)) from None
     JobRecords(Path(output_dir) / "checkpoint", config.job.id).check_owner()
+    guest, _ = roles(config.party.name, config.party.role, sorted(config.peers), params)
+    label = params.label_column if guest == config.party.name and params.mode == "train" else None
+    rule = LabelRule.binary("vertical logistic regression") if label else None
+    if params.mode == "predict":
+        model_file = resolve(params.model, source)
+        if "://" not in model_file and not Path(model_file).exists():
+            raise with_public(ConfigError(f"job.params.model {model_file} does not exist (in {source})"),
+                              "the model named by job.params.model does not exist")
+    if psi is not None:
+        return [InputCheck("the PSI input", psi.input, "job.params.psi.input", id_column=psi.id_column,
+                           id_setting=_id_setting(config.job.params), format=psi.format, label_column=label,
+                           label=rule, feature_columns=params.feature_columns)]
+    if not params.train:
+        raise with_public(ConfigError(f"job.params.train must name this party's data (PSI output or a file), "
+                                      f"or job.params.psi its PSI settings (in {source})"),
+                          "job.params.train is not set")
+    return [InputCheck("the training data", resolve(params.train, source), "job.params.train",
+                       id_column=params.id_column, label_column=label, label=rule,
+                       feature_columns=params.feature_columns)]
+
+
+def _id_setting(params) -> str:
+    return "job.params.psi.id_column" if "id_column" in params.get("psi", {}) else "job.params.id_column"
 
 
 def run(context) -> None:
-    raw = dict(context.config.job.params)
-    psi_params = raw.pop("psi", None)
+    raw, psi_params = split_settings(context.config.job.params, context.config.source)
     params = LRParams.from_mapping(raw)
     records = JobRecords(context.output_dir / "checkpoint", context.config.job.id)
     records.check_owner()   # before any work: an output folder belongs to one job
@@ -215,8 +275,12 @@ def _write_report(context, trainer: Trainer, seconds: float) -> None:
                                 "final": state.metrics[-1] if state.metrics else {}})
         write_plots(context.output_dir, state.losses, trainer.summary)
         final = context.metrics["final"]
-        if final:
-            log.info("validation AUC %.4f, KS %.4f, accuracy %.4f", final["auc"], final["ks"], final["accuracy"])
+        if final.get("auc") is not None:
+            log.info("validation AUC %.4f, KS %.4f, accuracy %.4f", final["auc"], final.get("ks", float("nan")),
+                     final.get("accuracy", float("nan")))
+        elif not final:
+            log.info("no validation rows (job.params.validation_fraction = %g): no validation metrics",
+                     trainer.params.validation_fraction)
 
 
 __all__ = ["run", "roles", "open_job", "make_trainer"]
