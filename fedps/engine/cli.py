@@ -41,10 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     keygen = commands.add_parser("keygen", help="create an Ed25519 identity key (mode 0600)")
     keygen.add_argument("path")
 
+    from fedps.serving.cli import add_parser as add_serve_parser   # `fedps serve`: online inference
+
+    add_serve_parser(commands)
+
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        return {"run": _run, "demo": _demo, "broker": _broker, "keygen": _keygen}[args.command](args)
+        return {"run": _run, "demo": _demo, "broker": _broker, "keygen": _keygen, "serve": _serve}[args.command](args)
     except FedpsError as exc:
         print(f"fedps: error: {exc}", file=sys.stderr)
         return 2
@@ -70,6 +74,12 @@ def _run(args: argparse.Namespace) -> int:
     metrics = run_party(config)
     print(json.dumps({"party": config.party.name, **metrics}, sort_keys=True))
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fedps.serving.cli import run
+
+    return run(args)
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -1,0 +1,138 @@
+"""The guest's public service: joint scores for a batch of rows.
+
+One request: hash the ids into row keys, send the keys to every host at once
+(one round trip per batch, each under a deadline), compute the guest's own
+part meanwhile, then add the hosts' parts in host order, as the batch joint
+prediction does (``hetero_lr/predict.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, Callable, Mapping
+
+import grpc
+import numpy as np
+
+from fedps.engine.vertical.scores import sigmoid
+from fedps.serving.keys import keys_of, split_keys
+from fedps.serving.metrics import Metrics
+from fedps.serving.model import LinearModel, Models
+from fedps.serving.rpc import PART, SCORE, Refusal, generic, handler, invalid, parse, pb
+from fedps.serving.store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+#: A host that did not answer in time or could not be reached: the fallback applies.
+_FALLBACK = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+_MARGIN_S = 0.002  # left of the caller's deadline to answer it after the hosts
+
+
+class GuestService:
+    def __init__(self, me: str, models: Models | None, hosts: Mapping[str, Any], hash_id: Callable[[str], bytes],
+                 store: FeatureStore | None, metrics: Metrics, *, host_timeout_s: float,
+                 on_host_failure: str, max_rows: int) -> None:
+        self.me, self.models, self.hash_id, self.store, self.metrics = me, models, hash_id, store, metrics
+        self.calls = {name: channel.unary_unary(PART) for name, channel in sorted(hosts.items())}
+        self.host_timeout_s, self.on_host_failure, self.max_rows = host_timeout_s, on_host_failure, max_rows
+
+    def check(self, model: LinearModel) -> None:
+        if self.store is not None:
+            model.columns(self.store.feature_names, f"the guest's store {self.store}")
+
+    def handlers(self) -> Any:
+        return generic("fedps.serving.v1.Guest", {"Score": handler(SCORE, self.score, self.metrics)})
+
+    # ------------------------------------------------------------ one request
+    def score(self, data: bytes, context: Any) -> bytes:
+        request = parse(pb.ScoreRequest, data, "ScoreRequest")
+        model = self.models.current   # this request's version, whatever a reload does meanwhile
+        if request.model_version and request.model_version != model.version:
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"the guest serves model {model.version}, not {request.model_version!r}")
+        keys = self._keys(request)
+        pending = self._ask_hosts(model, keys, context)
+        u = model.score(self._features(request, model, keys))
+        missing = []
+        for host, future in pending.items():
+            part = self._part(host, future, model, len(keys))
+            if part is None:
+                missing.append(host)
+            else:
+                u = u + part
+        self.metrics.inc("rows_total", len(keys))
+        reply = pb.ScoreReply(scores=u, probabilities=sigmoid(u), model_version=model.version,
+                              missing_hosts=missing)
+        return reply.SerializeToString()
+
+    def _keys(self, request: Any) -> list[bytes]:
+        if request.ids and request.keys:
+            raise invalid("give ids or keys, not both")
+        try:
+            keys = keys_of(request.ids, self.hash_id) if request.ids else split_keys(request.keys)
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
+        if not keys or len(keys) > self.max_rows:
+            raise invalid(f"a request must have 1 to {self.max_rows} rows (serving.max_rows), got {len(keys)}")
+        return keys
+
+    def _features(self, request: Any, model: LinearModel, keys: list[bytes]) -> np.ndarray:
+        rows = len(keys)
+        if not request.features:
+            if self.store is None:
+                raise invalid("the request has no features and the guest has no store (serving.store)")
+            x, found = self.store.lookup(keys)
+            if not found.all():
+                self.metrics.inc("unknown_ids_total", int((~found).sum()))
+            return x[:, model.columns(self.store.feature_names, "the guest's store")]
+        names = tuple(request.feature_names) or model.features
+        if len(request.features) != rows * len(names):
+            raise invalid(f"{len(request.features)} feature values for {rows} rows of {len(names)} features "
+                          f"({', '.join(names)})")
+        x = np.asarray(request.features, dtype=np.float64).reshape(rows, len(names))
+        if not np.isfinite(x).all():
+            raise invalid("a feature value is NaN or infinite")
+        if names == model.features:
+            return x
+        extra = sorted(set(names) - set(model.features))
+        if extra or len(set(names)) != len(names):
+            raise invalid(f"the request names features {', '.join(extra) or '(a name twice)'} that model "
+                          f"{model.version} does not have; it has {', '.join(model.features)}")
+        try:
+            return x[:, model.columns(names, "the request")]
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
+
+    def _ask_hosts(self, model: LinearModel, keys: list[bytes], context: Any) -> dict[str, Any]:
+        timeout = self.host_timeout_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = max(0.001, min(timeout, remaining - _MARGIN_S))
+        request = pb.PartRequest(model_version=model.version, keys=b"".join(keys),
+                                 request_id=uuid.uuid4().hex[:16]).SerializeToString()
+        return {host: call.future(request, timeout=timeout) for host, call in self.calls.items()}
+
+    def _part(self, host: str, future: Any, model: LinearModel, rows: int) -> np.ndarray | None:
+        """The host's partial scores, or None when it is left out (on_host_failure = "partial")."""
+        try:
+            data = future.result()
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code not in _FALLBACK:
+                raise Refusal(code if code != grpc.StatusCode.INVALID_ARGUMENT else grpc.StatusCode.INTERNAL,
+                              f"host {host} refused the request: {exc.details()}") from None
+            self.metrics.inc("host_failures_total", host=host, reason=code.name, action=self.on_host_failure)
+            if self.on_host_failure == "fail":
+                raise Refusal(grpc.StatusCode.UNAVAILABLE,
+                              f"host {host} did not answer in time ({code.name}: {exc.details()}); "
+                              "serving.on_host_failure = \"fail\"") from None
+            log.warning("scoring without host %s: %s", host, code.name)
+            return None
+        reply = pb.PartReply.FromString(data)
+        if reply.model_version != model.version or reply.rows != rows or reply.WhichOneof("part") != "linear" \
+                or len(reply.linear.scores) != rows:
+            raise Refusal(grpc.StatusCode.INTERNAL,
+                          f"host {host} answered model {reply.model_version!r} with {reply.rows} rows "
+                          f"({reply.WhichOneof('part')}); expected {model.version} with {rows} linear scores")
+        return np.asarray(reply.linear.scores, dtype=np.float64)

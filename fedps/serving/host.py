@@ -1,0 +1,63 @@
+"""The host's service: its part of the model on the rows the guest names by row key.
+
+Per request the host learns which of its row keys the guest scores, and when;
+it sends back its partial score of each row (docs/protocols.md, "Online serving").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import numpy as np
+
+from fedps.serving.keys import split_keys
+from fedps.serving.metrics import Metrics
+from fedps.serving.model import LinearModel, Models
+from fedps.serving.rpc import PART, Refusal, generic, handler, invalid, parse, pb
+from fedps.serving.store import FeatureStore
+from fedps.serving.tls import PinnedTLS
+
+
+class HostService:
+    def __init__(self, me: str, guest: str, models: Models, store: FeatureStore, tls: PinnedTLS,
+                 metrics: Metrics, unknown_score: float, max_rows: int) -> None:
+        self.me, self.guest, self.models, self.store, self.tls = me, guest, models, store, tls
+        self.metrics, self.unknown_score, self.max_rows = metrics, unknown_score, max_rows
+        self._columns: dict[str, np.ndarray] = {}
+
+    def check(self, model: LinearModel) -> None:
+        """A model is served only if the store has every feature it needs."""
+        self._columns[model.digest] = model.columns(self.store.feature_names, f"the store {self.store}")
+
+    def handlers(self) -> Any:
+        return generic("fedps.serving.v1.Host", {"Part": handler(PART, self.part, self.metrics)})
+
+    def part(self, data: bytes, context: Any) -> bytes:
+        caller = self.tls.caller(context)
+        if caller != self.guest:
+            self.metrics.inc("refused_callers_total", caller=caller or "unknown")
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
+                          f"{caller or 'an unidentified caller'} may not ask {self.me} for scores: "
+                          f"only the guest {self.guest} may")
+        request = parse(pb.PartRequest, data, "PartRequest")
+        try:
+            keys = split_keys(request.keys)
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
+        if not keys or len(keys) > self.max_rows:
+            raise invalid(f"a request must have 1 to {self.max_rows} rows (serving.max_rows), got {len(keys)}")
+        model = self.models.get(request.model_version)
+        if model is None:
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"{self.me} serves model {', '.join(self.models.versions)}, not "
+                          f"{request.model_version!r}: the guest and its hosts must serve the same training job")
+        x, found = self.store.lookup(keys)
+        scores = model.score(x[:, self._columns[model.digest]])
+        unknown = int((~found).sum())
+        if unknown:
+            scores[~found] = self.unknown_score
+            self.metrics.inc("unknown_ids_total", unknown)
+        self.metrics.inc("rows_total", len(keys))
+        reply = pb.PartReply(model_version=model.version, rows=len(keys), linear=pb.LinearPart(scores=scores))
+        return reply.SerializeToString()

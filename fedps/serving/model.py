@@ -1,0 +1,136 @@
+"""A party's part of a trained model, as served, and its hot reload.
+
+The model is the party's output folder of a training job: ``model.json``
+(its own weights only, written by ``hetero_lr``) and the job's id from the
+folder's setup record (``checkpoint/setup.json``, the record that ties an
+output folder to one job). The job id is the **model version**: every party's
+part of one trained model carries it, and a guest scores with the parts of one
+version only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fedps.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinearModel:
+    """One party's part of a vertical LR model: ``u = x . weights + intercept``."""
+
+    version: str
+    party: str
+    features: tuple[str, ...]
+    weights: np.ndarray
+    intercept: float
+    digest: str
+
+    def columns(self, available: tuple[str, ...], where: str) -> np.ndarray:
+        """Indices of the model's features among ``available``; DataError naming the missing ones."""
+        index = {name: i for i, name in enumerate(available)}
+        missing = [f for f in self.features if f not in index]
+        if missing:
+            raise DataError(f"model {self.version} of {self.party} needs features {', '.join(missing)} "
+                            f"that {where} does not have")
+        return np.array([index[f] for f in self.features], dtype=np.int64)
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """This party's part of the log-odds of each row (the batch prediction's ``x @ w + b``)."""
+        return np.asarray(x @ self.weights).ravel() + self.intercept
+
+
+def model_job(folder: Path) -> str:
+    """The id of the training job whose output ``folder`` is."""
+    setup = folder / "checkpoint" / "setup.json"
+    try:
+        job = json.loads(setup.read_text()).get("job")
+    except FileNotFoundError:
+        raise ConfigError(f"{folder} has no {setup.relative_to(folder)}: cannot tell which job trained "
+                          "this model; --model must be a party's output folder of a training job") from None
+    except ValueError as exc:
+        raise DataError(f"{setup} is unreadable: {exc}") from None
+    if not isinstance(job, str) or not job:
+        raise DataError(f"{setup} names no job")
+    return job
+
+
+def load_model(folder: str | Path, me: str) -> LinearModel:
+    """This party's part of the model in a training job's output folder."""
+    folder = Path(folder)
+    path = folder / "model.json"
+    try:
+        text = path.read_text()
+        saved = json.loads(text)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist: --model must be a party's output folder of a "
+                          "finished training job") from None
+    except ValueError as exc:
+        raise DataError(f"{path} is not a model.json: {exc}") from None
+    if not isinstance(saved, dict):
+        raise DataError(f"{path} is not a model.json")
+    if "trees" in saved:
+        raise ConfigError(f"{path} is a tree model: serving SecureBoost is not yet supported (vertical LR only)")
+    if saved.get("party") != me:
+        raise ConfigError(f"{path} is the model of party {saved.get('party')!r}, and this is {me!r}")
+    if "feature_ids" in saved:
+        raise ConfigError(f"{path} is a sparse model (hashed feature ids): serving sparse models is not "
+                          "yet supported")
+    features, weights = saved.get("features"), saved.get("weights")
+    if not isinstance(features, list) or not isinstance(weights, list) or len(features) != len(weights):
+        raise DataError(f"{path} must hold as many weights as features")
+    intercept = saved.get("intercept")
+    w = np.asarray(weights, dtype=np.float64)
+    if not np.isfinite(w).all() or (intercept is not None and not np.isfinite(float(intercept))):
+        raise DataError(f"{path} holds a weight that is not finite")
+    return LinearModel(version=model_job(folder), party=me, features=tuple(map(str, features)), weights=w,
+                       intercept=float(intercept or 0.0), digest=hashlib.sha256(text.encode()).hexdigest()[:12])
+
+
+class Models:
+    """The served model and, after a reload, the one before it (which a host keeps answering
+    for, so that a guest still on the old version loses no request while it reloads)."""
+
+    def __init__(self, first: LinearModel, load: Callable[[], LinearModel],
+                 check: Callable[[LinearModel], None]) -> None:
+        self._load, self._check = load, check
+        self._lock = threading.Lock()
+        check(first)
+        self.current: LinearModel = first
+        self.previous: LinearModel | None = None
+        self.reloads = 0
+
+    def get(self, version: str = "") -> LinearModel | None:
+        """The model of ``version`` (the current one when empty), or None if not held."""
+        current, previous = self.current, self.previous
+        if not version or version == current.version:
+            return current
+        if previous is not None and version == previous.version:
+            return previous
+        return None
+
+    @property
+    def versions(self) -> list[str]:
+        return [m.version for m in (self.current, self.previous) if m is not None]
+
+    def reload(self) -> LinearModel:
+        """Load the model folder again; the new model serves every request that starts after."""
+        with self._lock:
+            model = self._load()
+            self._check(model)
+            if model.version != self.current.version:
+                self.previous = self.current
+            self.current = model
+            self.reloads += 1
+        log.info("serving model %s (%s) of %s", model.version, model.digest, model.party)
+        return model

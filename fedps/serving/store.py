@@ -1,0 +1,167 @@
+"""Online feature stores: a party's features by row key, for ``fedps serve``.
+
+A store answers one question, small enough that a production store (Redis,
+HBase, Cassandra) is one adapter of a few lines: "the feature vectors of these
+row keys, and which of them you hold" (:class:`FeatureStore`). The embedded
+default is a SQLite file (:class:`SqliteStore`) that ``fedps serve
+--build-store`` writes from the party's Parquet features (:func:`build_store`):
+a table ``rows(key BLOB PRIMARY KEY, x BLOB)`` with each row's dense features
+as little-endian float64, and a table ``meta`` with the feature names and how
+the keys were made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from fedps.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+STORE_VERSION = 1
+_CHUNK = 900  # keys per query, under SQLite's variable limit on old builds
+_SKIP = ("psi_hash", "psi_index")
+
+
+class FeatureStore(Protocol):
+    """What serving needs from an online store."""
+
+    feature_names: tuple[str, ...]
+
+    def lookup(self, keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """``(x, found)``: a (rows, features) float64 array (zeros where not found) and a bool mask."""
+
+    def close(self) -> None: ...
+
+
+class SqliteStore:
+    """The embedded store: one read-only SQLite connection per serving thread."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ConfigError(f"serving.store {self.path} does not exist: build it with "
+                              "`fedps serve --build-store`")
+        self._local = threading.local()
+        try:
+            meta = dict(self._connection().execute("SELECT name, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise DataError(f"serving.store {self.path} is not a fedps store: {exc}") from None
+        if int(meta.get("version", 0)) != STORE_VERSION:
+            raise DataError(f"serving.store {self.path} has version {meta.get('version')}, "
+                            f"expected {STORE_VERSION}: rebuild it")
+        self.feature_names = tuple(json.loads(meta["features"]))
+        self.id_hash = meta.get("id_hash", "")
+        self.rows = int(meta.get("rows", 0))
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            self._local.conn = conn
+        return conn
+
+    def lookup(self, keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        width = len(self.feature_names)
+        x = np.zeros((len(keys), width))
+        found = np.zeros(len(keys), dtype=bool)
+        where: dict[bytes, list[int]] = {}
+        for i, key in enumerate(keys):
+            where.setdefault(key, []).append(i)
+        unique = list(where)
+        conn = self._connection()
+        for start in range(0, len(unique), _CHUNK):
+            chunk = unique[start:start + _CHUNK]
+            query = f"SELECT key, x FROM rows WHERE key IN ({','.join('?' * len(chunk))})"
+            for key, blob in conn.execute(query, chunk):
+                vector = np.frombuffer(blob, dtype="<f8")
+                for i in where[key]:
+                    x[i] = vector
+                    found[i] = True
+        return x, found
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+def build_store(source: str | Path, target: str | Path, *, id_column: str, key_of: Callable[[str], bytes],
+                id_hash: str, label_column: str = "y", features: Sequence[str] = ()) -> dict:
+    """Write a SQLite store from a Parquet file or folder; returns its summary.
+
+    Keys are the ``psi_hash`` column when the source is PSI output, else
+    ``key_of(id)`` of the id column. Features are ``features``, or every
+    numeric column but the id, the label and PSI's own columns.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    source, target = Path(source), Path(target)
+    if not source.exists():
+        raise DataError(f"{source} does not exist (the Parquet features to build the store from)")
+    dataset = ds.dataset(str(source), format="parquet")
+    names = dataset.schema.names
+    from_psi = "psi_hash" in names
+    if not from_psi and id_column not in names:
+        raise DataError(f"{source} has neither psi_hash nor the id column {id_column!r} (--id-column); "
+                        f"its columns are {', '.join(names)}")
+    numeric = [f.name for f in dataset.schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
+               or pa.types.is_boolean(f.type)]
+    chosen = list(features) or [n for n in numeric if n not in (id_column, label_column, *_SKIP)]
+    missing = [n for n in chosen if n not in numeric]
+    if missing or not chosen:
+        raise DataError(f"{source}: no numeric feature column {', '.join(missing) or 'at all'} to store")
+    if target.exists():
+        raise ConfigError(f"{target} already exists; remove it or choose another --build-store path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    started, rows = time.perf_counter(), 0
+    conn = sqlite3.connect(str(partial))
+    try:
+        conn.executescript("CREATE TABLE meta(name TEXT PRIMARY KEY, value TEXT);"
+                           "CREATE TABLE rows(key BLOB PRIMARY KEY, x BLOB NOT NULL) WITHOUT ROWID;")
+        key_column = "psi_hash" if from_psi else id_column
+        for batch in dataset.to_batches(columns=[key_column, *chosen]):
+            x = np.column_stack([pc.cast(batch.column(i + 1), pa.float64()).to_numpy(zero_copy_only=False)
+                                 for i in range(len(chosen))]).astype("<f8")
+            bad = ~np.isfinite(x)
+            if bad.any():
+                row, col = map(int, np.argwhere(bad)[0])
+                raise DataError(f"{source}: column {chosen[col]!r} is null or not finite in row {rows + row}")
+            raw = batch.column(0).to_pylist()
+            if from_psi:
+                keys = [bytes(k) for k in raw]
+            else:
+                if any(v is None for v in raw):
+                    raise DataError(f"{source}: the id column {id_column!r} has a null")
+                keys = [key_of(str(v)) for v in raw]
+            try:
+                conn.executemany("INSERT INTO rows VALUES (?, ?)", zip(keys, (r.tobytes() for r in x)))
+            except sqlite3.IntegrityError:
+                raise DataError(f"{source}: an id occurs twice (near row {rows}); ids must be unique") from None
+            rows += len(keys)
+        meta = {"version": STORE_VERSION, "features": json.dumps(chosen), "rows": rows,
+                "id_hash": "psi_hash" if from_psi else id_hash, "source": str(source)}
+        conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in meta.items()])
+        conn.commit()
+    except BaseException:
+        conn.close()
+        partial.unlink(missing_ok=True)
+        raise
+    conn.close()
+    partial.chmod(0o600)
+    partial.rename(target)
+    log.info("built %s: %d rows, %d features in %.1fs", target, rows, len(chosen), time.perf_counter() - started)
+    return {"store": str(target), "rows": rows, "features": chosen, "keys": meta["id_hash"]}
