@@ -36,7 +36,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from fedps.errors import DataError, FedpsError, PeerError, ProtocolError
-from fedps.messaging import codec, identity, topics, wire
+from fedps.messaging import codec, control, identity, topics, wire
 from fedps.messaging.config import ChannelConfig, check_name
 from fedps.messaging.refusals import Refusals, Refused
 from fedps.messaging.state import Position, SessionState, StateFile
@@ -170,6 +170,7 @@ class Channel:
             self._file.save(self._state)
         else:
             self._handshake()
+        control.watch(self)   # the peer's ``stopped`` fails any recv at once
         log.debug("channel %s <-> %s open (epoch %d)", self.me, self.peer, self._state.send_epoch)
         return self
 
@@ -275,6 +276,9 @@ class Channel:
         for key in self._aborts:
             if self._ready.get(key):
                 value = self._ready[key][0].value
+                stopped = control.stopped_error(self.peer, value)
+                if stopped is not None:
+                    raise stopped
                 reason = value.get("abort") if isinstance(value, dict) else None
                 raise PeerError(f"peer {self.peer!r} stopped job {self.job!r}: "
                                 f"{reason or 'no reason given'}")
@@ -293,8 +297,10 @@ class Channel:
             if time.monotonic() - self._last_commit >= self.config.commit_interval_s:
                 self.commit()
             active = time.monotonic()
+            notice = control.WaitNotice(self, str(tag), limit, first_s=10.0, every_s=60.0)
             while not self._ready.get(key):
                 self._check_aborts()
+                notice.tick()
                 now = time.monotonic()
                 remaining = deadline - now
                 if remaining <= 0:
@@ -486,7 +492,10 @@ class Channel:
         self._producer.send(self.out_topic, partition=0, value=frame)
         self._producer.flush()
         deadline = time.monotonic() + self.config.handshake_timeout_s
+        notice = control.WaitNotice(self, "its key exchange: is it started?", self.config.handshake_timeout_s)
         while not self._state.keyed:
+            notice.tick()
+            control.check_unpinned(self)   # a peer whose key is not the pinned one hears why
             if time.monotonic() > deadline:
                 raise PeerError(
                     f"peer {self.peer!r} did not answer the key exchange of job {self.job!r} "
@@ -501,6 +510,8 @@ class Channel:
             hello = identity.Hello.from_bytes(frame.body)
             identity.verify_hello(hello, self._pinned, self.job, self.me, self.peer)
         except identity.HelloRefused as exc:
+            if exc.reason == "unpinned-hello":
+                control.note_unpinned(self, hello)
             raise Refused.of(exc.reason, exc) from None
         if self._state.their_hello:
             if hello.signed == identity.Hello.from_bytes(bytes.fromhex(self._state.their_hello)).signed:

@@ -33,7 +33,7 @@ PHASE, NAME = "control", "stopped"
 #: Longest reason text sent to a peer.
 MAX_REASON = 400
 #: How long a party waits for a genuine hello after one signed by an unpinned key.
-UNPINNED_GRACE_S = 8.0
+UNPINNED_GRACE_S = 5.0
 
 
 class PeerStopped(PeerError):
