@@ -180,7 +180,12 @@ def test_guest_under_spark_submit_runs_its_products_on_executors(tmp_path, broke
     submit = Path(sys.executable).with_name("spark-submit")
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
            "RAY_USAGE_STATS_ENABLED": "0"}
+    sys.path.insert(0, str(Path(__file__).parents[2] / "scripts"))
+    import dist   # `make dist`'s --py-files zip: the driver and its executors import fedps from it
+
+    package = dist.build_zip(tmp_path)
     guest = subprocess.Popen([str(submit), "--master", "local[1]", "--conf", "spark.ui.enabled=false",
+                              "--py-files", str(package),
                               str(Path(__file__).parents[2] / "jobs" / "hetero_lr.py"), "--conf", str(confs["guest"])],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                              start_new_session=True)
