@@ -54,10 +54,26 @@ def _tap(channel: Channel, log: list[Any]) -> None:
     channel.recv = recv
 
 
+def _tap_links(monkeypatch, logs: dict[str, list[Any]]) -> None:
+    """Record what each party's bucket links receive (the driver serves the buckets of a small run)."""
+    from fedps.messaging.partitioned import PartitionLink
+
+    real = PartitionLink.recv
+
+    def recv(self, p, tag, timeout=None):
+        value = real(self, p, tag, timeout)
+        logs.setdefault(self.spec.me, []).append(value)
+        return value
+
+    monkeypatch.setattr(PartitionLink, "recv", recv)
+
+
 @pytest.fixture
-def psi_pair(spark, make_parties, job_id, tmp_path):
+def psi_pair(spark, make_parties, job_id, tmp_path, monkeypatch):
     channels = make_parties("guest", "host", recv_timeout_s=60.0)
     runs = []
+    link_logs: dict[str, list[Any]] = {}
+    _tap_links(monkeypatch, link_logs)
 
     def run(guest_ids: list[Any], host_ids: list[Any], fmt: str = "csv",
             inputs: dict[str, Path] | None = None, **params: Any) -> dict[str, Outcome]:
@@ -70,7 +86,8 @@ def psi_pair(spark, make_parties, job_id, tmp_path):
         outcomes: dict[str, Outcome] = {}
 
         def party(name: str, peer: str) -> None:
-            received: list[Any] = []
+            received = link_logs.setdefault(name, [])
+            received.clear()
             out = base / name
             config = config_module.from_mapping({
                 "job": {"id": job, "algorithm": "psi",

@@ -83,28 +83,35 @@ def test_ecdh_one_sided_result(psi_pair):
     assert out["host"].manifest is None and out["host"].metrics["psi_learned"] is False
 
 
-def test_a_low_order_point_from_the_peer_stops_the_step_with_a_crypto_error(spark, tmp_path):
+def test_a_low_order_point_in_an_executor_task_stops_the_psi_with_a_crypto_error(spark, make_parties, job_id,
+                                                                                 tmp_path):
     """An executor's refusal reaches the driver as the fedps error, not as Spark's wrapper."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import threading
 
-    from fedps.algorithms.psi import params
-    from fedps.algorithms.psi.stream import PsiRun, from_matrix
+    from fedps.algorithms.psi.storage import Folder
+    from fedps.algorithms.psi.tasks import BucketPlan, done_buckets, serve_on_executors
+    from fedps.messaging.channel import Channel
+    from fedps.messaging.partitioned import ensure_topics, link_spec
     from fedps.messaging.tags import Scope
 
-    good = np.frombuffer(b"".join(ecdh.encode_to_curve(str(i).encode()) for i in range(3)),
-                         np.uint8).reshape(3, 32)
-    low_order = np.zeros((1, 32), np.uint8)  # u = 0
-    for bucket, matrix in ((0, good), (1, np.vstack([good, low_order]))):
-        folder = tmp_path / "peer_single" / f"bucket={bucket}"
-        folder.mkdir(parents=True)
-        pq.write_table(pa.table({"seq": np.arange(len(matrix)), "value": from_matrix(matrix)}),
-                       folder / "part-0.parquet")
-    settings = params.from_mapping({"input": "x.csv", "buckets": 2}, tmp_path)
-    run = PsiRun(spark, None, Scope("j", "psi"), settings, "guest", "host", "host", tmp_path)
-    with pytest.raises(CryptoError, match="refused curve point 3"):
-        run.map_buckets(ecdh._blind_bucket(ecdh.new_secret()), {"peer_single": ["value"]}, "peer_double")
-    first3 = lambda bucket, tables: tables["peer_single"].slice(0, 3).append_column(  # noqa: E731
-        "seq", pa.array(np.arange(3)))
-    assert run.map_buckets(first3, {"peer_single": ["value"]}, "copied") == 6
+    configs = make_parties("guest", "host", recv_timeout_s=30.0)
+    guest, host = Channel(job_id, "guest", "host", configs["guest"]), Channel(job_id, "host", "guest", configs["host"])
+    opener = threading.Thread(target=guest.open)
+    opener.start()
+    host.open()
+    opener.join()
+    spec = link_spec(guest, 2, label="psi")
+    ensure_topics(spec)
+    work = Folder.at(f"file://{tmp_path}/work")
+    plan = BucketPlan(spec, work, Scope(job_id, "psi.ecdh"), 2, 100, 30.0)
+    secret = ecdh.new_secret()
+
+    def serve(io):
+        points = [ecdh.encode_to_curve(b"a"), bytes(32)] if io.bucket == 1 else [ecdh.encode_to_curve(b"b")]
+        ecdh.blind_all(secret, points, len(points))
+
+    with pytest.raises(CryptoError, match="refused curve point 1"):
+        serve_on_executors(spark, plan, serve)
+    assert set(done_buckets(work)) <= {0}          # the refused bucket is not marked done
+    guest.close()
+    host.close()

@@ -10,15 +10,17 @@ by multiplying by 8; X25519 clamps every secret to a multiple of 8, so
 the RFC's output point, and blindings commute.
 
 Steps (docs/protocols.md, "Private set intersection"), the same for each party
-with secret ``a`` and ids ``x``; the peer has ``b`` and ``y``:
+with secret ``a`` and ids ``x``; the peer has ``b`` and ``y``. Each runs per
+bucket, in the process serving the bucket (an executor task, or the driver
+for a small run), over the bucket's partition of the PSI link:
 
-1. executors: ``H(x)^a`` for each of my ids, per bucket, in a private random order
+1. ``H(x)^a`` for each of my ids of the bucket, in a private random order (kept in ``mine``)
 2. send them to the peer (stream ``ecdh_single``)
 3. receive the peer's ``H(y)^b``
-4. executors: raise them to ``a``: ``H(y)^(ab)``
+4. raise them to ``a``: ``H(y)^(ab)``
 5. if the peer learns the result: send those back in the order received (stream ``ecdh_double``)
 6. if I learn the result: receive my ``H(x)^(ab)``, in my order
-7. executors: my ids whose ``H(x)^(ab)`` is among the ``H(y)^(ab)``, bucket by bucket
+7. my ids whose ``H(x)^(ab)`` is among the ``H(y)^(ab)`` (kept in ``matched``)
 """
 
 from __future__ import annotations
@@ -33,9 +35,8 @@ import numpy as np
 import pyarrow as pa
 from nacl._sodium import ffi as _ffi, lib as _lib
 
-from fedps.algorithms.psi.stream import (IDS, PsiRun, Stream, check_same_counts, from_matrix, is_in,
-                                         to_matrix)
-from fedps.errors import CryptoError
+from fedps.algorithms.psi.stream import BucketIO, Stream, from_matrix, is_in, to_matrix, with_seq
+from fedps.errors import CryptoError, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -117,52 +118,39 @@ def blind_all(secret: bytes, points: Iterable[bytes], count: int) -> np.ndarray:
     return np.frombuffer(_ffi.buffer(out), dtype=np.uint8).reshape(count, POINT_BYTES).copy()
 
 
-def _hash_and_blind(secret: bytes) -> Callable[[int, dict[str, pa.Table]], pa.Table]:
-    """Step 1 for one bucket: my ids, hashed to the curve and raised to my secret, in private order."""
-    def run(bucket: int, tables: dict[str, pa.Table]) -> pa.Table:
-        ids = tables[IDS].column("id")
-        matrix = blind_all(secret, (encode_to_curve(i.encode()) for i in ids.to_pylist()), len(ids))
-        return pa.table({"seq": np.arange(len(ids), dtype=np.int64), "id": ids,
-                         "value": from_matrix(matrix)})
+def serve(secret: bytes, i_learn: bool, peer_learns: bool) -> Callable[[BucketIO], None]:
+    """The steps of one bucket, for :mod:`fedps.algorithms.psi.tasks`."""
+    def run(io: BucketIO) -> None:
+        mine = io.kept("mine", lambda: _hash_and_blind(secret, io.ids()))      # 1
+        io.send(SINGLE, mine.column("value"))                                   # 2
+        peer_single = to_matrix(io.recv(SINGLE), POINT_BYTES)                   # 3
+        io.stats["peer_ids"] = len(peer_single)
+        peer_double = from_matrix(blind_all(secret, peer_single.view(f"V{POINT_BYTES}").ravel().tolist(),
+                                            len(peer_single)))                # 4
+        if peer_learns:
+            io.send(DOUBLE, peer_double)                                        # 5
+        if not i_learn:
+            return
+        mine_double = io.recv(DOUBLE)                                           # 6
+        if len(mine_double) != mine.num_rows:
+            raise ProtocolError(f"the peer returned {len(mine_double)} points for bucket {io.bucket}, "
+                                f"where {mine.num_rows} were sent")
+        keep = is_in(mine_double, peer_double, POINT_BYTES)                     # 7
+        io.save("matched", pa.table({"id": mine.column("id").filter(pa.array(keep))}))
     return run
 
 
-def _blind_bucket(secret: bytes) -> Callable[[int, dict[str, pa.Table]], pa.Table]:
-    """Step 4 for one bucket: the peer's values raised to my secret, in the order received."""
-    def run(bucket: int, tables: dict[str, pa.Table]) -> pa.Table:
-        matrix = to_matrix(tables["peer_single"].column("value"), POINT_BYTES)
-        out = blind_all(secret, matrix.view(f"V{POINT_BYTES}").ravel().tolist(), len(matrix))
-        return pa.table({"seq": np.arange(len(out), dtype=np.int64), "value": from_matrix(out)})
-    return run
+def _hash_and_blind(secret: bytes, ids: pa.Table) -> pa.Table:
+    column = ids.column("id")
+    matrix = blind_all(secret, (encode_to_curve(i.encode()) for i in column.to_pylist()), len(column))
+    return with_seq({"id": column, "value": from_matrix(matrix)})
 
 
-def _match_bucket(bucket: int, tables: dict[str, pa.Table]) -> pa.Table:
-    """Step 7 for one bucket: my ids whose doubly blinded point the peer also has."""
-    keep = is_in(tables["mine_double"].column("value"), tables["peer_double"].column("value"), POINT_BYTES)
-    return pa.table({"id": tables["mine"].column("id").filter(pa.array(keep))})
+def setup(run: Any, saved: dict[str, Any] | None) -> dict[str, Any]:
+    """The party's secret: fresh, or the one of the run this party resumes."""
+    return saved if saved else {"secret": new_secret().hex()}
 
 
-def intersect(run: PsiRun) -> Any:
-    """Run ECDH PSI; returns a DataFrame of my canonical ids in the intersection (``id``), or
-    None when the configuration gives the result to the peer only."""
-    secret = new_secret()
-    with run.step("1_hash_and_blind"):
-        run.map_buckets(_hash_and_blind(secret), {IDS: ["id"]}, "mine")
-    with run.step("2_send_blinded"):
-        run.send(SINGLE, "mine")
-    with run.step("3_recv_peer_blinded"):
-        run.stats["peer_ids"] = run.recv(SINGLE, "peer_single")
-    with run.step("4_blind_peer"):
-        run.map_buckets(_blind_bucket(secret), {"peer_single": ["value"]}, "peer_double")
-    if run.params.learns(run.peer_role):
-        with run.step("5_send_double"):
-            run.send(DOUBLE, "peer_double")
-    if not run.params.learns(run.role):
-        return None
-    with run.step("6_recv_double"):
-        run.recv(DOUBLE, "mine_double")
-    check_same_counts(run, "mine", "mine_double")
-    with run.step("7_match"):
-        run.map_buckets(_match_bucket, {"mine": ["id"], "mine_double": ["value"],
-                                        "peer_double": ["value"]}, "matched")
-    return run.read("matched", "id string, bucket int").select("id")
+def server(run: Any, state: dict[str, Any]) -> Callable[[BucketIO], None]:
+    return serve(bytes.fromhex(state["secret"]), run.params.learns(run.role),
+                 run.params.learns(run.peer_role))

@@ -47,9 +47,13 @@ class PsiParams:
     result: str = "both"
     rsa_key_holder: str = "host"
     rsa_bits: int = 2048
-    #: Output folder, relative to the party's output_dir.
+    #: Output folder: relative to the party's output_dir, or absolute, or a URI (file://, hdfs://, s3a://).
     output: str = "psi"
+    #: Work folder (executors read and write it: shared storage on a cluster); "" is <output>/_work.
+    work: str = ""
     keep_work: bool = False
+    #: Below this many ids (this party's), the buckets are served in the driver: no Spark job per bucket.
+    local_below: int = 100_000
     #: Longest wait, in seconds, for a step of the peer's (reading its ids, its cryptography).
     wait_s: int = 3600
 
@@ -66,6 +70,8 @@ class PsiParams:
             raise ConfigError(f"job.params.buckets must be in 1..65536, got {self.buckets}")
         if not 1 <= self.batch_size <= 1_000_000:
             raise ConfigError(f"job.params.batch_size must be in 1..1000000, got {self.batch_size}")
+        if self.local_below < 0:
+            raise ConfigError(f"job.params.local_below must be 0 or more, got {self.local_below}")
         if self.wait_s < 1:
             raise ConfigError(f"job.params.wait_s must be positive, got {self.wait_s}")
         if self.rsa_bits < 1024 or self.rsa_bits % 256:

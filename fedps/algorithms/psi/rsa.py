@@ -6,16 +6,19 @@ tag, the modulus and the canonical id, ``|n| + 128`` bits long, reduced mod n
 signature as ``|n|``-byte big-endian. The key holder signs with CRT (gmpy2).
 
 Steps (docs/protocols.md, "Private set intersection"); the *signer* holds the
-key (``params.rsa_key_holder``), the *requester* is the other party:
+key (``params.rsa_key_holder``), the *requester* is the other party. Step 1
+runs in the drivers, over the channel; the others run per bucket, in the
+process serving the bucket, over the bucket's partition of the PSI link:
 
 1. signer: a fresh RSA key; sends the public key ``(n, e)``
-2. signer, executors: tags ``T(FDH(y)^d)`` of its own ids
-   requester, executors: ``r^e * FDH(x) mod n`` for each id, ``r`` fresh and kept
+2. signer: tags ``T(FDH(y)^d)`` of its own ids, in a private order (kept in ``mine``),
+   sent to the requester (stream ``rsa_tags``)
+   requester: ``r^e * FDH(x) mod n`` for each id, ``r`` fresh and kept (in ``mine``)
 3. requester -> signer: the blinded values (stream ``rsa_blinded``)
-4. signer, executors: their signatures ``r * FDH(x)^d``; -> requester in the same order
+4. signer: their signatures ``r * FDH(x)^d``; -> requester in the same order
    (stream ``rsa_signed``)
-5. signer -> requester: its tags (stream ``rsa_tags``)
-6. requester, executors: unblind, check ``s^e = FDH(x)``, tag, and match within each bucket
+5. requester: receives the signer's tags
+6. requester: unblind, check ``s^e = FDH(x)``, tag, and match within the bucket
 7. if the signer learns the result: requester -> signer: the matched tags (stream
    ``rsa_matched``), which the signer maps to its own ids
 """
@@ -33,8 +36,7 @@ import numpy as np
 import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric import rsa as rsa_keys
 
-from fedps.algorithms.psi.stream import (IDS, PsiRun, Stream, check_same_counts, from_matrix, is_in,
-                                         to_matrix)
+from fedps.algorithms.psi.stream import BucketIO, Stream, from_matrix, is_in, to_matrix, with_seq
 from fedps.errors import CryptoError, ProtocolError
 from fedps.messaging.tags import Message
 
@@ -102,125 +104,107 @@ def _matrix(values: list[bytes], width: int) -> pa.Array:
     return from_matrix(np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), width))
 
 
-def _blind(key: PublicKey) -> Callable[[int, dict[str, pa.Table]], pa.Table]:
-    """Requester, step 2 for one bucket: ``r^e * FDH(x)`` for my ids in private order, and ``r^-1``."""
-    def run(bucket: int, tables: dict[str, pa.Table]) -> pa.Table:
-        n, w = gmpy2.mpz(key.n), key.width
-        ids = tables[IDS].column("id")
-        blinded, inverses = [], []
-        for canonical_id in ids.to_pylist():
-            r = gmpy2.mpz(int.from_bytes(os.urandom(w + 16), "big")) % n
-            inverses.append(int(gmpy2.invert(r, n)).to_bytes(w, "big"))
-            blinded.append(int(gmpy2.powmod(r, key.e, n) * key.fdh(canonical_id) % n).to_bytes(w, "big"))
-        return pa.table({"seq": np.arange(len(ids), dtype=np.int64), "id": ids,
-                         "value": _matrix(blinded, w), "r_inv": _matrix(inverses, w)})
-    return run
+def _blind(key: PublicKey, ids: pa.Table) -> pa.Table:
+    """Requester, step 2: ``r^e * FDH(x)`` for my ids in private order, and ``r^-1``."""
+    n, w = gmpy2.mpz(key.n), key.width
+    column = ids.column("id")
+    blinded, inverses = [], []
+    for canonical_id in column.to_pylist():
+        r = gmpy2.mpz(int.from_bytes(os.urandom(w + 16), "big")) % n
+        inverses.append(int(gmpy2.invert(r, n)).to_bytes(w, "big"))
+        blinded.append(int(gmpy2.powmod(r, key.e, n) * key.fdh(canonical_id) % n).to_bytes(w, "big"))
+    return with_seq({"id": column, "value": _matrix(blinded, w), "r_inv": _matrix(inverses, w)})
 
 
-def _sign(key: PrivateKey) -> Callable[[int, dict[str, pa.Table]], pa.Table]:
-    """Signer, step 4 for one bucket: the requester's blinded values signed, in the order received."""
-    def run(bucket: int, tables: dict[str, pa.Table]) -> pa.Table:
-        w, n = key.public.width, key.public.n
-        signed = []
-        for row in to_matrix(tables["peer_blinded"].column("value"), w):
-            m = int.from_bytes(row.tobytes(), "big")
-            if not 0 < m < n:
-                raise ProtocolError("a blinded value is not in Z_n")
-            signed.append(int(key.sign(gmpy2.mpz(m))).to_bytes(w, "big"))
-        return pa.table({"seq": np.arange(len(signed), dtype=np.int64), "value": _matrix(signed, w)})
-    return run
+def _sign(key: PrivateKey, blinded: pa.Array) -> pa.Array:
+    """Signer, step 4: the requester's blinded values signed, in the order received."""
+    w, n = key.public.width, key.public.n
+    signed = []
+    for row in to_matrix(blinded, w):
+        m = int.from_bytes(row.tobytes(), "big")
+        if not 0 < m < n:
+            raise ProtocolError("a blinded value is not in Z_n")
+        signed.append(int(key.sign(gmpy2.mpz(m))).to_bytes(w, "big"))
+    return _matrix(signed, w)
 
 
-def _own_tags(key: PrivateKey) -> Callable[[int, dict[str, pa.Table]], pa.Table]:
-    """Signer, step 2 for one bucket: ``T(FDH(y)^d)`` for my ids in private order."""
-    def run(bucket: int, tables: dict[str, pa.Table]) -> pa.Table:
+def _own_tags(key: PrivateKey, ids: pa.Table) -> pa.Table:
+    """Signer, step 2: ``T(FDH(y)^d)`` for my ids in private order."""
+    w = key.public.width
+    column = ids.column("id")
+    tags = [tag(key.sign(key.public.fdh(i)), w) for i in column.to_pylist()]
+    return with_seq({"id": column, "value": _matrix(tags, TAG_BYTES)})
+
+
+def _unblind_and_match(key: PublicKey, mine: pa.Table, signed: pa.Array, peer_tags: pa.Array) -> pa.Table:
+    """Requester, step 6: unblind, check and tag my signatures; keep those the signer's tags
+    include, as ``(id, value)`` sorted by tag so the order says nothing."""
+    n, w = gmpy2.mpz(key.n), key.width
+    inverses = to_matrix(mine.column("r_inv"), w)
+    tags = []
+    for canonical_id, s_row, r_row in zip(mine.column("id").to_pylist(), to_matrix(signed, w), inverses):
+        s = gmpy2.mpz(int.from_bytes(s_row.tobytes(), "big")) * int.from_bytes(r_row.tobytes(), "big") % n
+        if gmpy2.powmod(s, key.e, n) != key.fdh(canonical_id):
+            raise ProtocolError("the key holder returned a wrong signature")
+        tags.append(tag(s, w))
+    values = _matrix(tags, TAG_BYTES)
+    keep = pa.array(is_in(values, peer_tags, TAG_BYTES))
+    return pa.table({"id": mine.column("id").filter(keep), "value": values.filter(keep)}).sort_by("value")
+
+
+def serve_signer(key: PrivateKey, i_learn: bool) -> Callable[[BucketIO], None]:
+    def run(io: BucketIO) -> None:
         w = key.public.width
-        ids = tables[IDS].column("id")
-        tags = [tag(key.sign(key.public.fdh(i)), w) for i in ids.to_pylist()]
-        return pa.table({"seq": np.arange(len(ids), dtype=np.int64), "id": ids,
-                         "value": _matrix(tags, TAG_BYTES)})
+        mine = io.kept("mine", lambda: _own_tags(key, io.ids()))               # 2
+        io.send(TAGS, mine.column("value"))
+        blinded = io.recv(blinded_stream(w))                                    # 3
+        io.stats["peer_ids"] = len(blinded)
+        io.send(signed_stream(w), _sign(key, blinded))                          # 4
+        if i_learn:
+            matched = io.recv(MATCHED)                                          # 7
+            keep = is_in(mine.column("value"), matched, TAG_BYTES)
+            io.save("matched", pa.table({"id": mine.column("id").filter(pa.array(keep))}))
     return run
 
 
-def _unblind_and_match(key: PublicKey) -> Callable[[int, dict[str, pa.Table]], pa.Table]:
-    """Requester, step 6 for one bucket: unblind, check and tag my signatures; keep those the
-    signer's tags include, as ``(seq, id, value)`` sorted by tag so the order says nothing."""
-    def run(bucket: int, tables: dict[str, pa.Table]) -> pa.Table:
-        n, w = gmpy2.mpz(key.n), key.width
-        mine = tables["mine"]
-        signed = to_matrix(tables["mine_signed"].column("value"), w)
-        inverses = to_matrix(mine.column("r_inv"), w)
-        tags = []
-        for canonical_id, s_row, r_row in zip(mine.column("id").to_pylist(), signed, inverses):
-            s = gmpy2.mpz(int.from_bytes(s_row.tobytes(), "big")) * int.from_bytes(r_row.tobytes(), "big") % n
-            if gmpy2.powmod(s, key.e, n) != key.fdh(canonical_id):
-                raise ProtocolError("the key holder returned a wrong signature")
-            tags.append(tag(s, w))
-        values = _matrix(tags, TAG_BYTES)
-        keep = pa.array(is_in(values, tables["peer_tags"].column("value"), TAG_BYTES))
-        matched = pa.table({"id": mine.column("id").filter(keep), "value": values.filter(keep)})
-        matched = matched.sort_by("value")
-        return matched.append_column("seq", pa.array(np.arange(matched.num_rows, dtype=np.int64)))
+def serve_requester(key: PublicKey, signer_learns: bool) -> Callable[[BucketIO], None]:
+    def run(io: BucketIO) -> None:
+        mine = io.kept("mine", lambda: _blind(key, io.ids()))                   # 2, r kept
+        io.send(blinded_stream(key.width), mine.column("value"))                # 3
+        signed = io.recv(signed_stream(key.width))                              # 4
+        if len(signed) != mine.num_rows:
+            raise ProtocolError(f"the key holder returned {len(signed)} signatures for bucket "
+                                f"{io.bucket}, where {mine.num_rows} values were sent")
+        peer_tags = io.recv(TAGS)                                               # 5
+        io.stats["peer_ids"] = len(peer_tags)
+        matched = _unblind_and_match(key, mine, signed, peer_tags)              # 6
+        if signer_learns:
+            io.send(MATCHED, matched.column("value"))                           # 7
+        io.save("matched", matched.select(["id"]))
     return run
 
 
-def _own_matches(bucket: int, tables: dict[str, pa.Table]) -> pa.Table:
-    """Signer, step 8 for one bucket: my ids whose tags the requester matched."""
-    mine = tables["mine"]
-    keep = is_in(mine.column("value"), tables["matched"].column("value"), TAG_BYTES)
-    return pa.table({"id": mine.column("id").filter(pa.array(keep))})
-
-
-def intersect(run: PsiRun) -> Any:
-    """Run RSA PSI; returns a DataFrame of my canonical ids in the intersection (``id``), or None."""
+def setup(run: Any, saved: dict[str, Any] | None) -> dict[str, Any]:
+    """Step 1, in the driver: the signer's key (fresh, or the one of the run it resumes)."""
+    if saved:
+        return saved
     if run.role == run.params.rsa_key_holder:
-        return _signer(run)
-    return _requester(run)
-
-
-def _signer(run: PsiRun) -> Any:
-    with run.step("1_key"):
         key = PrivateKey.generate(run.params.rsa_bits)
-        public = {"n": format(key.public.n, "x"), "e": key.public.e}
-        run.channel.send(run.scope.tag(PUBLIC_KEY.name), PUBLIC_KEY.check(public))
-    with run.step("2_own_tags"):
-        run.map_buckets(_own_tags(key), {IDS: ["id"]}, "mine")
-    with run.step("3_recv_blinded"):
-        run.stats["peer_ids"] = run.recv(blinded_stream(key.public.width), "peer_blinded")
-    with run.step("4_sign"):
-        run.map_buckets(_sign(key), {"peer_blinded": ["value"]}, "peer_signed")
-        run.send(signed_stream(key.public.width), "peer_signed")
-    with run.step("5_send_tags"):
-        run.send(TAGS, "mine")
-    if not run.params.learns(run.role):
-        return None
-    with run.step("7_recv_matched"):
-        run.recv(MATCHED, "matched")
-    with run.step("8_match"):
-        run.map_buckets(_own_matches, {"mine": ["id", "value"], "matched": ["value"]}, "matched_ids")
-    return run.read("matched_ids", "id string, bucket int").select("id")
+        run.channel.send(run.scope.tag(PUBLIC_KEY.name),
+                         PUBLIC_KEY.check({"n": format(key.public.n, "x"), "e": key.public.e}))
+        return {"private": {name: format(getattr(key, name), "x") for name in ("p", "q", "dp", "dq", "q_inv")},
+                "n": format(key.public.n, "x"), "e": key.public.e}
+    raw = PUBLIC_KEY.check(run.channel.recv(run.scope.tag(PUBLIC_KEY.name), timeout=run.wait_s))
+    key = _check_public(raw, run.params.rsa_bits)
+    return {"n": format(key.n, "x"), "e": key.e}
 
 
-def _requester(run: PsiRun) -> Any:
-    with run.step("1_key"):
-        raw = PUBLIC_KEY.check(run.channel.recv(run.scope.tag(PUBLIC_KEY.name), timeout=run.wait_s))
-        key = _check_public(raw, run.params.rsa_bits)
-    with run.step("2_blind"):
-        run.map_buckets(_blind(key), {IDS: ["id"]}, "mine")
-    with run.step("3_send_blinded"):
-        run.send(blinded_stream(key.width), "mine")
-    with run.step("4_recv_signed"):
-        run.recv(signed_stream(key.width), "mine_signed")
-    with run.step("5_recv_tags"):
-        run.stats["peer_ids"] = run.recv(TAGS, "peer_tags")
-    with run.step("6_unblind_and_match"):
-        check_same_counts(run, "mine", "mine_signed")
-        run.map_buckets(_unblind_and_match(key), {"mine": ["id", "r_inv"], "mine_signed": ["value"],
-                                                  "peer_tags": ["value"]}, "matched")
-    if run.params.learns(run.peer_role):
-        with run.step("7_send_matched"):
-            run.send(MATCHED, "matched")
-    return run.read("matched", "id string, bucket int").select("id")
+def server(run: Any, state: dict[str, Any]) -> Callable[[BucketIO], None]:
+    public = PublicKey(int(state["n"], 16), int(state["e"]))
+    if "private" in state:
+        values = {name: int(v, 16) for name, v in state["private"].items()}
+        return serve_signer(PrivateKey(public, **values), run.params.learns(run.role))
+    return serve_requester(public, run.params.learns(run.peer_role))
 
 
 def _check_public(raw: dict, bits: int) -> PublicKey:

@@ -1,0 +1,228 @@
+"""One party's PSI from its driver: the steps of :mod:`fedps.algorithms.psi`, and their resume.
+
+The driver handles settings, counts, keys and the manifest; blinded values
+go between the processes serving the buckets (:mod:`~fedps.algorithms.psi.tasks`).
+
+Resume: once the ids are staged and the protocol's secret is chosen (and, for
+RSA, the public key exchanged), the party writes ``state.json`` (mode 0600)
+in its work folder: the agreed keys, its secret or RSA key, the peer's role.
+A party restarted with the same command and its channel state finds it,
+skips the exchanges already done, keeps the buckets already done
+(``done/``) and serves the others again. Before that point a restarted
+party cannot resume (it would need messages it has consumed), and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from fedps.algorithms.psi import buckets, ids, output, params as params_module
+from fedps.algorithms.psi.storage import Folder, is_uri
+from fedps.algorithms.psi.stream import IDS
+from fedps.algorithms.psi.tasks import BucketPlan, serve_in_driver, serve_on_executors
+from fedps.errors import ConfigError, DataError, PeerError
+from fedps.messaging.tags import Message, Scope
+
+log = logging.getLogger(__name__)
+
+SETTINGS = Message("settings", "either", "other", dict)
+ID_TYPE = Message("id_type", "either", "other", dict)
+STATE = "state.json"
+STATE_VERSION = 1
+LINK_LABEL = "psi"
+
+
+@dataclass
+class PsiRun:
+    """One party's side of a PSI run: what the protocol's driver steps need."""
+
+    channel: Any
+    scope: Scope
+    params: params_module.PsiParams
+    role: str
+    peer: str
+    peer_role: str
+    wait_s: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def step(self, name: str, started: float) -> None:
+        self.timings[name] = round(time.perf_counter() - started, 3)
+        log.info("psi/%s %s: %s took %.2fs", self.params.protocol, self.role, name, self.timings[name])
+
+
+def output_folder(context: Any, params: params_module.PsiParams) -> Folder:
+    if is_uri(params.output) or os.path.isabs(params.output):
+        return Folder.at(params.output)
+    return Folder.at(context.output_dir / params.output)
+
+
+def work_folder(out: Folder, params: params_module.PsiParams) -> Folder:
+    return Folder.at(params.work) if params.work else out.child("_work")
+
+
+def load_state(work: Folder, job: str) -> dict[str, Any] | None:
+    """The resume state of this job in ``work``, or None."""
+    try:
+        state = work.read_json(STATE)
+    except DataError:
+        return None
+    if not state or state.get("version") != STATE_VERSION or state.get("job") != job:
+        return None
+    return state
+
+
+def protocol_module(name: str) -> Any:
+    if name == "ecdh":
+        from fedps.algorithms.psi import ecdh as module
+    else:
+        from fedps.algorithms.psi import rsa as module
+    return module
+
+
+def run_psi(context: Any, params: params_module.PsiParams, channel: Any, scope: Any, peer: str,
+            out: Folder, work: Folder, saved: dict[str, Any] | None) -> None:
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    job = context.config.job.id
+    if saved is None:
+        work.remove()
+        peer_role = _exchange_settings(context, params, channel, scope, peer)          # 1
+        table = _load_and_compare(context.spark, params, channel, scope, peer)        # 2
+        keys = buckets.agree_keys(channel, scope, context.me, peer)                   # 3
+    else:
+        peer_role = str(saved["peer_role"])
+        table = ids.load_ids(context.spark, params)
+        keys = buckets.PsiKeys(bytes.fromhex(saved["keys"]["bucket"]), bytes.fromhex(saved["keys"]["order"]))
+        log.info("psi: %s resumes job %s from %s", context.me, job, work)
+    timings["read_s"] = round(time.perf_counter() - started, 3)
+    local = table.report["ids"] < params.local_below
+    run = PsiRun(channel, scope.sub(params.protocol), params, context.role, peer, peer_role,
+                 float(params.wait_s), timings)
+    protocol = protocol_module(params.protocol)
+    rows = table.frame.toArrow() if local else None
+    if saved is None:
+        tick = time.perf_counter()                                                    # 4
+        if local:
+            _stage_local(rows, keys.bucket, params.buckets, work.child(IDS))
+        else:
+            _stage_spark(table.frame, keys.bucket, params.buckets, work.child(IDS))
+        run.step("0_stage_ids", tick)
+        state = {"version": STATE_VERSION, "job": job, "peer_role": peer_role,
+                 "keys": {"bucket": keys.bucket.hex(), "order": keys.order.hex()},
+                 "protocol": protocol.setup(run, None)}
+        work.write_json(STATE, state, private=True)
+    else:
+        state = saved
+
+    tick = time.perf_counter()                                                        # 5
+    plan = _plan(channel, run, work, params)
+    serve = protocol.server(run, state["protocol"])
+    stats = serve_in_driver(plan, serve) if local else serve_on_executors(context.spark, plan, serve)
+    run.step("buckets", tick)
+
+    tick = time.perf_counter()                                                        # 6
+    manifest = None
+    if params.learns(context.role):
+        extra = {"protocol": params.protocol, "id_column": params.id_column, "peer": peer, "job": job}
+        if local:
+            matched = [t.column("id") for b in range(params.buckets)
+                       if (t := work.child("matched", f"bucket={b}").read_table(["id"])) is not None]
+            found = pa.chunked_array(matched, pa.string()).to_pylist() if matched else []
+            manifest = output.write_output_local(rows, found, keys.order, out, extra)
+        else:
+            matched = context.spark.read.schema("id string, bucket int").parquet(work.child("matched").spark_path)
+            manifest = output.write_output(context.spark, table.frame, matched.select("id"), keys.order, out, extra)
+    timings["output_s"] = round(time.perf_counter() - tick, 3)
+    if not params.keep_work:
+        work.remove()
+    timings["total_s"] = round(time.perf_counter() - started, 3)
+    totals: dict[str, int] = {}
+    for bucket in stats:
+        for key, value in bucket.items():
+            totals[key] = totals.get(key, 0) + int(value)
+    context.metrics.update({
+        "psi_protocol": params.protocol,
+        "psi_buckets": params.buckets,
+        "psi_mode": "driver" if local else "executors",
+        "psi_learned": manifest is not None,
+        "psi_intersection": manifest["count"] if manifest else None,
+        "psi_digest": manifest["digest"] if manifest else None,
+        "psi_input": table.report,
+        "psi_peer_ids": totals.get("peer_ids", 0),
+        "psi_buckets_reused": totals.pop("reused", 0),
+        "psi_resumed": saved is not None,
+        "psi_messages": totals,
+        "psi_driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "psi_timings": {**timings, **run.timings},
+    })
+    log.info("psi: %s learned %s of %d ids in %.1fs", context.me,
+             manifest["count"] if manifest else "nothing", table.report["ids"], timings["total_s"])
+
+
+def _plan(channel: Any, run: PsiRun, work: Folder, params: params_module.PsiParams) -> BucketPlan:
+    if not hasattr(channel, "subkeys"):
+        raise ConfigError("psi needs a Kafka channel (its buckets talk over per-bucket partitions); "
+                          "this transport has none")
+    from fedps.messaging.partitioned import ensure_topics, link_spec
+
+    spec = link_spec(channel, params.buckets, label=LINK_LABEL)
+    ensure_topics(spec)
+    return BucketPlan(spec, work, run.scope, params.buckets, params.batch_size, float(params.wait_s))
+
+
+def _stage_local(rows: pa.Table, bucket_key: bytes, count: int, folder: Folder) -> None:
+    """The ids of a small run, bucketed and in a private order, written from this process."""
+    private = os.urandom(32)
+    column = rows.column(ids.ID).to_pylist()
+    groups: dict[int, list[str]] = {}
+    for value in column:
+        groups.setdefault(buckets.bucket_of(bucket_key, value, count), []).append(value)
+    for bucket, members in groups.items():
+        order = [buckets.keyed_hash(private, v)[:16] for v in members]
+        folder.child(f"bucket={bucket}").write_table(
+            "part-0.parquet", pa.table({"_order": pa.array(order, pa.binary()), "id": pa.array(members, pa.string())}))
+
+
+def _stage_spark(frame: Any, bucket_key: bytes, count: int, folder: Folder) -> None:
+    """The ids, bucketed by Spark, as Parquet partitioned by bucket (``bucket=<b>/``)."""
+    staged = buckets.bucketed(frame, bucket_key, count)
+    staged.write.mode("overwrite").partitionBy("bucket").parquet(folder.spark_path)
+
+
+def _exchange_settings(context: Any, params: params_module.PsiParams, channel: Any, scope: Any,
+                       peer: str) -> str:
+    channel.send(scope.tag(SETTINGS.name), SETTINGS.check({**params.agreed_view(), "role": context.role}))
+    theirs = SETTINGS.check(channel.recv(scope.tag(SETTINGS.name)))
+    params_module.check_agreement(params.agreed_view(), theirs, peer)
+    peer_role = str(theirs.get("role"))
+    if {context.role, peer_role} != {"guest", "host"}:
+        raise ConfigError(f"psi needs one guest and one host; {context.me} is {context.role} "
+                          f"and {peer} is {peer_role} (party.role)")
+    return peer_role
+
+
+def _load_and_compare(spark: Any, params: params_module.PsiParams, channel: Any, scope: Any,
+                      peer: str) -> ids.IdTable:
+    """Read the ids; tell the peer their type (or that reading failed) and compare."""
+    try:
+        table = ids.load_ids(spark, params)
+    except DataError as exc:
+        channel.send(scope.tag(ID_TYPE.name), ID_TYPE.check({"ok": False, "error": type(exc).__name__}))
+        channel.flush()
+        raise
+    channel.send(scope.tag(ID_TYPE.name), ID_TYPE.check({"ok": True, "id_type": table.id_type}))
+    theirs = ID_TYPE.check(channel.recv(scope.tag(ID_TYPE.name), timeout=params.wait_s))
+    if not theirs.get("ok"):
+        raise PeerError(f"{peer} could not use its ids ({theirs.get('error')}); see its log")
+    if theirs.get("id_type") != table.id_type:
+        raise DataError(f"our ids ({params.id_column!r} in {params.input}) are {table.id_type}s but "
+                        f"{peer}'s are {theirs.get('id_type')}s; set job.params.id_type to the same "
+                        f"value on both sides")
+    return table
