@@ -163,3 +163,25 @@ def test_yarn_cluster_mode_ships_every_relative_file_of_its_toml():
     files = re.search(r'--files "([^"]+)"', (YARN / "submit.sh").read_text()).group(1)
     shipped = {PurePosixPath(shlex.split(f)[0]).name for f in files.split(",")}
     assert relative and set(relative) <= shipped
+
+
+def ray_token_secrets(containers: list[dict]) -> set[str]:
+    """The Secrets the containers take RAY_AUTH_TOKEN from; only when they also turn token auth on."""
+    found = set()
+    for container in containers:
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", container["name"]
+        found.add(env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"])
+    return found
+
+
+def test_every_process_that_joins_a_partys_ray_has_that_partys_token():
+    for cluster in docs("raycluster.yaml"):
+        spec = cluster["spec"]
+        containers = [c for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+                      for c in group["template"]["spec"]["containers"]]
+        party = cluster["metadata"]["name"].removeprefix("fedps-").removesuffix("-ps")
+        assert ray_token_secrets(containers) == {f"fedps-{party}-ray-token"}
+    spark = [c for name in ("spark-driver-template.yaml", "spark-executor-template.yaml")
+             for c in docs(name)[0]["spec"]["containers"]]
+    assert ray_token_secrets(spark) == {"fedps-bank-ray-token"}   # the bank's templates
