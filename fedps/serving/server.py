@@ -41,6 +41,7 @@ class Serving:
     grace_s: float
     port: int
     closers: list[Any] = field(default_factory=list)
+    service: Any = None
     draining: bool = False
 
     def status(self) -> tuple[bool, dict]:
@@ -130,7 +131,7 @@ def start(config: FedpsConfig, serving: ServingConfig, model_folder: str | Path)
     if not port:
         raise ConfigError(f"serving.listen {serving.listen} could not be bound")
     metrics.info.update(party=me, role=role, model_version=first.version, model_digest=first.digest)
-    running = Serving(me, role, server, None, models, metrics, serving.grace_s, port, closers)
+    running = Serving(me, role, server, None, models, metrics, serving.grace_s, port, closers, service)
     running.ops = OpsServer(serving.ops_listen, running.status, metrics.render, running.reload)
     server.start()
     running.ops.start()

@@ -186,7 +186,7 @@ def test_hot_reload_under_load_loses_no_request(deployment, parts):
             thread.join(timeout=30)
     assert not errors
     versions = [v for v, _ in seen]
-    assert versions[0] == JOB and versions[-1] == NEXT and versions.index(NEXT) > 10
+    assert versions[0] == JOB and versions[-1] == NEXT and min(versions.count(JOB), versions.count(NEXT)) >= 3
     assert max(err for _, err in seen) < 1e-9
     # graceful shutdown: both drain and exit 0
     assert deployment.guest.stop() == 0 and deployment.host.stop() == 0
