@@ -20,9 +20,11 @@ def parse(argv: list[str]) -> list[str]:
     parser.add_argument("--conf", required=True, help="the party's TOML file")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a configuration key (repeatable)")
+    parser.add_argument("--role", help="this party's role; must agree with the file's party.role")
     args = parser.parse_args(argv)
     return ["run", "--conf", args.conf, "--set", "job.algorithm=psi",
-            *[item for value in args.set for item in ("--set", value)]]
+            *[item for value in args.set for item in ("--set", value)],
+            *(["--role", args.role] if args.role else [])]
 
 
 if __name__ == "__main__":

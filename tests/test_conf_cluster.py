@@ -185,3 +185,23 @@ def test_every_process_that_joins_a_partys_ray_has_that_partys_token():
     spark = [c for name in ("spark-driver-template.yaml", "spark-executor-template.yaml")
              for c in docs(name)[0]["spec"]["containers"]]
     assert ray_token_secrets(spark) == {"fedps-bank-ray-token"}   # the bank's templates
+
+
+def test_fedps_topics_prints_the_resources_of_the_example(capsys):
+    from fedps.engine.cli import main
+
+    assert main(["topics", "--conf", str(K8S / "guest.toml"), "--strimzi", "--kafka-cluster", "fedps-kafka"]) == 0
+    printed = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    example = {d["spec"]["topicName"]: d["spec"] for d in docs("kafka-topics.yaml")}
+    topics = [d for d in printed if d["kind"] == "KafkaTopic"]
+    assert topics and all(example[t["spec"]["topicName"]]["partitions"] == t["spec"]["partitions"] for t in topics)
+    assert {t["spec"]["topicName"].split(".")[2] for t in topics} == {"bank"}   # what the bank sends on
+    (user,) = [d for d in printed if d["kind"] == "KafkaUser"]
+    assert user["spec"] == next(d["spec"] for d in docs("kafka-users.yaml") if d["metadata"]["name"] == "bank")
+
+
+def test_a_role_that_contradicts_the_file_is_refused_before_anything_starts(capsys):
+    from fedps.engine.cli import main
+
+    assert main(["run", "--conf", str(K8S / "guest.toml"), "--role", "host"]) == 2
+    assert "--role host contradicts party.role = 'guest'" in capsys.readouterr().err

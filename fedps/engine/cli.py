@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--conf", required=True, help="the party's TOML file")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a configuration key (repeatable)")
+    run.add_argument("--role", help="this party's role (guest, host, ...); a file that names "
+                                    "another party.role is an error")
 
     demo = commands.add_parser("demo", help="run the demo job locally: embedded broker, two parties")
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
@@ -41,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     keygen = commands.add_parser("keygen", help="create an Ed25519 identity key (mode 0600)")
     keygen.add_argument("path")
 
+    topics = commands.add_parser("topics", help="the Kafka topics and permissions a party's job needs")
+    topics.add_argument("--conf", required=True, help="the party's TOML file")
+    topics.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    topics.add_argument("--strimzi", action="store_true",
+                        help="print Strimzi KafkaTopic and KafkaUser resources instead of a list")
+    topics.add_argument("--kafka-cluster", default="my-cluster", help="--strimzi: the Kafka resource's name")
+
     from fedps.serving.cli import add_parser as add_serve_parser   # `fedps serve`: online inference
 
     add_serve_parser(commands)
@@ -48,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        return {"run": _run, "demo": _demo, "broker": _broker, "keygen": _keygen, "serve": _serve}[args.command](args)
+        return {"run": _run, "demo": _demo, "broker": _broker, "keygen": _keygen, "topics": _topics, "serve": _serve}[args.command](args)
     except FedpsError as exc:
         print(f"fedps: error: {exc}", file=sys.stderr)
         return 2
@@ -71,8 +80,40 @@ def _run(args: argparse.Namespace) -> int:
     from fedps.engine.runner import run_party
 
     config = config_module.load(args.conf, args.set)
+    if args.role:
+        config = _with_role(config_module, args, config)
     metrics = run_party(config)
     print(json.dumps({"party": config.party.name, **metrics}, sort_keys=True))
+    return 0
+
+
+def _with_role(config_module, args: argparse.Namespace, config):
+    """The configuration with ``--role``; refused when the file (or a ``--set``) names another role."""
+    import tomllib
+
+    from fedps.errors import ConfigError
+
+    named = tomllib.loads(Path(args.conf).read_text()).get("party", {}).get("role")
+    if any(item.partition("=")[0].strip() == "party.role" for item in args.set):
+        named = config.party.role
+    if named and named != args.role:
+        raise ConfigError(f"--role {args.role} contradicts party.role = {named!r} of {args.conf}")
+    return config_module.load(args.conf, [*args.set, f"party.role={json.dumps(args.role)}"])
+
+
+def _topics(args: argparse.Namespace) -> int:
+    from fedps.engine import config as config_module
+    from fedps.engine import deploy
+
+    config = config_module.load(args.conf, args.set)
+    if args.strimzi:
+        print(deploy.strimzi_yaml(config, args.kafka_cluster), end="")
+        return 0
+    for need in deploy.job_topics(config):
+        access = "write" if need.direction == "out" else "read"
+        print(f"{need.name}  partitions={need.partitions}  {config.party.name}:{access}")
+    for group in deploy.consumer_groups(config):
+        print(f"{group}  (consumer group)  {config.party.name}:read")
     return 0
 
 

@@ -74,3 +74,29 @@ def strimzi_acls(config: Any) -> list[dict[str, Any]]:
         acls.append({"resource": {"type": "group", "name": group, "patternType": "literal"},
                      "operations": ["Read"]})
     return acls
+
+
+def strimzi_yaml(config: Any, kafka_cluster: str, retention_ms: int = 7 * 24 * 3600 * 1000) -> str:
+    """Strimzi ``KafkaTopic``s for the topics this party sends on and its ``KafkaUser``.
+
+    Each party prints its own: together they make every topic of the job once. Retention
+    must outlast the longest outage a job should survive (a resumed party re-reads its
+    topics from its checkpoint's positions).
+    """
+    import yaml
+
+    labels = {"strimzi.io/cluster": kafka_cluster}
+    max_bytes = max(1_048_588, config.channel.chunk_bytes + 65_536)
+    documents = [
+        {"apiVersion": "kafka.strimzi.io/v1beta2", "kind": "KafkaTopic",
+         "metadata": {"name": need.name, "labels": labels},
+         "spec": {"topicName": need.name, "partitions": need.partitions,
+                  "replicas": config.kafka.replication_factor,
+                  "config": {"retention.ms": retention_ms, "max.message.bytes": max_bytes}}}
+        for need in job_topics(config) if need.direction == "out"]
+    documents.append(
+        {"apiVersion": "kafka.strimzi.io/v1beta2", "kind": "KafkaUser",
+         "metadata": {"name": config.party.name, "labels": labels},
+         "spec": {"authentication": {"type": "tls"},
+                  "authorization": {"type": "simple", "acls": strimzi_acls(config)}}})
+    return yaml.safe_dump_all(documents, sort_keys=False)
