@@ -111,6 +111,9 @@ class GuestService:
             timeout = max(0.001, min(timeout, remaining - _MARGIN_S))
         request = pb.PartRequest(model_version=model.version, keys=b"".join(keys),
                                  request_id=uuid.uuid4().hex[:16]).SerializeToString()
+        if len(self.calls) == 1:   # one host: a blocking call, on this thread (no hand-off)
+            ((host, call),) = self.calls.items()
+            return {host: _Done(call, request, timeout)}
         return {host: call.future(request, timeout=timeout) for host, call in self.calls.items()}
 
     def _part(self, host: str, future: Any, model: LinearModel, rows: int) -> np.ndarray | None:
@@ -136,3 +139,13 @@ class GuestService:
                           f"host {host} answered model {reply.model_version!r} with {reply.rows} rows "
                           f"({reply.WhichOneof('part')}); expected {model.version} with {rows} linear scores")
         return np.asarray(reply.linear.scores, dtype=np.float64)
+
+
+class _Done:
+    """A blocking call made when its result is asked for, with the interface of a future."""
+
+    def __init__(self, call: Any, request: bytes, timeout: float) -> None:
+        self.call, self.request, self.timeout = call, request, timeout
+
+    def result(self) -> bytes:
+        return self.call(self.request, timeout=self.timeout)

@@ -1,0 +1,188 @@
+"""Online serving latency and throughput next to a plain gRPC echo, in one run.
+
+    .venv/bin/python bench/serving.py [--requests 2000] [--seconds 5] [--window 8] [--rows 20000]
+
+A guest and one host run as separate ``fedps serve`` processes on loopback (the
+host's features in its SQLite store of ``--rows`` rows, 20 features; the guest
+sends 10 features of its own with each request). Beside them an echo process
+answers the same serialized ScoreRequest with itself over plain gRPC (the
+floor: one loopback RPC with that payload, no work). Latency: ``--requests``
+sequential requests of 1 row, serve and echo alternating in blocks of 100.
+Throughput: 100-row requests for ``--seconds`` with ``--window`` in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fedps.messaging.identity import generate_identity  # noqa: E402
+from fedps.serving.client import score_request  # noqa: E402
+from fedps.serving.rpc import SCORE  # noqa: E402
+
+GUEST_FEATURES, HOST_FEATURES = 10, 20
+ECHO = """
+import sys, time, grpc
+from concurrent import futures
+h = grpc.method_handlers_generic_handler("fedps.serving.v1.Guest",
+    {"Score": grpc.unary_unary_rpc_method_handler(lambda request, context: request)})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+server.add_generic_rpc_handlers((h,))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+server.wait_for_termination()
+"""
+
+
+def _model(folder: Path, job: str, party: str, n: int, intercept: float | None, rng) -> Path:
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "checkpoint" / "setup.json").write_text(json.dumps({"job": job}))
+    (folder / "model.json").write_text(json.dumps({
+        "party": party, "features": [f"{party[0]}{i}" for i in range(n)],
+        "weights": rng.normal(0, 0.1, n).tolist(), "intercept": intercept}))
+    return folder
+
+
+def _conf(folder: Path, name: str, peer: str, key: str, serving: str) -> Path:
+    conf = folder / f"{name}.toml"
+    conf.write_text(f"""[job]\nid = "bench"\n[party]\nname = "{name}"\nrole = "{name}"
+identity_key = "{name}.key"\n[peers]\n{peer} = "{key}"\n[serving]\n{serving}\n""")
+    return conf
+
+
+def _start(args: list[str], ports: Path) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, "-m", "fedps.engine.cli", "serve", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "GRPC_VERBOSITY": "ERROR"})
+    while not ports.exists() or not ports.read_text():
+        if proc.poll() is not None:
+            raise SystemExit(f"serve failed: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    return proc, json.loads(ports.read_text())["listen"]
+
+
+def deploy(folder: Path, rows: int) -> tuple[list[subprocess.Popen], int, list[str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    keys = {n: generate_identity(folder / f"{n}.key") for n in ("guest", "host")}
+    _model(folder / "guest-model", "bench", "guest", GUEST_FEATURES, 0.1, rng)
+    _model(folder / "host-model", "bench", "host", HOST_FEATURES, None, rng)
+    ids = [str(100_000 + i) for i in range(rows)]
+    x = rng.normal(size=(rows, HOST_FEATURES))
+    pq.write_table(pa.table({"id": ids, **{f"h{i}": x[:, i] for i in range(HOST_FEATURES)}}),
+                   folder / "host.parquet")
+    host_conf = _conf(folder, "host", "guest", keys["guest"], 'store = "host.sqlite"\nport_file = "host.json"')
+    subprocess.run([sys.executable, "-m", "fedps.engine.cli", "serve", "--conf", str(host_conf),
+                    "--build-store", str(folder / "host.parquet")], check=True, capture_output=True)
+    host, host_port = _start(["--conf", str(host_conf), "--model", str(folder / "host-model")],
+                             folder / "host.json")
+    guest_conf = _conf(folder, "guest", "host", keys["host"],
+                       f'hosts = {{ host = "127.0.0.1:{host_port}" }}\nport_file = "guest.json"\n'
+                       'host_timeout_s = 2.0')
+    guest, guest_port = _start(["--conf", str(guest_conf), "--model", str(folder / "guest-model")],
+                               folder / "guest.json")
+    return [guest, host], guest_port, ids
+
+
+def latencies(call, request: bytes, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        started = time.perf_counter()
+        call(request, timeout=10)
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def throughput(call, requests: list[bytes], seconds: float, window: int) -> tuple[float, int]:
+    """Requests per second with ``window`` in flight (futures from one thread)."""
+    done, lock, slots = [0], threading.Lock(), threading.Semaphore(window)
+
+    def finished(future) -> None:
+        future.result()
+        with lock:
+            done[0] += 1
+        slots.release()
+
+    started, i = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        slots.acquire()
+        call.future(requests[i % len(requests)], timeout=30).add_done_callback(finished)
+        i += 1
+    for _ in range(window):
+        slots.acquire()
+    elapsed = time.perf_counter() - started
+    return done[0] / elapsed, done[0]
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1e3, q))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    import grpc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        procs, guest_port, ids = deploy(folder, args.rows)
+        echo = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
+        echo_port = int(echo.stdout.readline())
+        try:
+            rng = np.random.default_rng(1)
+            serve = grpc.insecure_channel(f"127.0.0.1:{guest_port}").unary_unary(SCORE)
+            plain = grpc.insecure_channel(f"127.0.0.1:{echo_port}").unary_unary(SCORE)
+            one = [score_request([ids[int(rng.integers(len(ids)))]], rng.normal(size=(1, GUEST_FEATURES)))
+                   for _ in range(64)]
+            hundred = [score_request([ids[int(k)] for k in rng.integers(len(ids), size=100)],
+                                     rng.normal(size=(100, GUEST_FEATURES))) for _ in range(64)]
+            for call in (serve, plain):   # warm up: connections, TLS to the host, caches
+                latencies(call, one[0], 200)
+            lat = {"serve": [], "echo": []}
+            for block in range(args.requests // 100):
+                for name, call in (("serve", serve), ("echo", plain)):
+                    lat[name] += latencies(call, one[block % len(one)], 100)
+            rates = {name: throughput(call, hundred, args.seconds, args.window)
+                     for name, call in (("serve", serve), ("echo", plain))}
+        finally:
+            echo.kill()
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                proc.wait(timeout=30)
+    result = {
+        "one_row_ms": {name: {"p50": round(pct(v, 50), 3), "p99": round(pct(v, 99), 3)} for name, v in lat.items()},
+        "p99_ratio": round(pct(lat["serve"], 99) / pct(lat["echo"], 99), 2),
+        "hundred_rows": {name: {"requests_per_s": round(r, 1), "rows_per_s": round(100 * r)}
+                         for name, (r, _) in rates.items()},
+        "requests": args.requests, "seconds": args.seconds, "window": args.window, "store_rows": args.rows,
+        "load_average": os.getloadavg()[0], "cores": os.cpu_count(),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
