@@ -58,7 +58,7 @@ def train(parties: dict[str, tuple[Bins, np.ndarray]], y: np.ndarray, row_keys: 
     names = list(parties)
     classes, rule = params.classes, rules(params)
     binned = {name: bins.apply(x) for name, (bins, x) in parties.items()}
-    model = ReferenceModel(tables={name: SplitTable(parties[name][0]) for name in names})
+    model = ReferenceModel(tables={name: SplitTable(parties[name][0], name) for name in names})
     train_rows = training_rows(row_keys, params)
     base = objective.base_margin(params.objective, y[train_rows], classes)
     margins = np.full((len(y), classes), base)
@@ -68,7 +68,7 @@ def train(parties: dict[str, tuple[Bins, np.ndarray]], y: np.ndarray, row_keys: 
                  for name in names}
         cands = {name: candidates(parties[name][0], masks[name]) for name in names}
         for k in range(classes):
-            tree, node = _grow(names, binned, cands, model.tables, gh[:, k, :], params, rule)
+            tree, node = _grow(names, binned, cands, model.tables, gh[:, k, :], params, rule, t, k)
             tree["class"] = k
             model.trees.append(tree)
             for n, spec in tree["nodes"].items():
@@ -80,7 +80,8 @@ def train(parties: dict[str, tuple[Bins, np.ndarray]], y: np.ndarray, row_keys: 
     return model
 
 
-def _grow(names, binned, cands, tables, gh, params, rule):
+def _grow(names, binned, cands, tables, gh, params, rule, t, k):
+    span = 1 << (params.max_depth + 1)
     node = np.zeros(len(gh), dtype=np.int64)
     nodes: dict[int, dict] = {}
     frontier = [0]
@@ -99,7 +100,8 @@ def _grow(names, binned, cands, tables, gh, params, rule):
                 continue
             party, gain, tied = found
             name = names[party]
-            split = tables[name].record(cands[name], int(tied.min()))
+            split = f"{t}.{k * span + n}"
+            tables[name].record(cands[name], int(tied.min()), split)
             nodes[n] = {"party": name, "split": split, "gain": gain}
             left = tables[name].go_left_bins(split, binned[name])
             node[rows & left] = 2 * n + 1

@@ -134,50 +134,38 @@ def pick(party_gains: list[np.ndarray]) -> tuple[int, float, np.ndarray] | None:
 
 @dataclass
 class SplitTable:
-    """A party's recorded splits: the guest only ever learns the ids."""
+    """A party's recorded splits by id: the guest only ever learns a host's ids."""
 
     bins: Bins
-    splits: list[dict] = field(default_factory=list)
+    party: str = ""
+    splits: dict[str, dict] = field(default_factory=dict)
 
-    def record(self, cands: Candidates, index: int) -> int:
+    def record(self, cands: Candidates, index: int, sid: str) -> dict:
         j, b, left = int(cands.feature[index]), int(cands.bin[index]), bool(cands.default_left[index])
         cuts = self.bins.cuts[j]
         threshold = float(cuts[b]) if b < len(cuts) else None   # None: every present value goes left
-        self.splits.append({"feature": self.bins.names[j], "index": j, "bin": b, "threshold": threshold,
-                            "default_left": left})
-        return len(self.splits) - 1
+        spec = {"feature": self.bins.names[j], "index": j, "bin": b, "threshold": threshold, "default_left": left}
+        self.splits[sid] = spec
+        return spec
 
-    def go_left_bins(self, split: int, bins: np.ndarray) -> np.ndarray:
-        """Training rows (by bin) that split ``split`` sends left."""
-        s = self.splits[split]
-        column = bins[:, s["index"]]
-        missing = column == self.bins.missing_bin
-        return np.where(missing, s["default_left"], column <= s["bin"])
+    def go_left_bins(self, sid: str, bins: np.ndarray) -> np.ndarray:
+        """Training rows (by bin) that split ``sid`` sends left."""
+        return go_left_bins(self.splits[sid], bins, self.bins.missing_bin)
 
-    def go_left_raw(self, split: int, x: np.ndarray) -> np.ndarray:
-        """New rows (raw values) that split ``split`` sends left."""
-        s = self.splits[split]
-        column = x[:, s["index"]]
-        missing = np.isnan(column)
-        present = np.ones(len(column), bool) if s["threshold"] is None else column <= s["threshold"]
-        return np.where(missing, s["default_left"], present)
+    def go_left_raw(self, sid: str, x: np.ndarray) -> np.ndarray:
+        """New rows (raw values) that split ``sid`` sends left."""
+        return go_left_raw(self.splits[sid], x)
 
-    def to_json(self) -> list[dict]:
-        return [dict(s) for s in self.splits]
+    def to_json(self) -> dict[str, dict]:
+        return {sid: dict(spec) for sid, spec in self.splits.items()}
 
 
-def route(tree: dict, directions: dict[int, np.ndarray], rows: int) -> np.ndarray:
-    """The leaf node of every row, given each split node's left mask over the rows."""
-    node = np.zeros(rows, dtype=np.int64)
-    for n in sorted(directions):
-        at = node == n
-        node[at] = np.where(directions[n][at], 2 * n + 1, 2 * n + 2)
-    return node
+def go_left_bins(spec: dict, bins: np.ndarray, missing_bin: int) -> np.ndarray:
+    column = bins[:, spec["index"]]
+    return np.where(column == missing_bin, spec["default_left"], column <= spec["bin"])
 
 
-def leaf_values(tree: dict, node: np.ndarray) -> np.ndarray:
-    values = np.zeros(len(node))
-    for n, spec in tree["nodes"].items():
-        if "leaf" in spec:
-            values[node == int(n)] = spec["leaf"]
-    return values
+def go_left_raw(spec: dict, x: np.ndarray) -> np.ndarray:
+    column = x[:, spec["index"]]
+    present = np.ones(len(column), bool) if spec["threshold"] is None else column <= spec["threshold"]
+    return np.where(np.isnan(column), spec["default_left"], present)

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 #: Kinds of partial results.
 CIPHER, KEYED_CIPHER, PLAIN = "cipher", "keyed", "plain"
+#: Prefix of a kind whose partials an algorithm's own function adds (``"reduce:<module>:<function>"``,
+#: called as ``function(values, n)`` inside the actor), e.g. encrypted histograms.
+REDUCE = "reduce:"
 
 
 def _sum_cipher(blobs: list[bytes], n: int) -> bytes:
@@ -63,6 +66,15 @@ def _sum_keyed(parts: list[tuple[np.ndarray, bytes]], n: int) -> tuple[np.ndarra
     return keys, total.to_bytes()
 
 
+def _reduce(kind: str, values: list[Any], n: int) -> Any:
+    import importlib
+
+    module, _, function = kind[len(REDUCE):].rpartition(":")
+    if not module.startswith("fedps."):
+        raise PeerError(f"accumulator kind {kind!r} does not name a fedps function")
+    return getattr(importlib.import_module(module), function)(values, n)
+
+
 def _sum_plain(values: list[dict]) -> dict:
     total: dict[str, Any] = {}
     for value in values:
@@ -79,6 +91,7 @@ class Accumulator:
         self._positions: dict[int, dict[str, int]] = {}
         self._changed: asyncio.Condition | None = None
         self._failed = ""
+        self._published: dict[tuple[int, str], Any] = {}
 
     def _condition(self) -> asyncio.Condition:
         if self._changed is None:
@@ -89,6 +102,27 @@ class Accumulator:
         self._parts.setdefault((step, name), {})[partition] = (kind, value)
         async with self._condition():
             self._condition().notify_all()
+
+    async def publish(self, step: int, name: str, value: Any) -> None:
+        """The driver hands a value of ``(step, name)`` to every task that fetches it (a decision)."""
+        self._published[(step, name)] = value
+        for old in [key for key in self._published if key[0] < step - 2]:
+            del self._published[old]
+        async with self._condition():
+            self._condition().notify_all()
+
+    async def fetch(self, step: int, name: str, timeout_s: float = 600.0) -> Any:
+        """What the driver published as ``(step, name)``, waiting for it."""
+        condition = self._condition()
+        async with condition:
+            try:
+                await asyncio.wait_for(condition.wait_for(
+                    lambda: self._failed or (step, name) in self._published), timeout_s)
+            except asyncio.TimeoutError:
+                raise PeerError(f"step {step}: the driver did not publish {name} within {timeout_s:g}s") from None
+        if (step, name) not in self._published:
+            raise PeerError(self._failed)
+        return self._published[(step, name)]
 
     async def record_positions(self, step: int, positions: dict[str, int]) -> None:
         """Link positions (``"<peer>/<partition>" -> offset``) from which step ``step`` can be replayed."""
@@ -137,6 +171,8 @@ class Accumulator:
             return _sum_cipher(values, n)
         if kind == KEYED_CIPHER:
             return _sum_keyed(values, n)
+        if kind.startswith(REDUCE):
+            return _reduce(kind, values, n)
         return _sum_plain(values)
 
 
@@ -171,6 +207,11 @@ class AccumulatorRef:
         import ray
 
         return ray.get(self.actor().positions.remote(step))
+
+    def fetch(self, step: int, name: str, timeout_s: float = 600.0) -> Any:
+        import ray
+
+        return ray.get(self.actor().fetch.remote(step, name, timeout_s))
 
 
 def start_accumulator(name: str, namespace: str) -> tuple[Any, AccumulatorRef]:

@@ -144,8 +144,9 @@ class VerticalJob:
                               checkpoint_dir=self.records.ps_dir, wait_timeout_s=self.spec.ps_wait_s)
             self.ps = ParameterServer.start(config)
         self._accumulator, ref = start_accumulator(f"fedps-acc:{self.job}:{self.me}", namespace)
-        if self.restored is not None and self.ps is not None:
-            self.ps.restore(self.step)
+        if self.restored is not None:
+            if self.ps is not None:
+                self.ps.restore(self.step)
             ray.get(self._accumulator.restore_positions.remote(self.step, self.restored["links"]))
         links = {}
         for peer, channel in self.channels.items():
@@ -170,6 +171,12 @@ class VerticalJob:
 
         return ray.get(self._accumulator.total.remote(step, name, self.partitions, n, timeout_s))
 
+    def publish(self, step: int, name: str, value: Any) -> None:
+        """Hand a decision of the driver to this party's tasks (they ``fetch`` it from the accumulator)."""
+        import ray
+
+        ray.get(self._accumulator.publish.remote(step, name, value))
+
     def drop(self, predicate: Callable[[Tag], bool]) -> None:
         for channel in self.channels.values():
             channel.drop(predicate)
@@ -180,7 +187,8 @@ class VerticalJob:
 
         for channel in self.channels.values():
             channel.flush()
-        self.ps.checkpoint()
+        if self.ps is not None:   # an algorithm without PS tables (SecureBoost) keeps its state in ``state``
+            self.ps.checkpoint()
         links = ray.get(self._accumulator.positions.remote(step))
         positions = {peer: channel.position() for peer, channel in self.channels.items()}
         self.records.save(step, {**state, "_peers": self.peers}, self.public_keys, positions, links)
