@@ -53,8 +53,9 @@ class MemoryStore:
         last = max(self.models)
         return last, self.models[last]
 
-    def save(self, round_: int, theta: np.ndarray) -> None:
+    def save(self, round_: int, theta: np.ndarray) -> np.ndarray:
         self.models[round_] = theta.copy()
+        return theta
 
 
 def run_job(names, params, data, coordinator_params=None):

@@ -96,10 +96,3 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
     ranks = rankdata(scores)
     return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def evaluate(spec: ModelSpec, theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """AUC, log loss and accuracy of ``theta`` on the rows ``x``, ``y``, with their count."""
-    p = spec.scores(theta, x) if len(y) else np.zeros(0)
-    return {"rows": int(len(y)), "auc": auc(p, y), "loss": log_loss(p, y),
-            "accuracy": float(np.mean((p >= 0.5) == (y == 1))) if len(y) else float("nan")}

@@ -37,6 +37,8 @@ class FedAvgParams:
     min_parties: int = 2
     #: How long the coordinator waits for the parties at each step of a round.
     deadline_s: float = 60.0
+    #: How long the coordinator waits for the parties to join (they build their data layout first).
+    join_deadline_s: float = 600.0
     #: After the deadline, how long a party whose message is not in yet is still read.
     grace_s: float = 2.0
     frac_bits: int = 24
@@ -65,7 +67,7 @@ class FedAvgParams:
         _integer("seed", self.seed, 0)
         if not isinstance(self.frac_bits, int) or not 8 <= self.frac_bits <= 40:
             raise ConfigError(f"params.frac_bits must be an integer in [8, 40], got {self.frac_bits!r}")
-        for key in ("learning_rate", "server_learning_rate", "deadline_s", "grace_s"):
+        for key in ("learning_rate", "server_learning_rate", "deadline_s", "join_deadline_s", "grace_s"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"params.{key} must be positive, got {getattr(self, key)!r}")
         for key in ("l2", "fedprox_mu", "party_wait_s"):
@@ -76,7 +78,7 @@ class FedAvgParams:
 
     @property
     def party_wait(self) -> float:
-        return self.party_wait_s or 4 * self.deadline_s + 60.0
+        return self.party_wait_s or max(4 * self.deadline_s + 60.0, self.join_deadline_s)
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> FedAvgParams:

@@ -120,7 +120,8 @@ class ModelStore(Protocol):
 
     def current(self) -> tuple[int, np.ndarray | None]: ...
 
-    def save(self, round_: int, theta: np.ndarray) -> None: ...
+    def save(self, round_: int, theta: np.ndarray) -> np.ndarray:
+        """Keep ``theta`` as the model after ``round_`` rounds; returns it as stored."""
 
 
 class Coordinator:
@@ -145,12 +146,15 @@ class Coordinator:
     # ------------------------------------------------------------------ steps
     def run(self) -> np.ndarray:
         first, theta = self.store.current()
+        if theta is not None and hasattr(self.journal, "rewind"):
+            if self.journal.rewind(first, self.channels):
+                log.info("fedavg: resumed inside round %d; replaying it as journaled", first)
         if theta is None:
             features = self._setup()
             theta = self.initial(features) if self.initial else None
             if theta is None:
                 raise ProtocolError("no initial model")
-            self.store.save(0, theta)
+            theta = self.store.save(0, theta)
             first = 0
         for r in range(first, self.params.rounds):
             theta = self._round(r, theta)
@@ -159,7 +163,7 @@ class Coordinator:
 
     def _setup(self) -> tuple[str, ...]:
         scope = self.scope
-        joined = self._gather(JOIN, scope, self.parties, "setup")
+        joined = self._gather(JOIN, scope, self.parties, "setup", wait_s=self.params.join_deadline_s)
         features = {tuple(v.get("features", ())) for v in joined.values()}
         if len(joined) < self.params.min_parties:
             self._abort(scope, SETUP, self.parties, f"only {len(joined)} of {len(self.parties)} parties joined "
@@ -192,7 +196,7 @@ class Coordinator:
         if samples <= 0:
             raise ProtocolError(f"round {r}: the parties reported no training rows")
         theta = theta + self.params.server_learning_rate * total[:-1] / samples
-        self.store.save(r + 1, theta)
+        theta = self.store.save(r + 1, theta)
         result = RoundResult(r, active, dropped, int(round(samples)), time.perf_counter() - started,
                              weighted_metrics(self.evaluations[r]))
         self.results.append(result)
@@ -273,7 +277,7 @@ class Coordinator:
     # ------------------------------------------------------------------ helpers
     def _gather(self, message: Message, scope: Scope, parties: list[str], step: str,
                 consume: Callable[[str, Any], None] | None = None,
-                check: Callable[[str, Any], bool] | None = None) -> dict[str, Any]:
+                check: Callable[[str, Any], bool] | None = None, wait_s: float | None = None) -> dict[str, Any]:
         """Each party's ``message``, read one party at a time, until one deadline for all.
 
         A party whose message is late (beyond the deadline and a short grace),
@@ -284,12 +288,13 @@ class Coordinator:
         """
         decided = self.journal.decided(scope.iteration, step)
         wanted = decided if decided is not None else parties
-        deadline = time.monotonic() + self.params.deadline_s
+        wait_s = self.params.deadline_s if wait_s is None else wait_s
+        deadline = time.monotonic() + wait_s
         got: dict[str, Any] = {}
         for party in wanted:
             timeout = max(deadline - time.monotonic(), self.params.grace_s)
             if decided is not None:
-                timeout = max(timeout, self.params.deadline_s)
+                timeout = max(timeout, wait_s)
             try:
                 value = message.check(self.channels[party].recv(scope.tag(message.name), timeout=timeout))
                 if check is not None and not check(party, value):
@@ -369,6 +374,7 @@ class Party:
     def run(self) -> np.ndarray:
         if not self.parties:
             self._join()
+            self.on_round_done(self.round)
         while True:
             scope = self.scope.at(iteration=self.round)
             start = _abort_if(self._recv(START, scope), f"round {self.round}")
@@ -383,6 +389,10 @@ class Party:
                 self.dropped_rounds.append(self.round)
             self.round += 1
             self.on_round_done(self.round)
+            done = self.round
+            drop = getattr(self.link, "drop", None)
+            if drop is not None:   # copies of earlier rounds' messages (a resumed coordinator replays)
+                drop(lambda tag: tag.phase == "fedavg" and 0 <= tag.iteration < done)
 
     def _join(self) -> None:
         self.link.send(self.scope.tag(JOIN.name), {"features": list(self.data.features)})
