@@ -44,7 +44,7 @@ def test_a_party_restarted_mid_psi_stops_itself_and_its_peer_at_once(spark, make
     real_recv = host.recv
 
     def dies_mid_psi(tag, timeout=None):
-        if tag.name == "ecdh_single_counts":   # its blinded ids are sent: the guest goes on, then waits
+        if tag.name == "key_share":   # its share is sent: the guest goes on to its buckets, then waits
             raise Killed()
         return real_recv(tag, timeout)
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 from fedps.algorithms.psi import buckets, ids, output, params as params_module
 from fedps.algorithms.psi.storage import Folder, is_uri
 from fedps.algorithms.psi.stream import IDS
-from fedps.algorithms.psi.tasks import BucketPlan, serve_in_driver, serve_on_executors
+from fedps.algorithms.psi.tasks import BucketPlan, serve_watched
 from fedps.errors import ConfigError, DataError, PeerError
 from fedps.messaging.tags import Message, Scope
 
@@ -124,7 +124,8 @@ def run_psi(context: Any, params: params_module.PsiParams, channel: Any, scope: 
     tick = time.perf_counter()                                                        # 5
     plan = _plan(channel, run, work, params)
     serve = protocol.server(run, state["protocol"])
-    stats = serve_in_driver(plan, serve) if local else serve_on_executors(context.spark, plan, serve)
+    stats = serve_watched(context.spark if not local else None, plan, serve, local,
+                          _abort_watch(channel, context.scope("psi").tag("abort")))
     run.step("buckets", tick)
 
     tick = time.perf_counter()                                                        # 6
@@ -164,6 +165,21 @@ def run_psi(context: Any, params: params_module.PsiParams, channel: Any, scope: 
     })
     log.info("psi: %s learned %s of %d ids in %.1fs", context.me,
              manifest["count"] if manifest else "nothing", table.report["ids"], timings["total_s"])
+
+
+def _abort_watch(channel: Any, tag: Any) -> Any:
+    """``aborted(seconds)``: the peer's abort as a PeerError if it came within ``seconds``, else None."""
+    def aborted(seconds: float) -> BaseException | None:
+        if getattr(channel, "stop_on", None) is None:
+            time.sleep(seconds)
+            return None
+        try:   # run() watches this tag (stop_on): an abort that comes while waiting fails the receive
+            value = channel.recv(tag, timeout=seconds)
+        except PeerError as exc:
+            return None if str(exc).startswith("timed out") else exc
+        reason = value.get("abort") if isinstance(value, dict) else None
+        return PeerError(f"peer {channel.peer!r} stopped job {tag.job!r}: {reason or 'no reason given'}")
+    return aborted
 
 
 def _plan(channel: Any, run: PsiRun, work: Folder, params: params_module.PsiParams) -> BucketPlan:

@@ -20,6 +20,7 @@ blinding factor is never drawn twice for one id.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from fedps.algorithms.psi.storage import Folder
-from fedps.errors import DataError, ProtocolError
+from fedps.errors import DataError, PeerError, ProtocolError
 from fedps.messaging.tags import Message, Scope
 
 #: The staged ids in the work folder, one folder per bucket (``bucket=<b>``), in private order.
@@ -65,6 +66,8 @@ class BucketIO:
     wait_s: float
     #: Rows sent and received per stream, and anything else the protocol counts.
     stats: dict[str, int] = field(default_factory=dict)
+    #: Set by the driver when the peer aborted (a bucket served in the driver stops waiting).
+    stop: Any = None
 
     def folder(self, name: str) -> Folder:
         return self.work.child(name, f"bucket={self.bucket}")
@@ -102,14 +105,13 @@ class BucketIO:
     def recv(self, stream: Stream) -> pa.Array:
         at = self.scope.at(iteration=self.bucket)
         p = self.bucket
-        counts = stream.counts.check(self.link.recv(p, at.tag(stream.counts.name), timeout=self.wait_s))
+        counts = stream.counts.check(self._recv(at.tag(stream.counts.name)))
         if counts.shape != (1,) or counts.dtype.kind not in "iu" or counts[0] < 0:
             raise ProtocolError(f"{stream.name}: the peer announced a count of shape {counts.shape} for "
                                 f"bucket {self.bucket}, expected one non-negative integer")
         expected, got, parts, batch = int(counts[0]), 0, [], 0
         while got < expected:
-            matrix = stream.items.check(self.link.recv(p, at.at(batch=batch).tag(stream.items.name),
-                                                       timeout=self.wait_s))
+            matrix = stream.items.check(self._recv(at.at(batch=batch).tag(stream.items.name)))
             if (matrix.dtype != np.uint8 or matrix.ndim != 2 or matrix.shape[1] != stream.width
                     or not 0 < len(matrix) <= expected - got):
                 raise ProtocolError(f"{stream.name}: bucket {self.bucket} batch {batch} has shape "
@@ -119,6 +121,20 @@ class BucketIO:
         self.stats[f"{stream.name}_received"] = expected
         whole = np.concatenate(parts) if parts else np.empty((0, stream.width), np.uint8)
         return from_matrix(whole)
+
+
+    def _recv(self, tag: Any) -> Any:
+        if self.stop is None:
+            return self.link.recv(self.bucket, tag, timeout=self.wait_s)
+        deadline = time.monotonic() + self.wait_s
+        while True:   # in slices, so that a peer's abort ends the wait (a timed-out slice loses nothing)
+            if self.stop.is_set():
+                raise PeerError(f"stopped waiting for {tag}: the peer stopped the job")
+            try:
+                return self.link.recv(self.bucket, tag, timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+            except PeerError:
+                if time.monotonic() >= deadline:
+                    raise
 
 
 def with_seq(columns: dict[str, Any]) -> pa.Table:

@@ -58,12 +58,12 @@ def done_buckets(work: Folder) -> dict[int, dict[str, int]]:
     return found
 
 
-def _serve_one(plan: BucketPlan, link: Any, bucket: int, fn: ServeFn) -> dict[str, int]:
+def _serve_one(plan: BucketPlan, link: Any, bucket: int, fn: ServeFn, stop: Any = None) -> dict[str, int]:
     marker = f"bucket={bucket}.json"
     earlier = plan.work.child(DONE).read_json(marker)
     if earlier is not None:
         return {**earlier, "reused": 1}
-    io = BucketIO(bucket, plan.work, link, plan.scope, plan.batch_size, plan.wait_s)
+    io = BucketIO(bucket, plan.work, link, plan.scope, plan.batch_size, plan.wait_s, stop=stop)
     fn(io)
     link.flush()
     plan.work.child(DONE).write_json(marker, io.stats)
@@ -73,16 +73,20 @@ def _serve_one(plan: BucketPlan, link: Any, bucket: int, fn: ServeFn) -> dict[st
     return dict(io.stats)
 
 
-def serve_in_driver(plan: BucketPlan, fn: ServeFn) -> list[dict[str, int]]:
-    """Every bucket, in order, in this process (a small run)."""
+def serve_in_driver(plan: BucketPlan, fn: ServeFn, stop: Any = None) -> list[dict[str, int]]:
+    """Every bucket, in order, in this process (a small run); ``stop`` (an Event) ends the waits."""
     from fedps.messaging.partitioned import PartitionLink
 
     with PartitionLink(plan.link) as link:
-        return [_serve_one(plan, link, b, fn) for b in range(plan.buckets)]
+        return [_serve_one(plan, link, b, fn, stop) for b in range(plan.buckets)]
 
 
-def serve_on_executors(spark: Any, plan: BucketPlan, fn: ServeFn) -> list[dict[str, int]]:
-    """Every bucket in a barrier stage of ``min(buckets, slots)`` executor tasks."""
+def serve_on_executors(spark: Any, plan: BucketPlan, fn: ServeFn, group: str | None = None) -> list[dict[str, int]]:
+    """Every bucket in a barrier stage of ``min(buckets, slots)`` executor tasks.
+
+    ``group``: the Spark job group, so that the driver can cancel the stage
+    (``SparkContext.cancelJobGroup``) when the peer aborts.
+    """
     tasks = min(plan.buckets, slots(spark))
 
     def task(iterator: Any) -> Any:
@@ -96,10 +100,47 @@ def serve_on_executors(spark: Any, plan: BucketPlan, fn: ServeFn) -> list[dict[s
                 yield bucket, _serve_one(plan, link, bucket, fn)
 
     sc = spark.sparkContext
-    sc.setJobDescription(f"fedps psi {plan.scope.phase}: {plan.buckets} buckets in {tasks} tasks")
+    description = f"fedps psi {plan.scope.phase}: {plan.buckets} buckets in {tasks} tasks"
+    if group is not None:
+        sc.setJobGroup(group, description, interruptOnCancel=True)
+    else:
+        sc.setJobDescription(description)
     try:
         served = sc.parallelize(range(tasks), tasks).barrier().mapPartitions(task).collect()
     except Exception as exc:
         raise executor_error(exc) from None
     by_bucket = dict(served)
     return [by_bucket[b] for b in range(plan.buckets)]
+
+
+def serve_watched(spark: Any, plan: BucketPlan, fn: ServeFn, local: bool,
+                  aborted: Callable[[float], BaseException | None]) -> list[dict[str, int]]:
+    """Serve the buckets in a thread while this one asks ``aborted(seconds)`` whether the peer
+    stopped the job; on an abort the buckets stop (the stage is cancelled) and its error is raised."""
+    import threading
+    import uuid
+
+    stop = threading.Event()
+    group = f"fedps-psi-{uuid.uuid4().hex[:12]}"
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["stats"] = serve_in_driver(plan, fn, stop) if local else serve_on_executors(spark, plan, fn, group)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=work, name="psi-buckets", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        error = aborted(0.5)
+        if error is not None:
+            stop.set()
+            if not local:
+                spark.sparkContext.cancelJobGroup(group)
+            thread.join(30)
+            raise error
+        thread.join(0.05)
+    if "error" in result:
+        raise result["error"]
+    return result["stats"]
