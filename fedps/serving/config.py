@@ -40,6 +40,9 @@ class ServingConfig:
     on_host_failure: str = "fail"
     #: Host: the one party allowed to call (default: job.params.guest, or the only pinned peer).
     guest: str = ""
+    #: Host: every host of the job (this one too) when their parts are summed under pairwise
+    #: masks, so that the guest learns only the sum; empty: this host's part goes in plain.
+    mask_with: tuple[str, ...] = ()
     #: Host: the partial score of a row its store does not hold (0: as if every feature were 0).
     unknown_score: float = 0.0
     #: SQLite file built by ``fedps serve --build-store`` (required on a host; optional on the guest).
@@ -73,6 +76,11 @@ class ServingConfig:
             raise ConfigError("serving.workers and serving.max_rows must be at least 1")
         if bool(self.public_cert) != bool(self.public_key):
             raise ConfigError("serving.public_cert and serving.public_key go together")
+        if not isinstance(self.mask_with, (list, tuple)) or not all(isinstance(h, str) for h in self.mask_with):
+            raise ConfigError("serving.mask_with must be a list of host names")
+        object.__setattr__(self, "mask_with", tuple(sorted(set(self.mask_with))))
+        if len(self.mask_with) == 1:
+            raise ConfigError("serving.mask_with needs every host of the job, at least two")
         for name, address in self.hosts.items():
             if not isinstance(address, str) or ":" not in address:
                 raise ConfigError(f"serving.hosts.{name} must be \"host:port\", got {address!r}")

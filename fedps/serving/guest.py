@@ -17,6 +17,7 @@ import numpy as np
 
 from fedps.engine.vertical.scores import sigmoid
 from fedps.serving.keys import keys_of, split_keys
+from fedps.serving.masking import FRAC_BITS, unmask
 from fedps.serving.metrics import Metrics
 from fedps.serving.model import LinearModel, Models
 from fedps.serving.rpc import PART, SCORE, Refusal, generic, handler, invalid, parse, pb
@@ -54,13 +55,22 @@ class GuestService:
         keys = self._keys(request)
         pending = self._ask_hosts(model, keys, context)
         u = model.score(self._features(request, model, keys))
-        missing = []
-        for host, future in pending.items():
-            part = self._part(host, future, model, len(keys))
-            if part is None:
-                missing.append(host)
-            else:
-                u = u + part
+        replies = {host: self._reply(host, future, model, len(keys)) for host, future in pending.items()}
+        missing = [host for host, reply in replies.items() if reply is None]
+        masked = [reply.masked.values for reply in replies.values() if reply and reply.WhichOneof("part") == "masked"]
+        if masked:
+            if missing:
+                raise Refusal(grpc.StatusCode.UNAVAILABLE,
+                              f"host {', '.join(missing)} did not answer in time, and the hosts mask their "
+                              "parts (serving.mask_with): their sum needs every host")
+            if len(masked) != len(replies):
+                raise Refusal(grpc.StatusCode.INTERNAL, "some hosts masked their parts and others did not: "
+                                                        "give every host the same serving.mask_with")
+            u = u + unmask(masked)
+        else:
+            for reply in replies.values():
+                if reply is not None:
+                    u = u + np.asarray(reply.linear.scores, dtype=np.float64)
         self.metrics.inc("rows_total", len(keys))
         reply = pb.ScoreReply(scores=u, probabilities=sigmoid(u), model_version=model.version,
                               missing_hosts=missing)
@@ -109,15 +119,15 @@ class GuestService:
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = max(0.001, min(timeout, remaining - _MARGIN_S))
-        request = pb.PartRequest(model_version=model.version, keys=b"".join(keys),
-                                 request_id=uuid.uuid4().hex[:16]).SerializeToString()
+        request = pb.PartRequest(model_version=model.version, keys=b"".join(keys), request_id=uuid.uuid4().hex,
+                                 hosts=list(self.calls)).SerializeToString()
         if len(self.calls) == 1:   # one host: a blocking call, on this thread (no hand-off)
             ((host, call),) = self.calls.items()
             return {host: _Done(call, request, timeout)}
         return {host: call.future(request, timeout=timeout) for host, call in self.calls.items()}
 
-    def _part(self, host: str, future: Any, model: LinearModel, rows: int) -> np.ndarray | None:
-        """The host's partial scores, or None when it is left out (on_host_failure = "partial")."""
+    def _reply(self, host: str, future: Any, model: LinearModel, rows: int) -> Any:
+        """The host's checked PartReply, or None when it is left out (on_host_failure = "partial")."""
         try:
             data = future.result()
         except grpc.RpcError as exc:
@@ -133,13 +143,14 @@ class GuestService:
             log.warning("scoring without host %s: %s", host, code.name)
             return None
         reply = pb.PartReply.FromString(data)
-        if reply.model_version != model.version or reply.rows != rows or reply.WhichOneof("part") != "linear" \
-                or len(reply.linear.scores) != rows:
+        kind = reply.WhichOneof("part")
+        values = reply.linear.scores if kind == "linear" else reply.masked.values if kind == "masked" else ()
+        if reply.model_version != model.version or reply.rows != rows or len(values) != rows or \
+                (kind == "masked" and reply.masked.frac_bits != FRAC_BITS):
             raise Refusal(grpc.StatusCode.INTERNAL,
                           f"host {host} answered model {reply.model_version!r} with {reply.rows} rows "
-                          f"({reply.WhichOneof('part')}); expected {model.version} with {rows} linear scores")
-        return np.asarray(reply.linear.scores, dtype=np.float64)
-
+                          f"({kind}); expected {model.version} with {rows} scores")
+        return reply
 
 class _Done:
     """A blocking call made when its result is asked for, with the interface of a future."""

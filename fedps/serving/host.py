@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 
 from fedps.serving.keys import split_keys
+from fedps.serving.masking import FRAC_BITS, Masker
 from fedps.serving.metrics import Metrics
 from fedps.serving.model import LinearModel, Models
 from fedps.serving.rpc import PART, Refusal, generic, handler, invalid, parse, pb
@@ -21,8 +22,9 @@ from fedps.serving.tls import PinnedTLS
 
 class HostService:
     def __init__(self, me: str, guest: str, models: Models, store: FeatureStore, tls: PinnedTLS,
-                 metrics: Metrics, unknown_score: float, max_rows: int) -> None:
+                 metrics: Metrics, unknown_score: float, max_rows: int, masker: Masker | None = None) -> None:
         self.me, self.guest, self.models, self.store, self.tls = me, guest, models, store, tls
+        self.masker = masker
         self.metrics, self.unknown_score, self.max_rows = metrics, unknown_score, max_rows
         self._columns: dict[str, np.ndarray] = {}
 
@@ -47,6 +49,8 @@ class HostService:
             raise invalid(str(exc)) from None
         if not keys or len(keys) > self.max_rows:
             raise invalid(f"a request must have 1 to {self.max_rows} rows (serving.max_rows), got {len(keys)}")
+        if self.masker is not None:
+            self._check_masked(request)
         model = self.models.get(request.model_version)
         if model is None:
             raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
@@ -59,5 +63,20 @@ class HostService:
             scores[~found] = self.unknown_score
             self.metrics.inc("unknown_ids_total", unknown)
         self.metrics.inc("rows_total", len(keys))
-        reply = pb.PartReply(model_version=model.version, rows=len(keys), linear=pb.LinearPart(scores=scores))
+        if self.masker is None:
+            reply = pb.PartReply(model_version=model.version, rows=len(keys), linear=pb.LinearPart(scores=scores))
+        else:
+            values = self.masker.mask(scores, model.version, request.request_id)
+            reply = pb.PartReply(model_version=model.version, rows=len(keys),
+                                 masked=pb.MaskedPart(values=values, frac_bits=FRAC_BITS))
         return reply.SerializeToString()
+
+    def _check_masked(self, request: Any) -> None:
+        if tuple(request.hosts) != self.masker.hosts:
+            self.metrics.inc("refused_host_sets_total")
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
+                          f"{self.me} masks its part in the sum of hosts {', '.join(self.masker.hosts)} "
+                          f"(serving.mask_with); a request for {', '.join(request.hosts) or 'no hosts'} is refused")
+        if len(request.request_id) < 16 or not self.masker.fresh(request.request_id):
+            raise invalid(f"request id {request.request_id!r} is reused or shorter than 16 characters: "
+                          "a masked part needs a fresh one")

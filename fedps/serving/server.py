@@ -93,8 +93,9 @@ def start(config: FedpsConfig, serving: ServingConfig, model_folder: str | Path)
         raise ConfigError(f"fedps serve runs a guest or a host, not a {role} (party.role)")
     if not config.party.identity_key:
         raise ConfigError(f"party.identity_key is not set in {config.source}")
-    tls = PinnedTLS(me, load_identity(config.party.identity_key),
-                    {name: parse_public(text, name) for name, text in config.peers.items()})
+    identity = load_identity(config.party.identity_key)
+    pinned = {name: parse_public(text, name) for name, text in config.peers.items()}
+    tls = PinnedTLS(me, identity, pinned)
     folder = Path(model_folder)
     first = load_model(folder, me)
     if first.version != config.job.id:
@@ -116,7 +117,7 @@ def start(config: FedpsConfig, serving: ServingConfig, model_folder: str | Path)
         from fedps.serving.host import HostService
 
         service = HostService(me, _guest_of(config, serving), None, store, tls, metrics,  # type: ignore[arg-type]
-                              serving.unknown_score, serving.max_rows)
+                              serving.unknown_score, serving.max_rows, _masker(me, serving, identity, pinned))
     models = Models(first, lambda: load_model(folder, me), service.check)
     service.models = models
     server.add_generic_rpc_handlers((service.handlers(),))
@@ -139,6 +140,21 @@ def start(config: FedpsConfig, serving: ServingConfig, model_folder: str | Path)
         Path(serving.port_file).write_text(json.dumps({"listen": port, "ops": running.ops.port, "pid": os.getpid()}))
     log.info("%s serving model %s on port %d (ops on %d)", me, first.version, port, running.ops.port)
     return running
+
+
+def _masker(me: str, serving: ServingConfig, identity: Any, pinned: dict[str, Any]) -> Any:
+    from fedps.serving.masking import Masker, pair_key
+
+    if not serving.mask_with:
+        return None
+    if me not in serving.mask_with:
+        raise ConfigError(f"serving.mask_with must name this host ({me}) with the others")
+    unpinned = [h for h in serving.mask_with if h != me and h not in pinned]
+    if unpinned:
+        raise ConfigError(f"serving.mask_with names {', '.join(unpinned)}, which [peers] does not pin: "
+                          "hosts derive their mask keys from each other's pinned identities")
+    keys = {h: pair_key(identity, me, h, pinned[h]) for h in serving.mask_with if h != me}
+    return Masker(me, serving.mask_with, keys)
 
 
 def _store(serving: ServingConfig) -> Any:

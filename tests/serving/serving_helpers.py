@@ -68,13 +68,20 @@ def host_parquet(parts: Parts, path: Path, drop_last: int = 0) -> Path:
 
 def batch_predict(job: str, parts: Parts, wg: np.ndarray, b: float, wh: np.ndarray, out: Path) -> np.ndarray:
     """The scores of the batch joint prediction (hetero_lr/predict.py) of these rows, run in-process."""
+    return batch_predict_hosts(job, parts.xg, wg, b, {"host": (parts.xh, wh)}, out)
+
+
+def batch_predict_hosts(job: str, xg: np.ndarray, wg: np.ndarray, b: float,
+                        hosts: dict[str, tuple[np.ndarray, np.ndarray]], out: Path) -> np.ndarray:
+    """predict.score_partition of every party over one partition, through in-process transports."""
     from fedps.algorithms.hetero_lr.predict import PredictPlan, score_partition
     from fedps.algorithms.hetero_lr.protocol import Roles
     from fedps.engine.layout import PartitionRows
-    from fedps.messaging.transport import in_process_pair
+    from fedps.messaging.transport import in_process_mesh
 
-    g2h, h2g = in_process_pair(job, "guest", "host")
-    keys = np.arange(len(parts.ids), dtype=np.int64)
+    names = sorted(hosts)
+    mesh = in_process_mesh(job, ["guest", *names])
+    keys = np.arange(len(xg), dtype=np.int64)
 
     class Link:
         def __init__(self, transport) -> None:
@@ -90,16 +97,17 @@ def batch_predict(job: str, parts: Parts, wg: np.ndarray, b: float, wh: np.ndarr
             pass
 
     class Env:
-        def __init__(self, link, x) -> None:
-            self.partitions, self.links, self.x = [0], link, x
+        def __init__(self, me, x) -> None:
+            self.partitions, self.x = [0], x
+            self.links = {peer: Link(t) for peer, t in mesh[me].items()}
 
         def rows(self, p):
             return PartitionRows(row_keys=keys, y=None, x=self.x, feature_keys=None)
 
-    score_partition(Env({"guest": Link(h2g)}, parts.xh),
-                    PredictPlan(job, Roles("host", "guest", ["host"]), tuple(wh), 0.0, False, str(out)))
-    score_partition(Env({"host": Link(g2h)}, parts.xg),
-                    PredictPlan(job, Roles("guest", "guest", ["host"]), tuple(wg), b, False, str(out)))
+    for name in names:   # hosts only send: run them first
+        x, w = hosts[name]
+        score_partition(Env(name, x), PredictPlan(job, Roles(name, "guest", names), tuple(w), 0.0, False, str(out)))
+    score_partition(Env("guest", xg), PredictPlan(job, Roles("guest", "guest", names), tuple(wg), b, False, str(out)))
     return pq.read_table(out / "part-00000.parquet").column("score").to_numpy()
 
 
