@@ -37,10 +37,13 @@ class GuestService:
         self.me, self.models, self.hash_id, self.store, self.metrics = me, models, hash_id, store, metrics
         self.calls = {name: channel.unary_unary(PART) for name, channel in sorted(hosts.items())}
         self.host_timeout_s, self.on_host_failure, self.max_rows = host_timeout_s, on_host_failure, max_rows
+        self._columns: dict[str, np.ndarray] = {}
 
     def check(self, model: LinearModel) -> None:
+        """A model is served only if the guest's store (if any) has every feature it needs."""
         if self.store is not None:
-            model.columns(self.store.feature_names, f"the guest's store {self.store}")
+            where = f"the guest's store {getattr(self.store, 'path', self.store)}"
+            self._columns[model.digest] = model.columns(self.store.feature_names, where)
 
     def handlers(self) -> Any:
         return generic("fedps.serving.v1.Guest", {"Score": handler(SCORE, self.score, self.metrics)})
@@ -57,7 +60,7 @@ class GuestService:
         u = model.score(self._features(request, model, keys))
         replies = {host: self._reply(host, future, model, len(keys)) for host, future in pending.items()}
         missing = [host for host, reply in replies.items() if reply is None]
-        masked = [reply.masked.values for reply in replies.values() if reply and reply.WhichOneof("part") == "masked"]
+        masked = [r.masked.values for r in replies.values() if r is not None and r.WhichOneof("part") == "masked"]
         if masked:
             if missing:
                 raise Refusal(grpc.StatusCode.UNAVAILABLE,
@@ -95,7 +98,7 @@ class GuestService:
             x, found = self.store.lookup(keys)
             if not found.all():
                 self.metrics.inc("unknown_ids_total", int((~found).sum()))
-            return x[:, model.columns(self.store.feature_names, "the guest's store")]
+            return x[:, self._columns[model.digest]]
         names = tuple(request.feature_names) or model.features
         if len(request.features) != rows * len(names):
             raise invalid(f"{len(request.features)} feature values for {rows} rows of {len(names)} features "

@@ -30,7 +30,8 @@ class HostService:
 
     def check(self, model: LinearModel) -> None:
         """A model is served only if the store has every feature it needs."""
-        self._columns[model.digest] = model.columns(self.store.feature_names, f"the store {self.store}")
+        self._columns[model.digest] = model.columns(self.store.feature_names,
+                                                    f"the store {getattr(self.store, 'path', self.store)}")
 
     def handlers(self) -> Any:
         return generic("fedps.serving.v1.Host", {"Part": handler(PART, self.part, self.metrics)})

@@ -58,7 +58,7 @@ def _stream(key: bytes, version: str, request_id: str, hosts: Sequence[str], row
 def encode(u: np.ndarray) -> np.ndarray:
     """Fixed point mod 2^64 (DataError for a score out of range)."""
     if not np.all(np.abs(u) < _LIMIT):
-        raise DataError(f"a partial score is beyond ±2^22 or not finite: it cannot be masked")
+        raise DataError("a partial score is beyond ±2^22 or not finite: it cannot be masked")
     return np.round(u * 2.0 ** FRAC_BITS).astype(np.int64).view(np.uint64)
 
 

@@ -137,7 +137,10 @@ def start(config: FedpsConfig, serving: ServingConfig, model_folder: str | Path)
     server.start()
     running.ops.start()
     if serving.port_file:
-        Path(serving.port_file).write_text(json.dumps({"listen": port, "ops": running.ops.port, "pid": os.getpid()}))
+        ports = Path(serving.port_file)
+        ports.with_name(ports.name + ".tmp").write_text(json.dumps({"listen": port, "ops": running.ops.port,
+                                                                    "pid": os.getpid()}))
+        ports.with_name(ports.name + ".tmp").replace(ports)   # whole or absent, for whoever polls it
     log.info("%s serving model %s on port %d (ops on %d)", me, first.version, port, running.ops.port)
     return running
 

@@ -201,3 +201,49 @@ def test_bad_serving_settings_name_the_key(tmp_path, setting, says):
     conf = party_toml(tmp_path, "j", "guest", "guest", {}, setting)
     with pytest.raises(ConfigError, match=says):
         serving_config.load(conf)
+
+
+def test_graceful_shutdown_finishes_the_requests_in_flight(identities, parts, tmp_path):
+    import threading
+
+    folder, keys = identities
+    wg, b, wh = weights_for(parts, 9)
+    write_model(tmp_path / "host", "parts-stop", "host", parts.host_features, wh, None)
+    write_model(tmp_path / "guest", "parts-stop", "guest", parts.guest_features, wg, b)
+    shutil.copy(folder / "parts-host.sqlite", tmp_path / "host.sqlite")
+    host_conf = party_toml(folder, "parts-stop", "host", "host", {"guest": keys["guest"]},
+                           {"store": str(tmp_path / "host.sqlite")})
+    host = start(*serving_config.load(host_conf), tmp_path / "host")
+    guest_conf = party_toml(folder, "parts-stop", "guest", "guest", {"host": keys["host"]},
+                            {"hosts": {"host": f"127.0.0.1:{host.port}"}, "host_timeout_s": 5.0})
+    guest = start(*serving_config.load(guest_conf), tmp_path / "guest")
+    client = GuestClient(f"127.0.0.1:{guest.port}")
+    arrived = threading.Event()
+
+    class Arrived(SlowStore):
+        def lookup(self, keys):
+            arrived.set()
+            return super().lookup(keys)
+
+    host.service.store = Arrived(host.service.store, 0.5)
+    try:
+        pending = client._score.future(score_request_for(parts, 2), timeout=10)
+        assert arrived.wait(5)
+        stopper = threading.Thread(target=host.stop)
+        stopper.start()
+        reply = pending.result()                  # the host finished it while draining
+        stopper.join(10)
+        assert len(reply) > 0 and not stopper.is_alive()
+        with pytest.raises(grpc.RpcError) as error:   # and takes nothing new
+            client.score(parts.ids[:1], parts.xg[:1])
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        client.close()
+        guest.stop()
+        host.stop()
+
+
+def score_request_for(parts, rows: int) -> bytes:
+    from fedps.serving.client import score_request
+
+    return score_request(parts.ids[:rows], parts.xg[:rows])
