@@ -60,9 +60,12 @@ def test_federated_trees_equal_the_reference(tmp_path, spark, ray_address, make_
     params = SBParams(trees=2, max_depth=3, max_bin=16, key_bits=512, partitions=PARTITIONS, tasks=1,
                       validation_fraction=0.2, colsample_bytree=0.8, subsample=0.9)
     configs = make_parties("guest", "host", recv_timeout_s=120)
-    results = run_in_threads(job_id, configs, layouts, {"guest": params, "host": params}, tmp_path / "out", spark)
+    channels: dict = {}
+    results = run_in_threads(job_id, configs, layouts, {"guest": params, "host": params}, tmp_path / "out", spark,
+                             channels_out=channels)
     errors = {n: r.error for n, r in results.items() if r.error is not None}
     assert not errors, errors
+    check_what_crossed(results, channels, configs["guest"].kafka.bootstrap_servers)
     x, y, keys = joined(layouts)
     bins = {name: results[name].trainer.plan.bins for name in layouts}
     model = reference.train({name: (bins[name], x[name]) for name in layouts}, y, keys, params)
@@ -70,3 +73,85 @@ def test_federated_trees_equal_the_reference(tmp_path, spark, ray_address, make_
     assert any(spec.get("party") == "host" for tree in model.trees for spec in tree["nodes"].values())
     final = results["guest"].state.metrics[-1]
     assert final["valid_auc"] > 0.9
+
+
+def received(servers: str, topic: str, key: bytes, partitions: int) -> list:
+    """Every value sealed on ``topic`` (all partitions), unsealed with the receiver's key and decoded."""
+    from attacks import records
+
+    from fedps.messaging import codec, wire
+    from fedps.messaging.tags import Tag
+
+    values = []
+    for p in range(partitions):
+        pieces: dict = {}
+        for record in records(servers, topic, p):
+            frame = wire.parse(record)
+            if frame.kind != wire.KIND_DATA:
+                continue
+            pieces.setdefault(frame.message_id, []).append(wire.open_sealed(key, frame))
+            if len(pieces[frame.message_id]) == frame.chunks:
+                tag = Tag.decode(frame.tag)
+                if tag.phase == "tree":   # the setup messages (layout digests, keys, settings) are public
+                    values.append((tag, codec.decode(b"".join(pieces.pop(frame.message_id)))))
+    return values
+
+
+def _payload(value) -> bytes:
+    from fedps.messaging.codec import Blob
+
+    if isinstance(value, Blob):
+        return value.data
+    if isinstance(value, np.ndarray):
+        return value.tobytes()
+    import json
+
+    return json.dumps(value).encode()
+
+
+def check_what_crossed(results: dict, channels: dict, servers: str) -> None:
+    """No raw host threshold reached the guest; the host got ciphertexts, bits and split ids only."""
+    from fedps.messaging.codec import Blob
+
+    seen = {}
+    for me, peer in (("guest", "host"), ("host", "guest")):
+        channel = channels[me][peer]
+        link = results[me].trainer.job.stage_spec.links[peer]
+        seen[me] = (received(servers, channel.in_topic, bytes.fromhex(channel._state.recv_key), 1)
+                    + received(servers, link.in_topic, link.recv_key, PARTITIONS))
+    guest_bytes = b"".join(_payload(v) for _, v in seen["guest"])
+    host_bins = results["host"].trainer.plan.bins
+    thresholds = [float(c) for cuts in host_bins.cuts for c in cuts]
+    assert len(guest_bytes) > 10000 and thresholds
+    for value in thresholds:
+        assert np.float64(value).tobytes() not in guest_bytes and repr(value).encode() not in guest_bytes
+    names = {tag.name.split("_p")[0] for tag, _ in seen["host"]}
+    assert names == {"row_gh", "route", "splits", "next_tree"}, names
+    for tag, value in seen["host"]:
+        if isinstance(value, Blob):
+            assert value.kind.startswith("sb.") or value.kind.startswith("paillier"), value.kind
+        elif isinstance(value, np.ndarray):
+            assert value.dtype == np.uint8, (tag, value.dtype)     # packed direction bits
+        else:
+            assert not any(isinstance(v, float) for v in _leaves(value)), (tag, value)
+    # the first tree's (g, h) are (+-0.5, 0.25) exactly: neither as floats nor as packed plaintexts
+    from fedps.algorithms.secureboost.tasks import packer_for
+
+    host_bytes = b"".join(_payload(v) for _, v in seen["host"])
+    packer = packer_for(results["guest"].trainer.plan)
+    plains = packer.encode(np.array([0.5, -0.5]), np.array([0.25, 0.25]))
+    patterns = [np.float64(0.5).tobytes(), np.float64(-0.5).tobytes()]
+    patterns += [v.to_bytes((v.bit_length() + 7) // 8, "big") for v in plains]
+    for pattern in patterns:
+        assert pattern not in host_bytes
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
