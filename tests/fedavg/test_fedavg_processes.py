@@ -29,7 +29,7 @@ from fedps.messaging.identity import generate_identity
 
 DATA = Path(__file__).parents[2] / "data"
 FILES = {"bank1": DATA / "breast_homo_guest.csv", "bank2": DATA / "breast_homo_host.csv"}
-SETTINGS = dict(rounds=6, local_epochs=2, batch_size=32, learning_rate=0.05, min_parties=2, deadline_s=60.0,
+SETTINGS = dict(rounds=4, local_epochs=2, batch_size=32, learning_rate=0.05, min_parties=2, deadline_s=60.0,
                 partitions=2, executor_mode="single", validation_fraction=0.2, seed=3)
 
 
@@ -97,12 +97,11 @@ def party_rows(tmp: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def oracle(tmp: Path) -> np.ndarray:
-    """The coordinator's model, recomputed: quantised sums, the PS's SGD step of learning rate 1."""
+    """The coordinator's model, recomputed from the parties' rows with exact fixed-point sums."""
     params = FedAvgParams(**SETTINGS)
     rows = {n: party_rows(tmp, n) for n in FILES}
     spec = ModelSpec("lr", rows["bank1"][0].shape[1])
     theta = spec.initial(params.seed)
-    theta = np.zeros_like(theta) - (np.zeros_like(theta) - theta)
     for r in range(params.rounds):
         total = np.zeros(theta.size + 1, dtype=np.uint64)
         for x, y in rows.values():
@@ -111,8 +110,7 @@ def oracle(tmp: Path) -> np.ndarray:
             update = np.concatenate([len(y) * (trained - theta), [float(len(y))]])
             total += secagg.quantise(update, params.frac_bits, 2.0 ** 36)
         plain = secagg.dequantise(total, params.frac_bits)
-        new = theta + 1.0 * plain[:-1] / plain[-1]
-        theta = theta - (theta - new)
+        theta = theta + plain[:-1] / plain[-1]
     return theta
 
 
@@ -122,8 +120,11 @@ def test_coordinator_killed_mid_job_resumes_to_the_same_model_with_the_central_a
     rounds_file = tmp_path / "out" / "coordinator" / "rounds.json"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and procs["coordinator"].poll() is None:
-        if rounds_file.exists() and len(json.loads(rounds_file.read_text() or "[]")) >= 2:
-            break
+        try:
+            if len(json.loads(rounds_file.read_text())) >= 1:
+                break
+        except (OSError, ValueError):   # not there yet, or being written
+            pass
         time.sleep(0.05)
     assert procs["coordinator"].poll() is None, procs["coordinator"].communicate()[1][-3000:]
     os.killpg(procs["coordinator"].pid, signal.SIGKILL)     # the coordinator and its local Ray

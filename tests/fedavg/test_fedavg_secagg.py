@@ -31,7 +31,7 @@ class FixedUpdates:
         self.hang_at = hang_at
         self.release = threading.Event()
 
-    def evaluate(self, theta: np.ndarray) -> dict[str, float]:
+    def evaluate(self, theta: np.ndarray, round_: int | None = None) -> dict[str, float]:
         return {"rows": 10, "auc": 0.5 + 0.01 * self.rows % 3, "loss": 0.7, "accuracy": 0.5}
 
     def train(self, theta: np.ndarray, round_: int) -> tuple[int, np.ndarray]:
@@ -53,9 +53,9 @@ class MemoryStore:
         last = max(self.models)
         return last, self.models[last]
 
-    def save(self, round_: int, theta: np.ndarray) -> np.ndarray:
-        self.models[round_] = theta.copy()
-        return theta
+    def apply(self, round_: int, step: np.ndarray) -> np.ndarray:
+        self.models[round_] = self.models.get(round_ - 1, 0.0) + step
+        return self.models[round_].copy()
 
 
 def run_job(names, params, data, coordinator_params=None):

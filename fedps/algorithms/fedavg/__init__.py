@@ -91,8 +91,8 @@ def _coordinate(context: Any, params: FedAvgParams) -> None:
         def current(self):
             return self.inner.current() if self.inner is not None else (0, None)
 
-        def save(self, round_: int, theta: np.ndarray) -> np.ndarray:
-            return self.inner.save(round_, theta)
+        def apply(self, round_: int, step: np.ndarray) -> np.ndarray:
+            return self.inner.apply(round_, step)
 
     store = Store()
     if journal.features is not None and (context.output_dir / "checkpoints").exists():

@@ -48,21 +48,20 @@ def _rows(layout: Layout, partitions: Iterator[int], fraction: float, validation
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def _score_task(layout: Layout, spec: ModelSpec, theta: np.ndarray, fraction: float,
-                partitions: Iterator[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    x, y = _rows(layout, partitions, fraction, validation=True)
-    yield spec.scores(theta, x) if len(y) else np.zeros(0), y
-
-
-def _train_task(layout: Layout, spec: ModelSpec, theta: np.ndarray, params: FedAvgParams, seed: int,
-                index: int, partitions: Iterator[int]) -> Iterator[tuple[int, np.ndarray]]:
+def _round_task(layout: Layout, spec: ModelSpec, theta: np.ndarray, params: FedAvgParams, seed: int | None,
+                index: int, partitions: Iterator[int]) -> Iterator[tuple[np.ndarray, np.ndarray, int, np.ndarray]]:
+    """Score the validation rows with the round's global model, then train E epochs from it."""
+    partitions = list(partitions)
+    vx, vy = _rows(layout, partitions, params.validation_fraction, validation=True)
+    scores = spec.scores(theta, vx) if len(vy) else np.zeros(0)
     x, y = _rows(layout, partitions, params.validation_fraction, validation=False)
-    if not len(y):
-        yield 0, theta
+    if not len(y) or seed is None:   # no training rows, or the final evaluation
+        yield scores, vy, 0, theta
         return
-    yield len(y), train(spec, theta, x, y, epochs=params.local_epochs, batch_size=params.batch_size,
-                        learning_rate=params.learning_rate, l2=params.l2, mu=params.fedprox_mu,
-                        seed=seed * 7919 + index)
+    trained = train(spec, theta, x, y, epochs=params.local_epochs, batch_size=params.batch_size,
+                    learning_rate=params.learning_rate, l2=params.l2, mu=params.fedprox_mu,
+                    seed=seed * 7919 + index)
+    yield scores, vy, len(y), trained
 
 
 class SparkData:
@@ -82,6 +81,8 @@ class SparkData:
         if mode == "auto":
             mode = "single" if self.train_rows < params.single_below_rows else "parallel"
         self.mode = mode
+        self._trained: tuple[np.ndarray, int, np.ndarray] | None = None
+        self._seed: int | None = None
         log.info("fedavg: %d training rows in %d partitions; local training %s", self.train_rows,
                  layout.partitions, "on one executor" if mode == "single" else f"in {self.tasks} parallel tasks")
 
@@ -89,22 +90,28 @@ class SparkData:
         rdd = self.spark.sparkContext.parallelize(range(self.layout.partitions), tasks)
         return rdd.mapPartitionsWithIndex(function).collect()
 
-    def evaluate(self, theta: np.ndarray) -> dict[str, float]:
-        layout, spec, fraction = self.layout, self.spec, self.params.validation_fraction
-        parts = self._run(self.tasks, lambda i, it: _score_task(layout, spec, theta, fraction, it))
-        scores = np.concatenate([s for s, _ in parts])
-        labels = np.concatenate([y for _, y in parts])
+    def evaluate(self, theta: np.ndarray, round_: int | None = None) -> dict[str, float]:
+        """Scores of the validation rows; the same Spark job trains from ``theta`` for round ``round_``."""
+        tasks = 1 if self.mode == "single" else self.tasks
+        self._seed = self._round_seed(round_) if round_ is not None else None
+        layout, spec, params, seed = self.layout, self.spec, self.params, self._seed
+        results = self._run(tasks, lambda i, it: _round_task(layout, spec, theta, params, seed, i, it))
+        scores = np.concatenate([r[0] for r in results])
+        labels = np.concatenate([r[1] for r in results])
+        rows = sum(r[2] for r in results)
+        self._trained = (theta, rows, sum(r[2] * r[3] for r in results) / rows if rows else theta)
         return evaluate_scores(scores, labels)
 
     def train(self, theta: np.ndarray, round_: int) -> tuple[int, np.ndarray]:
-        tasks = 1 if self.mode == "single" else self.tasks
-        seed = self.params.seed * 100_003 + round_
-        layout, spec, params = self.layout, self.spec, self.params
-        results = self._run(tasks, lambda i, it: _train_task(layout, spec, theta, params, seed, i, it))
-        rows = sum(n for n, _ in results)
-        if rows == 0:
-            return 0, theta
-        return rows, sum(n * t for n, t in results) / rows
+        """E local epochs from ``theta`` (run by the round's :meth:`evaluate`, which the protocol calls first)."""
+        if self._trained is None or self._trained[0] is not theta or self._seed != self._round_seed(round_):
+            self.evaluate(theta, round_)
+        _, rows, trained = self._trained
+        self._trained = None
+        return rows, trained
+
+    def _round_seed(self, round_: int) -> int:
+        return self.params.seed * 100_003 + round_
 
 
 def evaluate_scores(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:

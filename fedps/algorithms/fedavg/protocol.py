@@ -64,13 +64,16 @@ class Link(Protocol):
 
     def recv(self, tag: Any, timeout: float | None = None) -> Any: ...
 
+    def flush(self) -> None: ...
+
 
 class LocalData(Protocol):
     """A party's side of training: its feature names, evaluation and E local epochs."""
 
     features: tuple[str, ...]
 
-    def evaluate(self, theta: np.ndarray) -> dict[str, float]: ...
+    def evaluate(self, theta: np.ndarray, round_: int | None = None) -> dict[str, float]:
+        """Metrics of ``theta`` on the validation rows (``round_``: the round about to train from it)."""
 
     def train(self, theta: np.ndarray, round_: int) -> tuple[int, np.ndarray]: ...
 
@@ -120,8 +123,8 @@ class ModelStore(Protocol):
 
     def current(self) -> tuple[int, np.ndarray | None]: ...
 
-    def save(self, round_: int, theta: np.ndarray) -> np.ndarray:
-        """Keep ``theta`` as the model after ``round_`` rounds; returns it as stored."""
+    def apply(self, round_: int, step: np.ndarray) -> np.ndarray:
+        """theta_{round_} = theta_{round_ - 1} + step (theta_{-1} = 0); returns theta_{round_} as stored."""
 
 
 class Coordinator:
@@ -154,7 +157,7 @@ class Coordinator:
             theta = self.initial(features) if self.initial else None
             if theta is None:
                 raise ProtocolError("no initial model")
-            theta = self.store.save(0, theta)
+            theta = self.store.apply(0, theta)
             first = 0
         for r in range(first, self.params.rounds):
             theta = self._round(r, theta)
@@ -181,9 +184,7 @@ class Coordinator:
         started = time.perf_counter()
         scope = self.scope.at(iteration=r)
         self.journal.begin(r, self.channels)
-        for party in self.parties:
-            self.channels[party].send(scope.tag(START.name), {"status": "go", "round": r})
-            self.channels[party].send(scope.tag(MODEL.name), theta)
+        self._broadcast(scope, {"status": "go", "round": r}, theta)
         adverts = self._gather(ADVERTISE, scope, self.parties, "advertise")
         self.evaluations[r] = {p: a.get("evaluation", {}) for p, a in adverts.items()}
         active = self._require(scope, sorted(adverts), r, "advertise")
@@ -195,8 +196,14 @@ class Coordinator:
         samples = float(total[-1])
         if samples <= 0:
             raise ProtocolError(f"round {r}: the parties reported no training rows")
-        theta = theta + self.params.server_learning_rate * total[:-1] / samples
-        theta = self.store.save(r + 1, theta)
+        step = total[:-1]
+        del total
+        step /= samples
+        if self.params.server_learning_rate != 1.0:
+            step *= self.params.server_learning_rate
+        del theta
+        theta = self.store.apply(r + 1, step)
+        del step
         result = RoundResult(r, active, dropped, int(round(samples)), time.perf_counter() - started,
                              weighted_metrics(self.evaluations[r]))
         self.results.append(result)
@@ -267,14 +274,19 @@ class Coordinator:
 
     def _finish(self, theta: np.ndarray) -> None:
         scope = self.scope.at(iteration=self.params.rounds)
-        for party in self.parties:
-            self.channels[party].send(scope.tag(START.name), {"status": "done", "round": self.params.rounds})
-            self.channels[party].send(scope.tag(MODEL.name), theta)
+        self._broadcast(scope, {"status": "done", "round": self.params.rounds}, theta)
         finals = self._gather(FINAL, scope, self.parties, "final evaluation")
         self.evaluations[self.params.rounds] = finals
         self.final_evaluation = weighted_metrics(finals)
 
     # ------------------------------------------------------------------ helpers
+    def _broadcast(self, scope: Scope, start: dict, theta: np.ndarray) -> None:
+        """``start`` and the model to every party, one at a time (so one sealed copy is in flight)."""
+        for party in self.parties:
+            self.channels[party].send(scope.tag(START.name), start)
+            self.channels[party].send(scope.tag(MODEL.name), theta)
+            self.channels[party].flush()
+
     def _gather(self, message: Message, scope: Scope, parties: list[str], step: str,
                 consume: Callable[[str, Any], None] | None = None,
                 check: Callable[[str, Any], bool] | None = None, wait_s: float | None = None) -> dict[str, Any]:
@@ -410,7 +422,7 @@ class Party:
 
     def _round(self, scope: Scope, theta: np.ndarray) -> bool:
         """One round; False when the coordinator dropped this party from it."""
-        evaluation = self.data.evaluate(theta)
+        evaluation = self.data.evaluate(theta, scope.iteration)
         if not self.params.secure:
             self.link.send(scope.tag(ADVERTISE.name), {"evaluation": evaluation})
             self.link.send(scope.tag(MASKED.name), self._update(theta, scope.iteration))

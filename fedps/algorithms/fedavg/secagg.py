@@ -39,10 +39,31 @@ def _derive(secret: bytes, label: str) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label.encode()).derive(secret)
 
 
+_CHUNK = 1 << 17   # values per PRG block: the stream is added in place, 1 MiB at a time
+
+
+def _encryptor(seed: bytes, label: str):
+    return Cipher(algorithms.AES(_derive(seed, label)), modes.CTR(bytes(16))).encryptor()
+
+
 def prg(seed: bytes, label: str, length: int) -> np.ndarray:
     """``length`` pseudo-random uint64 values from ``seed`` (AES-256-CTR keyed by HKDF(seed, label))."""
-    encryptor = Cipher(algorithms.AES(_derive(seed, label)), modes.CTR(bytes(16))).encryptor()
-    return np.frombuffer(encryptor.update(bytes(8 * length)) + encryptor.finalize(), dtype=np.uint64).copy()
+    out = np.zeros(length, dtype=np.uint64)
+    add_prg(out, seed, label)
+    return out
+
+
+def add_prg(target: np.ndarray, seed: bytes, label: str, negate: bool = False) -> None:
+    """``target += PRG(seed, label)`` (or ``-=``) mod 2^64, in place, without a second full-size array."""
+    encryptor = _encryptor(seed, label)
+    zeros = bytes(8 * min(_CHUNK, target.size))
+    for start in range(0, target.size, _CHUNK):
+        stop = min(start + _CHUNK, target.size)
+        block = np.frombuffer(encryptor.update(zeros[: 8 * (stop - start)]), dtype=np.uint64)
+        if negate:
+            target[start:stop] -= block
+        else:
+            target[start:stop] += block
 
 
 def quantise(values: np.ndarray, frac_bits: int, bound: float) -> np.ndarray:
@@ -102,19 +123,19 @@ def self_label(job: str, round_: int, party: str) -> str:
     return f"fedps.fedavg.self/{job}/{round_}/{party}"
 
 
-def pair_mask(mask_private: bytes, peer_public: bytes, job: str, round_: int, me: str, peer: str,
-              length: int) -> np.ndarray:
-    """The pair's stream as ``me`` adds it: ``+PRG`` if ``me`` sorts before ``peer``, else ``-PRG``."""
-    stream = prg(agree(mask_private, peer_public), _mask_label(job, round_, me, peer), length)
-    return stream if me < peer else (np.uint64(0) - stream)
+def add_pair_mask(target: np.ndarray, mask_private: bytes, peer_public: bytes, job: str, round_: int,
+                  me: str, peer: str) -> None:
+    """Add the pair's stream as ``me`` adds it: ``+PRG`` if ``me`` sorts before ``peer``, else ``-PRG``."""
+    add_prg(target, agree(mask_private, peer_public), _mask_label(job, round_, me, peer), negate=me > peer)
 
 
 def mask(update: np.ndarray, secrets_: RoundSecrets, peers: dict[str, bytes], job: str, round_: int,
          me: str) -> np.ndarray:
     """``y_u``: the quantised update plus the self mask and every pair mask with ``peers`` (mask public keys)."""
-    masked = update + prg(secrets_.self_seed, self_label(job, round_, me), update.size)
+    masked = update.copy()
+    add_prg(masked, secrets_.self_seed, self_label(job, round_, me))
     for peer in sorted(peers):
-        masked += pair_mask(secrets_.mask_key, peers[peer], job, round_, me, peer, update.size)
+        add_pair_mask(masked, secrets_.mask_key, peers[peer], job, round_, me, peer)
     return masked
 
 
@@ -144,7 +165,7 @@ def open_share(cipher: ChaCha20Poly1305, sender: str, receiver: str, job: str, r
 def remove_masks(total: np.ndarray, *, survivors: list[str], dropped: list[str],
                  self_shares: dict[str, dict[int, int]], key_shares: dict[str, dict[int, int]],
                  mask_publics: dict[str, bytes], threshold: int, job: str, round_: int) -> np.ndarray:
-    """The plain sum of the survivors' quantised updates from the sum of their masked ones.
+    """The plain sum of the survivors' quantised updates from the sum of their masked ones (in place).
 
     ``self_shares[v]`` holds at least ``threshold`` Shamir shares ``{x: y}`` of
     survivor ``v``'s self-mask seed; ``key_shares[v]`` the same of dropped
@@ -153,10 +174,8 @@ def remove_masks(total: np.ndarray, *, survivors: list[str], dropped: list[str],
     """
     from fedps.algorithms.fedavg import shamir
 
-    total = total.copy()
     for v in survivors:
-        seed = shamir.combine(self_shares[v], threshold)
-        total -= prg(seed, self_label(job, round_, v), total.size)
+        add_prg(total, shamir.combine(self_shares[v], threshold), self_label(job, round_, v), negate=True)
     for v in dropped:
         private = shamir.combine(key_shares[v], threshold)
         if public_bytes(X25519PrivateKey.from_private_bytes(private)) != mask_publics[v]:
@@ -164,5 +183,5 @@ def remove_masks(total: np.ndarray, *, survivors: list[str], dropped: list[str],
                               "a party sent a wrong share")
         for u in survivors:
             # u added sign(u, v) * PRG(s_uv); v's view of the same pair has the opposite sign.
-            total += pair_mask(private, mask_publics[u], job, round_, v, u, total.size)
+            add_pair_mask(total, private, mask_publics[u], job, round_, v, u)
     return total

@@ -106,12 +106,11 @@ class PSStore:
             return 0, None
         return self.server.step - 1, self._pull()
 
-    def save(self, round_: int, theta: np.ndarray) -> np.ndarray:
+    def apply(self, round_: int, step: np.ndarray) -> np.ndarray:
         if self.server.step != round_:
             raise DataError(f"the PS is at step {self.server.step}, cannot store the model of round {round_}")
-        old = self._pull() if round_ else np.zeros(self.size)
-        # The table's optimizer is SGD with learning rate 1: pushing old - new leaves new.
-        self.server.table(self.TABLE).push(self.keys, (old - theta).reshape(-1, 1))
+        # The table's optimizer is SGD with learning rate 1: pushing -step adds step.
+        self.server.table(self.TABLE).push(self.keys, np.negative(step).reshape(-1, 1))
         self.server.end_step()   # checkpoint_every = 1: the model of every round is on disk
         self.restored = True
         return self._pull()

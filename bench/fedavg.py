@@ -1,0 +1,285 @@
+"""FedAvg: secure against plain aggregation, where one executor beats data-parallel, and quality.
+
+    .venv/bin/python bench/fedavg.py rounds [--parties 10] [--params 1000000] [--rounds 3]
+    .venv/bin/python bench/fedavg.py switch [--copies 1 8 32]
+    .venv/bin/python bench/fedavg.py quality
+
+``rounds``: a coordinator process and a process of ``--parties`` party threads,
+every message on sealed channels through one embedded broker; each party's
+"training" adds a random update to the model (so the figure is the
+aggregation protocol, not SGD). One plain job and one secure job in the same
+run; the median round time of each, their ratio, and the coordinator's peak
+traced memory (tracemalloc: every numpy buffer and Kafka record it allocates)
+against the model's size.
+
+``switch``: a party's local round (score + E epochs of LR) on local[2] Spark,
+single-executor against data-parallel, on default_credit's horizontal guest
+split copied ``--copies`` times.
+
+``quality``: breast (2 parties) and default_credit (3 parties), secure
+aggregation, parties as threads over the in-process transport with the
+executors' own training code; test AUC of the global model against the same
+model trained centrally on all rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fedps.algorithms.fedavg.params import FedAvgParams  # noqa: E402
+from fedps.algorithms.fedavg.protocol import Coordinator, Party  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.theta: np.ndarray | None = None
+        self.round = 0
+
+    def current(self):
+        return self.round, self.theta
+
+    def apply(self, round_: int, step: np.ndarray) -> np.ndarray:
+        self.theta = step.copy() if self.theta is None else self.theta + step
+        self.round = round_
+        return self.theta
+
+
+class RandomUpdates:
+    features = ("x",)
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def evaluate(self, theta, round_=None):
+        return {"rows": 100, "auc": 0.5, "loss": 0.69, "accuracy": 0.5}
+
+    def train(self, theta, round_):
+        return 1000, theta + self.rng.normal(0, 0.01, theta.size)
+
+
+def _channel_config(folder: Path, me: str, peers: list[str], servers: str):
+    from fedps.messaging.config import ChannelConfig, KafkaConfig
+
+    publics = json.loads((folder / "publics.json").read_text())
+    return ChannelConfig(kafka=KafkaConfig(bootstrap_servers=servers), identity_key=str(folder / f"{me}.key"),
+                         peers={p: publics[p] for p in peers},
+                         state_dir=str(folder / "state" / me), recv_timeout_s=600)
+
+
+def _coordinator_process(folder: str, servers: str, job: str, names: list[str], params: dict, size: int,
+                         out: mp.Queue) -> None:
+    import tracemalloc
+    from contextlib import ExitStack
+
+    from fedps.messaging.channel import Channel
+
+    config = _channel_config(Path(folder), "coord", names, servers)
+    with ExitStack() as stack:
+        channels = {n: stack.enter_context(Channel(job, "coord", n, config).open()) for n in names}
+        coordinator = Coordinator(job, channels, FedAvgParams(**params), MemoryStore(),
+                                  initial=lambda features: np.zeros(size))
+        tracemalloc.start()
+        coordinator.run()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    out.put({"round_s": [r.seconds for r in coordinator.results], "peak_bytes": peak})
+
+
+def _parties_process(folder: str, servers: str, job: str, names: list[str], params: dict) -> None:
+    from fedps.messaging.channel import Channel
+
+    def play(i: int, name: str) -> None:
+        with Channel(job, name, "coord", _channel_config(Path(folder), name, ["coord"], servers)).open() as link:
+            Party(job, name, link, FedAvgParams(**params), RandomUpdates(i)).run()
+
+    threads = [threading.Thread(target=play, args=(i, n)) for i, n in enumerate(names)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def bench_rounds(args: argparse.Namespace) -> dict:
+    from fedps.messaging.broker import EmbeddedBroker
+    from fedps.messaging.identity import generate_identity
+
+    names = [f"p{i:02d}" for i in range(args.parties)]
+    size = args.params - 1          # the update carries the row count as one more value
+    results = {}
+    ctx = mp.get_context("spawn")
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        publics = {name: generate_identity(folder / f"{name}.key") for name in ["coord", *names]}
+        (folder / "publics.json").write_text(json.dumps(publics))
+        for secure in (False, True):
+            job = f"b{uuid.uuid4().hex[:10]}"
+            params = dict(rounds=args.rounds, secure=secure, min_parties=args.parties // 2 + 1, deadline_s=300.0)
+            out = ctx.Queue()
+            coordinator = ctx.Process(target=_coordinator_process,
+                                      args=(tmp, broker.bootstrap_servers, job, names, params, size, out))
+            parties = ctx.Process(target=_parties_process, args=(tmp, broker.bootstrap_servers, job, names, params))
+            coordinator.start()
+            parties.start()
+            got = out.get(timeout=3600)
+            coordinator.join()
+            parties.join()
+            results["secure" if secure else "plain"] = got
+    model_bytes = args.params * 8
+    plain = statistics.median(results["plain"]["round_s"])
+    secure = statistics.median(results["secure"]["round_s"])
+    return {"parties": args.parties, "parameters": args.params, "rounds": args.rounds,
+            "plain_round_s": round(plain, 2), "secure_round_s": round(secure, 2),
+            "overhead": round(secure / plain, 2),
+            "coordinator_peak_mb": {k: round(v["peak_bytes"] / 2**20, 1) for k, v in results.items()},
+            "peak_over_model": {k: round(v["peak_bytes"] / model_bytes, 2) for k, v in results.items()},
+            "all_round_s": {k: [round(s, 2) for s in v["round_s"]] for k, v in results.items()}}
+
+
+def bench_switch(args: argparse.Namespace) -> dict:
+    import pandas as pd
+
+    from fedps.algorithms.fedavg.local import SparkData
+    from fedps.engine.config import SparkConfig
+    from fedps.engine.layout import build_layout
+    from fedps.engine.session import start_spark, stop_spark
+
+    spark = start_spark(SparkConfig(master="local[2]", conf={"spark.sql.shuffle.partitions": "4"}))
+    base = pd.read_csv(SHARED / "default_credit_homo_guest.csv")
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for copies in args.copies:
+                frame = pd.concat([base.assign(id=base["id"].astype(str) + f"-{c}") for c in range(copies)])
+                source = Path(tmp) / f"rows{copies}.csv"
+                frame.to_csv(source, index=False)
+                layout = build_layout(spark, str(source), folder=str(Path(tmp) / f"layout{copies}"), partitions=4,
+                                      id_column="id", label_column="y")
+                times = {}
+                for mode in ("single", "parallel"):
+                    data = SparkData(spark, layout, FedAvgParams(executor_mode=mode, local_epochs=1, batch_size=64))
+                    theta = np.zeros(data.spec.size)
+                    data.evaluate(theta, 0)              # warm: Python workers, layout cache
+                    tick = time.perf_counter()
+                    for r in range(args.repeats):
+                        data.evaluate(theta, r)
+                    times[mode] = (time.perf_counter() - tick) / args.repeats
+                rows.append({"training_rows": data.train_rows, "single_s": round(times["single"], 2),
+                             "parallel_s": round(times["parallel"], 2),
+                             "parallel_speedup": round(times["single"] / times["parallel"], 2)})
+    finally:
+        stop_spark(spark)
+    return {"switch": rows}
+
+
+class FrameData:
+    """A party's rows in memory, trained with the executors' code (one task, as executor_mode = single)."""
+
+    def __init__(self, frame, params: FedAvgParams, seed: int) -> None:
+        from fedps.algorithms.fedavg.model import ModelSpec
+
+        rng = np.random.default_rng(seed)
+        valid = rng.random(len(frame)) < params.validation_fraction
+        x, y = frame.drop(columns=["id", "y"]).to_numpy(float), frame["y"].to_numpy(float)
+        self.x, self.y, self.vx, self.vy = x[~valid], y[~valid], x[valid], y[valid]
+        self.features = tuple(c for c in frame.columns if c not in ("id", "y"))
+        self.spec = ModelSpec(params.model, len(self.features), params.hidden)
+        self.params = params
+
+    def evaluate(self, theta, round_=None):
+        from fedps.algorithms.fedavg.local import evaluate_scores
+
+        return evaluate_scores(self.spec.scores(theta, self.vx), self.vy)
+
+    def train(self, theta, round_):
+        from fedps.algorithms.fedavg.model import train
+
+        p = self.params
+        return len(self.y), train(self.spec, theta, self.x, self.y, epochs=p.local_epochs, batch_size=p.batch_size,
+                                  learning_rate=p.learning_rate, l2=p.l2, mu=p.fedprox_mu, seed=p.seed * 1000 + round_)
+
+
+def _federated(datasets: list[FrameData], params: FedAvgParams) -> np.ndarray:
+    from fedps.messaging.transport import in_process_mesh
+
+    names = [f"party{i}" for i in range(len(datasets))]
+    mesh = in_process_mesh("q", ["coord", *names])
+    spec = datasets[0].spec
+    coordinator = Coordinator("q", mesh["coord"], params, MemoryStore(), initial=lambda f: spec.initial(params.seed))
+    threads = [threading.Thread(target=Party("q", n, mesh[n]["coord"], params, d).run, daemon=True)
+               for n, d in zip(names, datasets)]
+    for t in threads:
+        t.start()
+    theta = coordinator.run()
+    for t in threads:
+        t.join()
+    return theta
+
+
+def bench_quality(args: argparse.Namespace) -> dict:
+    import pandas as pd
+
+    from fedps.algorithms.fedavg.model import auc, train
+
+    cases = {
+        "breast": (["breast_homo_guest", "breast_homo_host"], "breast_homo_test",
+                   dict(rounds=20, local_epochs=1, learning_rate=0.05)),
+        "default_credit": (["default_credit_homo_guest", "default_credit_homo_host_1", "default_credit_homo_host_2"],
+                           "default_credit_homo_test", dict(rounds=10, local_epochs=1, learning_rate=0.02,
+                                                            batch_size=64)),
+    }
+    out = {}
+    for name, (files, test_file, settings) in cases.items():
+        for model in ("lr", "mlp"):
+            params = FedAvgParams(min_parties=len(files), model=model, hidden=8, seed=1, **settings)
+            datasets = [FrameData(pd.read_csv(SHARED / f"{f}.csv"), params, i) for i, f in enumerate(files)]
+            tick = time.perf_counter()
+            theta = _federated(datasets, params)
+            seconds = time.perf_counter() - tick
+            spec = datasets[0].spec
+            x = np.vstack([d.x for d in datasets])
+            y = np.concatenate([d.y for d in datasets])
+            central = train(spec, spec.initial(params.seed), x, y, epochs=params.rounds * params.local_epochs,
+                            batch_size=params.batch_size, learning_rate=params.learning_rate, seed=7)
+            test = pd.read_csv(SHARED / f"{test_file}.csv")
+            tx, ty = test.drop(columns=["id", "y"]).to_numpy(float), test["y"].to_numpy(float)
+            fed_auc, central_auc = auc(spec.scores(theta, tx), ty), auc(spec.scores(central, tx), ty)
+            out[f"{name}/{model}"] = {"parties": len(files), "rounds": params.rounds,
+                                      "federated_test_auc": round(fed_auc, 4), "central_test_auc": round(central_auc, 4),
+                                      "difference": round(fed_auc - central_auc, 4), "seconds": round(seconds, 1)}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    rounds = sub.add_parser("rounds")
+    rounds.add_argument("--parties", type=int, default=10)
+    rounds.add_argument("--params", type=int, default=1_000_000)
+    rounds.add_argument("--rounds", type=int, default=3)
+    switch = sub.add_parser("switch")
+    switch.add_argument("--copies", type=int, nargs="+", default=[1, 8, 32])
+    switch.add_argument("--repeats", type=int, default=2)
+    sub.add_parser("quality")
+    args = parser.parse_args()
+    result = {"rounds": bench_rounds, "switch": bench_switch, "quality": bench_quality}[args.what](args)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
