@@ -24,7 +24,8 @@ def write_configs(tmp: Path, job: str, servers: str, files: dict[str, Path], **p
     keys = {n: generate_identity(tmp / "keys" / f"{n}.key") for n in names}
     confs = {}
     settings = {"epochs": 3, "batch_size": 96, "learning_rate": 0.3, "l2": 0.001, "key_bits": 1024,
-                "validation_fraction": 0.3, **params}
+                "validation_fraction": 0.3, "optimizer": "sgd", "schedule": "constant", "label_dp": False,
+                **params}
     for name in names:
         extra = {"train": str(files[name]), **settings}
         if len(names) > 2:

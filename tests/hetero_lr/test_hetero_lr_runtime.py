@@ -22,6 +22,8 @@ from fedps.engine.vertical.plan import batch_count, partition_batches
 
 DATA = Path(__file__).parents[2] / "data"
 PARTITIONS = 4
+#: What the numpy oracle computes: plain SGD on the raw features, without label-DP noise (explicitly off).
+ORACLE = dict(optimizer="sgd", schedule="constant", standardize=False, label_dp=False)
 
 
 def lay_out(spark, tmp: Path, files: dict[str, Path], partitions: int = PARTITIONS) -> dict:
@@ -92,7 +94,7 @@ def test_executor_runtime_trains_the_oracles_model(tmp_path, spark, ray_address,
     layouts = lay_out(spark, tmp_path, files)
     names = list(files)
     params = LRParams(epochs=2, batch_size=96, learning_rate=0.3, l2=0.001, key_bits=512,
-                      validation_fraction=0.3, partitions=PARTITIONS, tasks=1, min_batch_ratio=1.0)
+                      validation_fraction=0.3, partitions=PARTITIONS, tasks=1, min_batch_ratio=1.0, **ORACLE)
     configs = make_parties(*names, recv_timeout_s=120)
     hostile = _hostile_rows_topic(configs["guest"].kafka.bootstrap_servers, job_id, "host1", "guest")
     results = run_in_threads(job_id, configs, layouts, {n: params for n in names}, tmp_path / "out", spark)
@@ -121,7 +123,7 @@ def test_sparse_host_trains_over_hashed_feature_ids(tmp_path, spark, ray_address
     layouts = lay_out(spark, tmp_path, files)
     assert layouts["host"].sparse
     params = LRParams(epochs=2, batch_size=96, learning_rate=0.3, l2=0.001, key_bits=512, d_noise=0.01,
-                      validation_fraction=0.3, partitions=PARTITIONS, tasks=1, min_batch_ratio=1.0)
+                      validation_fraction=0.3, partitions=PARTITIONS, tasks=1, min_batch_ratio=1.0, **ORACLE)
     configs = make_parties("guest", "host", recv_timeout_s=120)
     results = run_in_threads(job_id, configs, layouts, {"guest": params, "host": params}, tmp_path / "out", spark)
     assert not {n: r.error for n, r in results.items() if r.error is not None}
@@ -171,7 +173,7 @@ def test_a_task_retried_by_spark_gives_the_same_model(tmp_path, spark, ray_addre
     files = {"guest": DATA / "breast_hetero_guest.csv", "host": DATA / "breast_hetero_host.csv"}
     layouts = lay_out(spark, tmp_path, files)
     params = LRParams(epochs=1, batch_size=96, learning_rate=0.3, key_bits=512, validation_fraction=0.3,
-                      partitions=PARTITIONS, tasks=1, min_batch_ratio=1.0)
+                      partitions=PARTITIONS, tasks=1, min_batch_ratio=1.0, **ORACLE)
     models = []
     configs = make_parties("guest", "host", recv_timeout_s=120)
     for attempt in ("clean", "retried"):

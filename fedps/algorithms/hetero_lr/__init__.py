@@ -20,7 +20,8 @@ from typing import Any
 from fedps.algorithms.hetero_lr import model
 from fedps.algorithms.hetero_lr.params import LRParams
 from fedps.algorithms.hetero_lr.protocol import Crypto, Roles
-from fedps.algorithms.hetero_lr.trainer import Plan, Trainer, noise_seed, restored_state
+from fedps.algorithms.hetero_lr.trainer import (Plan, Trainer, noise_seed, prepare, privacy_report, resolved,
+                                                restored_state, transform_json)
 from fedps.engine.vertical.checkpoint import JobRecords
 from fedps.engine.vertical.job import JobSpec, VerticalJob, resolve
 from fedps.errors import ConfigError
@@ -155,6 +156,7 @@ def open_job(context, params: LRParams, layout: Any, records: JobRecords, guest:
              hosts: list[str]) -> VerticalJob:
     """Set up (or restore) this party's side of the job on the vertical skeleton."""
     me = context.me
+    params = resolved(params, layout.rows)   # the LR schedule's epoch length, from the rows
     _check_layout_fits(params, layout)
     intercept = me == guest and params.fit_intercept
     features = 0 if layout.sparse else len(layout.feature_names)
@@ -187,6 +189,7 @@ def make_trainer(job: VerticalJob, params: LRParams) -> Trainer:
                 noise_seed=noise_seed(job.secret) if job.is_guest else 0,
                 w=job.ps.ref("w"), bias=job.ps.ref("bias") if intercept else None,
                 features=features, sparse=job.layout.sparse)
+    params, plan = prepare(job, params, plan)   # batch size, row transform, label-DP noise
     state = restored_state(job.restored)
     trainer = Trainer(job, params, roles_, plan, crypto, state)
     if job.restored is None and params.checkpoint_every:
@@ -206,12 +209,12 @@ def _check_privacy(params: LRParams, job: VerticalJob, features: int) -> None:
     counts = {job.me: features, **{peer: int(info.get("features", 0)) for peer, info in job.peers.items()}}
     widest = max(counts.values())
     needed = math.ceil(params.min_batch_ratio * widest)
-    if params.batch_size < needed:
+    if params.batch_size and params.batch_size < needed:   # 0: automatic, at least the floor
         raise ConfigError(f"job.params.batch_size = {params.batch_size} is below the privacy floor of "
                           f"{needed} rows (min_batch_ratio {params.min_batch_ratio} x {widest} features): "
                           "a smaller batch lets a party solve its gradient for the other side's data")
     sparse = job.layout.sparse or any(info.get("sparse") for info in job.peers.values())
-    if sparse and params.d_noise == 0:
+    if sparse and params.d_noise == 0 and not params.label_dp:
         raise ConfigError("a party has sparse features: a feature seen in one row of a batch reveals that "
                           "row's d to it, so set job.params.d_noise (for example 0.01) to blur it")
 
@@ -255,7 +258,7 @@ def model_json(trainer: Trainer) -> dict:
                 "intercept": b if intercept else None}
     weights, b = model.weights(job.ps, plan.features, intercept)
     return {"party": job.me, "features": list(job.layout.feature_names), "weights": weights.tolist(),
-            "intercept": b if intercept else None}
+            "intercept": b if intercept else None, **transform_json(trainer)}
 
 
 def _write_report(context, trainer: Trainer, seconds: float) -> None:
@@ -269,7 +272,8 @@ def _write_report(context, trainer: Trainer, seconds: float) -> None:
         "tasks": trainer.job.stage_spec.tasks,
         "seconds_by_work": {k: round(v, 3) for k, v in trainer.crypto.timings.items()},
         "task_seconds_by_work": {k: round(v, 3) for k, v in trainer.task_seconds.items()},
-        "refused_partition_records": trainer.refused})
+        "refused_partition_records": trainer.refused,
+        "stopped": state.stopped, "batch_size": trainer.params.batch_size, "label_dp": privacy_report(trainer)})
     if trainer.roles.is_guest:
         context.metrics.update({"loss": state.losses, "validation": state.metrics,
                                 "final": state.metrics[-1] if state.metrics else {}})

@@ -6,7 +6,9 @@ its executor tasks; each host task sends its scores ``u_hk`` for partition
 ``p`` to the guest's task ``p``, which writes the joint log-odds and the
 probability of its rows to ``predictions/part-<p>.parquet``. The guest
 learns the hosts' scores on these rows, which is the point of the job; hosts
-learn nothing. No driver holds the rows or the scores.
+learn nothing. No driver holds the rows or the scores. A party whose model
+carries a row ``transform`` (its standardisation and row clip from training)
+applies it to its rows first.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fedps.engine.vertical.checkpoint import JobRecords
 from fedps.engine.vertical.job import JobSpec, VerticalJob, resolve
 from fedps.engine.vertical.scores import sigmoid
 from fedps.engine.vertical.stage import TaskEnv
+from fedps.engine.vertical.standardize import RowTransform
 from fedps.errors import ConfigError, DataError
 from fedps.messaging.tags import Message, Scope
 
@@ -41,6 +44,7 @@ class PredictPlan:
     intercept: float
     sparse: bool
     output: str
+    transform: RowTransform | None = None
 
 
 def _load_model(path: Path) -> dict:
@@ -65,7 +69,8 @@ def score_partition(env: TaskEnv, plan: PredictPlan) -> int:
             w = np.array([plan.weights.get(int(k), 0.0) for k in rows.feature_keys])
         else:
             w = np.asarray(plan.weights)
-        u = np.asarray(rows.x @ w).ravel() + plan.intercept if len(rows.row_keys) else np.zeros(0)
+        x = plan.transform.apply(rows.x) if plan.transform is not None and len(rows.row_keys) else rows.x
+        u = np.asarray(x @ w).ravel() + plan.intercept if len(rows.row_keys) else np.zeros(0)
         port = Port({peer: _OnPartition(link, p) for peer, link in env.links.items()}, scope, p)
         if not plan.roles.is_guest:
             port.send(plan.roles.guest, SCORES, u)
@@ -108,8 +113,9 @@ def predict(context: Any, params: LRParams, guest: str, hosts: list[str]) -> dic
                            spark=context.spark, layout=layout, records=records, spec=spec)
     try:
         output = context.output_dir / "predictions"
+        transform = RowTransform.from_json(saved["transform"]) if saved.get("transform") else None
         plan = PredictPlan(context.config.job.id, Roles(me, guest, hosts), weights,
-                           float(saved.get("intercept") or 0.0), sparse, str(output))
+                           float(saved.get("intercept") or 0.0), sparse, str(output), transform)
         written = sum(job.stage(functools.partial(score_partition, plan=plan), "predict").join())
     finally:
         job.stop()

@@ -24,6 +24,13 @@ regression"):
    sum and sends it to the key's owner, who decrypts the masked integers and
    sends them back.
 5. (driver) each party removes its own mask and pushes its gradient to its PS.
+
+Label differential privacy (``noise`` in :func:`guest_step`): in step 4 the
+guest adds Gaussian noise to the masked integers it decrypts for each host,
+inside the mask (the host gets ``X_hᵀd + z`` and the guest never sees
+``X_hᵀd``), and to its own gradient, so that every model update, and so
+everything a host learns, is a function of noised releases
+(fedps/engine/vertical/privacy.py).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import numpy as np
 from fedps.engine.crypto import (CipherVector, Decryptor, Encryptor, FixedPoint, PrivateKey, PublicKey,
                                  seal_for_owner, xt_d)
 from fedps.engine.crypto.compress import add_mask
+from fedps.engine.vertical.privacy import add_to_masked
 from fedps.errors import ProtocolError
 from fedps.messaging.codec import Blob
 from fedps.messaging.tags import Message, Scope
@@ -266,17 +274,29 @@ def host_partition(port: Port, crypto: Crypto, roles: Roles, x: Any, keys: np.nd
 
 
 # --------------------------------------------------------------------------- drivers: steps 4-5
-def _decrypt_for(port: Port, crypto: Crypto, peer: str) -> None:
-    """Decrypt a host's masked gradient under our key and send the masked integers back."""
+#: Label-DP noise of one batch: ``noise(party, length)``, a vector for that party's gradient.
+Noise = Callable[[str, int], np.ndarray]
+
+
+def _decrypt_for(port: Port, crypto: Crypto, peer: str, noise: Noise | None = None) -> None:
+    """Decrypt a host's masked gradient under our key (adding noise inside the mask) and send it back."""
     masked = vector(port.recv(peer, HOST_GRAD), crypto.public_keys[crypto.me])
     if not masked.masked:
         raise ProtocolError(f"{peer} sent an unmasked {HOST_GRAD.name}; refusing to decrypt it")
-    port.send(peer, HOST_GRAD_PLAIN, ints_message(crypto.decrypt_exact(masked)))
+    ints = crypto.decrypt_exact(masked)
+    if noise is not None:
+        layout = masked.layout
+        slots, width = (layout.slots, layout.slot_bits) if layout is not None else (1, 0)
+        ints = add_to_masked(ints, noise(peer, masked.length), slots, width, masked.frac_bits)
+    port.send(peer, HOST_GRAD_PLAIN, ints_message(ints))
 
 
 def guest_step(port: Port, crypto: Crypto, roles: Roles, gradient: CipherVector, loss: CipherVector | None,
-               secret: bytes) -> tuple[np.ndarray, float | None]:
-    """The guest driver's side of a batch; returns its gradient (sum over rows) and the encrypted loss part."""
+               secret: bytes, noise: Noise | None = None) -> tuple[np.ndarray, float | None]:
+    """The guest driver's side of a batch; returns its gradient (sum over rows) and the encrypted loss part.
+
+    With ``noise``, every host's gradient and the guest's own carry label-DP noise.
+    """
     h1 = roles.hosts[0]
     scope = port.scope
     sealed, grad_mask = crypto.seal(h1, gradient, mask_rng(secret, scope, "grad"))
@@ -287,10 +307,12 @@ def guest_step(port: Port, crypto: Crypto, roles: Roles, gradient: CipherVector,
         port.send(h1, GUEST_LOSS, blob(masked_loss))
     # 4. decrypt each host's masked gradient for it
     for host in roles.hosts:
-        _decrypt_for(port, crypto, host)
+        _decrypt_for(port, crypto, host, noise)
     # 5. our gradient (and loss part) back from h1, unmasked
     answer = ints_from(port.recv(h1, GUEST_GRAD_PLAIN))
     result = grad_mask.remove(answer[: len(sealed.ciphertexts)])
+    if noise is not None:
+        result = result + noise(roles.guest, len(result))
     encrypted_loss = None
     if loss_mask is not None:
         encrypted_loss = float(loss_mask.remove(answer[len(sealed.ciphertexts):])[0])
@@ -312,3 +334,91 @@ def host_step(port: Port, crypto: Crypto, roles: Roles, gradient: CipherVector, 
         ints = [v for part in parts for v in crypto.decrypt_exact(part)]
         port.send(guest, GUEST_GRAD_PLAIN, ints_message(ints))
     return grad_mask.remove(ints_from(port.recv(guest, HOST_GRAD_PLAIN)))
+
+
+# --------------------------------------------------------------------------- the plaintext reference
+@dataclass
+class PlainRun:
+    """A whole training in plaintext: the model and, per batch, what a host learned."""
+
+    weights: dict[str, np.ndarray]
+    bias: float
+    transforms: dict[str, Any]
+    batch_size: int
+    noise_multiplier: float
+    epsilon: float
+    host_views: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def scores(self, xs: dict[str, np.ndarray]) -> np.ndarray:
+        """Joint log-odds of rows (each party's transform applied to its own columns)."""
+        return sum(self.transforms[n].apply(x) @ self.weights[n] for n, x in xs.items()) + self.bias
+
+
+def plaintext_training(xs: dict[str, np.ndarray], y: np.ndarray, train: np.ndarray, params: Any, seed: int = 0,
+                       watch: str | None = None) -> PlainRun:
+    """The maths of a job with these settings, in numpy (no crypto, no runtime): for tests, benches, audits.
+
+    ``xs`` maps party names to dense features (the guest first); ``train``
+    marks the training rows. It follows the runtime's rules: automatic batch
+    size and LR schedule, each party's own standardisation and row clip, the
+    guest's label-DP noise on every gradient (summed over the batch), the
+    optimizer of the parameter server. With ``watch`` = a host's name it
+    records, per batch, what that host knows afterwards: ``(epoch, rows,
+    its u_h, its noised gradient)``.
+    """
+    import dataclasses as dc
+
+    from fedps.algorithms.hetero_lr import trainer as tr
+    from fedps.algorithms.hetero_lr.model import tables
+    from fedps.engine.vertical.plan import auto_batch_size, batch_count
+    from fedps.engine.vertical.privacy import Accountant
+    from fedps.engine.vertical.standardize import RowTransform, moments
+    from fedps.ps.optimizers import Rows, apply_update, state_layout
+
+    rows = len(y)
+    params = tr.resolved(params, rows)
+    floor = math.ceil(params.min_batch_ratio * max(x.shape[1] for x in xs.values()))
+    if params.batch_size == 0:
+        params = dc.replace(params, batch_size=auto_batch_size(rows, params.validation_fraction, floor))
+    transforms = {}
+    for name, x in xs.items():
+        clip = tr.clip_norm(params, x.shape[1])
+        transforms[name] = (RowTransform.from_moments(moments(x[train], x.shape[1]), clip) if params.standardize
+                            else RowTransform.identity(x.shape[1], clip))
+    zs = {name: transforms[name].apply(x) for name, x in xs.items()}
+    sigma = tr.noise_multiplier(params)
+    square = sum(tr.clip_norm(params, x.shape[1]) ** 2 for x in xs.values()) + float(params.fit_intercept)
+    std = sigma * math.sqrt(square)
+    names = list(xs)
+    specs = {name: tables(params, zs[name].shape[1], False, False)[0] for name in names}
+    bias_spec = tables(params, 1, True, False)[1]
+
+    def fresh(width: int, spec: Any) -> Any:
+        layout = state_layout(spec.optimizer, 1)
+        return Rows(np.zeros((width, 1)), {k: np.full((width, w), v) for k, (w, v) in layout.items()})
+
+    ws = {name: fresh(zs[name].shape[1], specs[name]) for name in names}
+    b = fresh(1, bias_spec)
+    rng = np.random.default_rng(seed)
+    noise_rng = np.random.default_rng([seed, 1])
+    index = np.flatnonzero(train)
+    batches = batch_count(rows, params.batch_size, params.validation_fraction)
+    step, views = 0, []
+    for epoch in range(params.epochs):
+        for batch in np.array_split(index[rng.permutation(len(index))], batches):
+            us = {name: zs[name][batch] @ ws[name].weights[:, 0] for name in names}
+            d = 0.25 * (sum(us.values()) + b.weights[0, 0]) + 0.5 - y[batch]
+            for name in names:
+                g = zs[name][batch].T @ d
+                if std:
+                    g = g + noise_rng.normal(0.0, std, len(g))
+                if name == watch:
+                    views.append((epoch, batch, us[name], g))
+                apply_update(specs[name].optimizer, ws[name], (g / len(batch)).reshape(-1, 1), step)
+            if params.fit_intercept:
+                gb = d.sum() + (noise_rng.normal(0.0, std) if std else 0.0)
+                apply_update(bias_spec.optimizer, b, np.array([[gb / len(batch)]]), step)
+            step += 1
+    epsilon = Accountant(sigma, params.dp_delta).epsilon(params.epochs) if sigma else 0.0
+    return PlainRun({n: ws[n].weights[:, 0].copy() for n in names}, float(b.weights[0, 0]), transforms,
+                    params.batch_size, sigma, epsilon, views)

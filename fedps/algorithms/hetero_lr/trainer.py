@@ -10,6 +10,11 @@ and ends the step, which lets the tasks go on to the next batch. After the
 epoch, the guest decides whether to stop, and an evaluation stage scores
 the validation rows (the hosts' scores on those rows go to the guest: the
 documented leakage of evaluation).
+
+Before the first epoch (:func:`prepare`) each party resolves the automatic
+settings: the batch size (it grows with the rows), its own row transform
+(standardisation with statistics its tasks compute over its own training
+rows, and the label-DP row clip), and on the guest the label-DP noise.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,10 +36,12 @@ from fedps.algorithms.hetero_lr.params import LRParams, TrainState
 from fedps.algorithms.hetero_lr.protocol import INTERCEPT, Crypto, Partial, Port, Roles
 from fedps.engine.vertical.accumulator import KEYED_CIPHER, PLAIN
 from fedps.engine.vertical.job import VerticalJob
-from fedps.engine.vertical.plan import batch_count, partition_batches, validation_rows
+from fedps.engine.vertical.plan import auto_batch_size, batch_count, partition_batches, validation_rows
+from fedps.engine.vertical.privacy import Accountant, calibrate
 from fedps.engine.vertical.scores import ScoreSummary
 from fedps.engine.vertical.stage import TaskEnv
-from fedps.errors import PeerError
+from fedps.engine.vertical.standardize import Moments, RowTransform, merge, moments
+from fedps.errors import ConfigError, PeerError
 from fedps.messaging.tags import Message, Scope, Tag
 
 log = logging.getLogger(__name__)
@@ -60,6 +69,8 @@ class Plan:
     sparse: bool
     epoch: int = 0
     batches: int = 1
+    transform: RowTransform | None = None   # this party's standardisation and row clip (dense)
+    noise_std: float = 0.0                   # guest, label DP: std. dev. of the noise on each gradient
 
     @property
     def first_step(self) -> int:
@@ -109,6 +120,8 @@ def _columns(rows: Any, idx: np.ndarray, plan: Plan) -> tuple[Any, np.ndarray]:
     """The batch's rows of this partition and the feature ids of their columns."""
     x = rows.x[idx]
     if not plan.sparse:
+        if plan.transform is not None:
+            x = plan.transform.apply(x)
         return x, np.arange(plan.features, dtype=np.int64)
     touched = np.unique(x.indices)
     return x[:, touched], rows.feature_keys[touched]
@@ -209,6 +222,30 @@ def _put(env: TaskEnv, step: int, p: int, partial: Partial | None, with_loss: bo
     acc.put(step, "stats", p, PLAIN, {"rows": partial.rows, "plain_loss": partial.plain_loss})
 
 
+def feature_moments(env: TaskEnv, plan: Plan) -> Moments:
+    """Column sums of this task's training rows (the party's standardisation statistics)."""
+    parts = []
+    for p in env.partitions:
+        rows = env.rows(p)
+        train = ~validation_rows(rows.row_keys, plan.params.validation_fraction, plan.params.seed)
+        parts.append(moments(rows.x[train], plan.features))
+    return merge(parts, plan.features)
+
+
+def export_validation(env: TaskEnv, plan: Plan, folder: str) -> int:
+    """Write the row keys of this task's validation rows, one CSV per partition."""
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    written = 0
+    for p in env.partitions:
+        rows = env.rows(p)
+        keys = rows.row_keys[validation_rows(rows.row_keys, plan.params.validation_fraction, plan.params.seed)]
+        np.savetxt(os.path.join(folder, f"part-{p:05d}.csv"), keys, fmt="%d", header="row_key", comments="")
+        written += len(keys)
+    return written
+
+
 def evaluate_epoch(env: TaskEnv, plan: Plan) -> ScoreSummary | None:
     """Score the validation rows: hosts send theirs to the guest, who summarises them."""
     roles, params = plan.roles, plan.params
@@ -256,6 +293,11 @@ class Trainer:
     summary: ScoreSummary | None = None
     task_seconds: dict[str, float] = field(default_factory=dict)
     refused: dict[str, dict[str, int]] = field(default_factory=dict)   # by the tasks' links
+    accountant: Accountant | None = None     # label DP: what every party can account alike
+
+    def __post_init__(self) -> None:
+        if self.accountant is None:
+            self.accountant = accountant(self.params)
 
     @property
     def batches(self) -> int:
@@ -293,6 +335,12 @@ class Trainer:
                         on_batch(s)
                 self._add_timings(stage.join())
             self.end_epoch(plan)
+        if params.export_validation and params.validation_fraction > 0:
+            folder = str(Path(self.job.records.folder).parent / "validation_rows")
+            plan = dataclasses.replace(self.plan, epoch=s.epoch, batches=self.batches)
+            rows = sum(self.job.stage(functools.partial(export_validation, plan=plan, folder=folder),
+                                      "export-validation").join())
+            log.info("%s: the keys of %d validation rows are in %s", self.roles.me, rows, folder)
         return s
 
     def save(self) -> None:
@@ -322,7 +370,8 @@ class Trainer:
         if roles.is_guest:
             loss_total = job.total(step, "loss", n=int(key.n)) if with_loss else None
             loss = protocol.vector(loss_total[1], key) if loss_total is not None else None
-            result, encrypted = protocol.guest_step(port, crypto, roles, gradient, loss, job.secret)
+            result, encrypted = protocol.guest_step(port, crypto, roles, gradient, loss, job.secret,
+                                                    self._noise(plan, b))
             if encrypted is not None:
                 self.state.batch_losses.append((stats["plain_loss"] + encrypted) / stats["rows"])
         else:
@@ -330,20 +379,74 @@ class Trainer:
         with crypto.timed("ps"):
             model.push(job.ps, np.asarray(keys, dtype=np.int64), result / stats["rows"])
 
+    def _noise(self, plan: Plan, b: int) -> protocol.Noise | None:
+        """The label-DP noise of batch ``b`` (seeded by the guest's secret: a replayed batch noises alike)."""
+        if not self.plan.noise_std:
+            return None
+        names = [self.roles.guest, *self.roles.hosts]
+        std = self.plan.noise_std
+
+        def noise(party: str, length: int) -> np.ndarray:
+            rng = np.random.default_rng([plan.noise_seed, 1, plan.epoch, b, names.index(party)])
+            return rng.normal(0.0, std, length)
+
+        return noise
+
+    def _converged(self) -> bool:
+        """Whether the change stayed under the tolerance ``patience`` epochs in a row (guest).
+
+        Without label DP the change is the epoch loss's; with it, the relative change of the
+        guest's weights, which are a function of noised releases only (the loss is not).
+        """
+        s, params = self.state, self.params
+        if params.label_dp:
+            w, b = model.weights(self.job.ps, self.plan.features, self.plan.bias is not None) \
+                if not self.plan.sparse else (np.zeros(0), 0.0)
+            now = np.r_[w, b]
+            last = np.asarray(s.last_weights)
+            change = (float(np.linalg.norm(now - last) / max(np.linalg.norm(now), 1e-12))
+                      if last.shape == now.shape else math.inf)
+            s.last_weights = now.tolist()
+        else:
+            change = abs(s.losses[-1] - s.losses[-2]) if len(s.losses) > 1 else math.inf
+        s.calm = s.calm + 1 if change < params.tolerance else 0
+        return params.patience > 0 and s.calm >= params.patience
+
+    def _over_budget(self, epoch: int) -> bool:
+        """Account the epoch just done; True when the next one would pass the budget and the job stops."""
+        if self.accountant is None:
+            return False
+        params = self.params
+        self.state.epsilon = self.accountant.epsilon(epoch + 1)
+        if epoch + 1 >= params.epochs or self.accountant.epsilon(epoch + 2) <= params.dp_epsilon * (1 + 1e-9):
+            return False
+        if params.dp_on_budget == "stop":
+            log.warning("%s: label-DP budget: another epoch would spend epsilon %.3f > dp_epsilon %g at "
+                        "delta %g; stopping after epoch %d", self.roles.me, self.accountant.epsilon(epoch + 2),
+                        params.dp_epsilon, params.dp_delta, epoch + 1)
+            return True
+        log.warning("%s: label-DP budget passed: epsilon %.3f > dp_epsilon %g after epoch %d "
+                    "(dp_on_budget = warn: training on)", self.roles.me, self.accountant.epsilon(epoch + 2),
+                    params.dp_epsilon, epoch + 2)
+        return False
+
     def end_epoch(self, plan: Plan) -> None:
         s, params, roles = self.state, self.params, self.roles
         epoch = plan.epoch
         port = Port(self.job.channels, Scope(plan.job, "epoch").at(iteration=epoch), None, self.crypto.timings)
         last = epoch + 1 >= params.epochs
         evaluate = last or (params.evaluate_every and (epoch + 1) % params.evaluate_every == 0)
+        over_budget = self._over_budget(epoch)
         if roles.is_guest:
             if s.batch_losses:
                 s.losses.append(float(np.mean(s.batch_losses)))
             s.batch_losses = []
-            converged = len(s.losses) > 1 and abs(s.losses[-1] - s.losses[-2]) < params.tolerance
+            converged = self._converged()
+            stop = bool(converged or over_budget)
             for host in roles.hosts:
-                port.send(host, STOP, {"stop": bool(converged)})
-            stop = bool(converged)
+                port.send(host, STOP, {"stop": stop})
+            if stop:
+                s.stopped = "converged" if converged else "privacy budget"
         else:
             stop = bool(port.recv(roles.guest, STOP)["stop"])
         if (evaluate or stop) and params.validation_fraction > 0:
@@ -359,6 +462,89 @@ class Trainer:
             log.info("epoch %d: loss %s", epoch + 1, f"{s.losses[-1]:.5f}" if s.losses else "n/a")
         s.done = stop
         s.epoch, s.batch = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------- setup of the automatic settings
+def resolved(params: LRParams, rows: int) -> LRParams:
+    """Settings that follow from the aligned row count alone (the same on every party)."""
+    if params.decay_steps == 0:
+        provisional = auto_batch_size(rows, params.validation_fraction)
+        params = dataclasses.replace(params, decay_steps=batch_count(rows, provisional, params.validation_fraction))
+    return params
+
+
+def noise_multiplier(params: LRParams) -> float:
+    """The label-DP noise multiplier: as set, or the smallest that keeps the budget over the epochs."""
+    if not params.label_dp:
+        return 0.0
+    return params.dp_noise or calibrate(params.dp_epsilon, params.dp_delta, params.epochs)
+
+
+def clip_norm(params: LRParams, features: int) -> float:
+    """The L2 norm a party clips its (standardised) rows to under label DP."""
+    return params.dp_clip * math.sqrt(max(features, 1)) if params.label_dp else 0.0
+
+
+def prepare(job: VerticalJob, params: LRParams, plan: Plan) -> tuple[LRParams, Plan]:
+    """Resolve the automatic settings once the peers are known; returns the settings and the plan."""
+    params = resolved(params, job.layout.rows)
+    counts = {job.me: plan.features, **{peer: int(info.get("features", 0)) for peer, info in job.peers.items()}}
+    floor = math.ceil(params.min_batch_ratio * max(counts.values()))
+    train = int(job.layout.rows * (1 - params.validation_fraction))
+    if params.batch_size == 0:
+        params = dataclasses.replace(params, batch_size=auto_batch_size(job.layout.rows, params.validation_fraction,
+                                                                        floor))
+        if params.batch_size > train:
+            raise ConfigError(f"only {train} training rows: too few for the privacy floor of {floor} rows per batch "
+                              f"(min_batch_ratio {params.min_batch_ratio} x {max(counts.values())} features)")
+        log.info("%s: batch size %d (automatic: %d training rows)", job.me, params.batch_size, train)
+    sparse = job.layout.sparse or any(info.get("sparse") for info in job.peers.values())
+    if params.label_dp and sparse:
+        raise ConfigError("label differential privacy with sparse features is not yet supported: set "
+                          "job.params.label_dp = false (and d_noise) for sparse data")
+    transform = None
+    if not plan.sparse:
+        clip = clip_norm(params, plan.features)
+        if params.standardize:
+            stage = job.stage(functools.partial(feature_moments, plan=dataclasses.replace(plan, params=params)),
+                              "standardize")
+            transform = RowTransform.from_moments(merge(stage.join(), plan.features), clip)
+        elif clip:
+            transform = RowTransform.identity(plan.features, clip)
+    sigma = noise_multiplier(params)
+    noise_std = 0.0
+    if sigma and job.is_guest:
+        square = sum(clip_norm(params, f) ** 2 for f in counts.values()) + (1.0 if plan.bias is not None else 0.0)
+        noise_std = sigma * math.sqrt(square)
+        log.info("%s: label DP on: noise multiplier %.3f (epsilon %g at delta %g over %d epochs), noise std. "
+                 "dev. %.3f per gradient entry", job.me, sigma, params.dp_epsilon, params.dp_delta,
+                 params.epochs, noise_std)
+    if not params.label_dp:
+        log.warning("%s: label differential privacy is OFF (job.params.label_dp = false): hosts' gradients carry "
+                    "no noise, and a host can infer labels from them (docs/protocols.md)", job.me)
+    return params, dataclasses.replace(plan, params=params, transform=transform, noise_std=noise_std)
+
+
+def accountant(params: LRParams) -> Accountant | None:
+    sigma = noise_multiplier(params)
+    return Accountant(sigma, params.dp_delta) if sigma else None
+
+
+def privacy_report(trainer: Trainer) -> dict[str, Any]:
+    """What ``metrics.json`` says about label DP."""
+    params = trainer.params
+    if not params.label_dp:
+        return {"enabled": False}
+    return {"enabled": True, "epsilon": round(trainer.state.epsilon, 4), "delta": params.dp_delta,
+            "budget": params.dp_epsilon, "noise_multiplier": round(noise_multiplier(params), 4),
+            "epochs_accounted": trainer.state.epoch, "row_clip": params.dp_clip,
+            "accountant": "RDP of the Gaussian mechanism, one release per epoch (fedps.engine.vertical.privacy)"}
+
+
+def transform_json(trainer: Trainer) -> dict[str, Any]:
+    """The row transform stored with the model (prediction applies it)."""
+    transform = trainer.plan.transform
+    return {"transform": transform.to_json()} if transform is not None else {}
 
 
 def noise_seed(secret: bytes) -> int:

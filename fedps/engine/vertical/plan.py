@@ -35,3 +35,21 @@ def partition_batches(row_keys: np.ndarray, *, seed: int, epoch: int, partition:
     train = np.flatnonzero(~validation_rows(row_keys, validation_fraction, seed))
     order = train[np.random.default_rng([seed, epoch, partition]).permutation(len(train))]
     return np.array_split(order, batches)
+
+
+#: Automatic batch size: about this many batches per epoch, within the bounds below.
+AUTO_BATCHES, AUTO_MIN, AUTO_MAX = 50, 64, 1024
+
+
+def auto_batch_size(rows: int, validation_fraction: float, floor: int = 0) -> int:
+    """A batch size that grows with the training rows (never one batch per epoch when rows allow).
+
+    About ``rows / AUTO_BATCHES`` rows per batch, at least ``AUTO_MIN`` (and
+    ``floor``, e.g. a privacy floor), at most ``AUTO_MAX``, and never more
+    than half the training rows when there are at least ``2·AUTO_MIN`` of them.
+    """
+    train = int(rows * (1.0 - validation_fraction))
+    size = min(max(train // AUTO_BATCHES, AUTO_MIN), AUTO_MAX)
+    if train >= 2 * AUTO_MIN:
+        size = min(size, train // 2)
+    return max(1, min(max(size, floor), train)) if train > 0 else max(1, floor)
