@@ -1,0 +1,382 @@
+"""Benchmark SecureBoost's histogram crypto per tree against the straightforward `phe` baseline, in one run.
+
+    .venv/bin/python bench/secureboost.py [--bits 2048] [--data default_credit,breast] [--cores 2]
+        [--partitions 2] [--scales 2,4] [--scale-trees 1] [--baseline-rows 200] [--json FILE]
+
+Prints a markdown report for docs/benchmarks.md. Per tree, fedps's side runs
+the crypto of fedps.algorithms.secureboost.cipher in Spark tasks (local[cores])
+the way the protocol does: the guest's tasks encrypt packed (g, h) of their
+partition; the host's tasks, co-partitioned with them (an RDD ``zip``), build
+the partition's encrypted histograms for the level's nodes; the host adds the
+partials (in the driver here, a reduce in the protocol), derives each larger
+sibling as parent minus smaller child, and seals the level's nodes (shuffled
+prefix sums, packed, re-randomised); the guest opens them. Sealing and opening
+are per-node work, not per-row work, and run in the parties' drivers: on 2
+cores a Spark job per level costs more than it saves.
+The guest then picks every node's best split from the opened sums (plaintext,
+host features only, default direction right: these splits have no missing
+values), the host maps the shuffled position back to its bin and routes the
+rows. Messages between the parties are carried as bytes through the driver;
+the broker is not part of these figures (bench/messaging.py measures it).
+
+The baseline (bench/secureboost_baseline.py) encrypts g and h separately with
+`phe`, sums one ciphertext per (node, feature, bin) for every node and
+decrypts every sum. It runs on a few nodes (the root and its two children
+over ``--baseline-rows`` rows), its sums are checked against fedps's on the
+same rows, and its per-operation costs extrapolate a whole tree with the node
+sizes of fedps's real trees. Both sides use the same key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from fedps.algorithms.secureboost.cipher import (  # noqa: E402
+    BinPermutation, EncryptedHistograms, GHPacker, SealedHistograms, build_histograms, open_histograms,
+)
+from fedps.engine.crypto import CipherVector, Decryptor, generate_keypair  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+CONFIGS = {"default_credit": {"trees": 5, "depth": 5, "bins": 32},
+           "breast": {"trees": 10, "depth": 3, "bins": 32}}
+LAMBDA, LEARNING_RATE, MIN_CHILD_WEIGHT = 1.0, 0.3, 1e-3
+
+
+def load(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Host features and guest labels, aligned by id."""
+    import pandas as pd
+
+    guest = pd.read_csv(DATA / f"{name}_hetero_guest.csv").sort_values("id")
+    host = pd.read_csv(DATA / f"{name}_hetero_host.csv").sort_values("id")
+    if not np.array_equal(guest["id"].to_numpy(), host["id"].to_numpy()):
+        raise SystemExit(f"{name}: guest and host ids differ")
+    return host.drop(columns=["id"]).to_numpy(np.float64), guest["y"].to_numpy(np.float64)
+
+
+def quantile_bins(x: np.ndarray, max_bin: int) -> tuple[np.ndarray, list[int]]:
+    """Bins per feature from quantile cuts; each feature gets a last (here empty) missing bin."""
+    cols, n_bins = [], []
+    for j in range(x.shape[1]):
+        cuts = np.unique(np.quantile(x[:, j], np.linspace(0, 1, max_bin + 1)[1:-1]))
+        cols.append(np.searchsorted(cuts, x[:, j], side="right"))
+        n_bins.append(len(cuts) + 2)
+    return np.stack(cols, axis=1).astype(np.int64), n_bins
+
+
+class Timer:
+    """Wall seconds per phase, plus the CPU seconds the tasks report."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.task_cpu = 0.0
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.wall[phase] = self.wall.get(phase, 0.0) + seconds
+
+
+def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    start = time.process_time()
+    out = fn(*args)
+    return out, time.process_time() - start
+
+
+class FedpsTree:
+    """One party pair's histogram crypto on Spark, level by level (see the module docstring)."""
+
+    def __init__(self, sc: Any, keys: tuple[Any, Any], bins: np.ndarray, n_bins: list[int],
+                 partitions: int, rng: np.random.Generator) -> None:
+        self.sc, (self.pub, self.priv) = sc, keys
+        self.bins, self.n_bins, self.rows = bins, n_bins, len(bins)
+        self.bounds = np.linspace(0, self.rows, partitions + 1).astype(int)
+        self.packer = GHPacker(self.pub, self.rows, private_key=self.priv)
+        self.host_rdd = sc.parallelize([(bins[a:b], a, b) for a, b in zip(self.bounds[:-1], self.bounds[1:])],
+                                       partitions).cache()
+        self.decryptor = Decryptor(self.priv)
+        self.host_rdd.count()
+        self.rng = rng
+        self.first_root: Any = None
+
+    def warm(self) -> None:
+        """Build the tables each Python worker caches (CRT for the guest, public for the host)."""
+        packer, n = self.packer, self.partitions
+
+        def work(_: int) -> int:
+            packer.encrypt(np.zeros(1), np.zeros(1))
+            return 0
+
+        self.sc.parallelize(range(4 * n), 4 * n).map(work).collect()
+        from fedps.algorithms.secureboost import cipher
+        cipher._encryptor(self.pub)  # the host's re-randomisation table (seal runs in the driver)
+
+    @property
+    def partitions(self) -> int:
+        return len(self.bounds) - 1
+
+    def tree(self, g: np.ndarray, h: np.ndarray, depth: int, timer: Timer) -> tuple[np.ndarray, list[int]]:
+        """Grow one tree; returns each row's leaf and the row count of every node that was split.
+
+        A level with nodes to split always builds histograms for them; the last
+        level's children are leaves.
+        """
+        packer, pub, n_bins, bounds = self.packer, self.pub, self.n_bins, self.bounds
+        t = time.perf_counter()
+        guest = self.sc.parallelize([(g[a:b], h[a:b]) for a, b in zip(bounds[:-1], bounds[1:])], self.partitions)
+        ciphers = guest.map(lambda gh: _timed(lambda: packer.encrypt(*gh).to_bytes())).cache()
+        timer.task_cpu += sum(ciphers.map(lambda blob_cpu: blob_cpu[1]).collect())
+        joined = self.host_rdd.zip(ciphers)
+        timer.add("guest: encrypt (tasks)", time.perf_counter() - t)
+        node_of_row = np.zeros(self.rows, dtype=np.int64)
+        leaf = np.zeros(self.rows, dtype=np.int64)
+        gq, hq = packer.quantize(g, h)
+        parents: EncryptedHistograms | None = None
+        split_rows: list[int] = []
+        build, pairs = [0], []
+        for level in range(depth):
+            # 1. host tasks: histograms of the nodes to build; the host adds the partials and
+            #    derives each larger sibling as parent minus smaller child
+            t = time.perf_counter()
+            nodes_bc = self.sc.broadcast(node_of_row)
+            nodes_now = list(build)
+
+            def work(item: Any, nodes_now: list[int] = nodes_now) -> tuple[bytes, float]:
+                (bins_p, a, b), (blob, _) = item
+
+                def run() -> bytes:
+                    vec = CipherVector.from_bytes(blob, pub)
+                    return build_histograms(vec, bins_p, nodes_bc.value[a:b], nodes_now, n_bins).to_bytes()
+                return _timed(run)
+
+            parts = joined.map(work).collect()
+            timer.task_cpu += sum(c for _, c in parts)
+            small = EncryptedHistograms.from_bytes(parts[0][0], pub)
+            for blob, _ in parts[1:]:
+                small = small.add(EncryptedHistograms.from_bytes(blob, pub))
+            if pairs:
+                assert parents is not None
+                siblings = parents.select([p for p, _, _ in pairs]).subtract(
+                    small.select([s for _, s, _ in pairs]), nodes=[o for _, _, o in pairs])
+                level_hist = EncryptedHistograms.concat([small, siblings])
+            else:
+                level_hist = small
+            nodes_bc.unpersist()
+            timer.add("host: histograms (tasks), add, subtract", time.perf_counter() - t)
+            # 2. host seals the level's nodes; 3. the guest opens them (per-node work: in the drivers)
+            t = time.perf_counter()
+            perm = BinPermutation.draw(level_hist.nodes, n_bins, self.rng)
+            sealed = level_hist.seal(perm).to_bytes()
+            timer.add("host: seal", time.perf_counter() - t)
+            t = time.perf_counter()
+            opened = open_histograms(self.decryptor, SealedHistograms.from_bytes(sealed, pub), packer, quantized=True)
+            timer.add("guest: open", time.perf_counter() - t)
+            if self.first_root is None:
+                self.first_root = (opened[0], perm, gq, hq)
+            # 4. guest picks splits (plaintext); host maps positions to bins and routes rows
+            t = time.perf_counter()
+            build, pairs, nxt = [], [], np.full(self.rows, -1, dtype=np.int64)
+            for node in level_hist.nodes:
+                member = node_of_row == node
+                best = best_split(opened[node], int(gq[member].sum()), int(hq[member].sum()),
+                                  packer.precision_bits)
+                if best is None:
+                    continue
+                f, pos = best
+                b = perm.true_bin(node, f, pos)
+                left = member & (self.bins[:, f] <= b)
+                nxt[left], nxt[member & ~left] = 2 * node + 1, 2 * node + 2
+                split_rows.append(int(member.sum()))
+                n_left, n_right = int(left.sum()), int((member & ~left).sum())
+                smaller, larger = (2 * node + 1, 2 * node + 2) if n_left <= n_right else (2 * node + 2, 2 * node + 1)
+                build.append(smaller)
+                pairs.append((node, smaller, larger))
+            timer.add("guest splits, host routes", time.perf_counter() - t)
+            parents, node_of_row = level_hist, nxt
+            leaf = np.where(nxt >= 0, nxt, leaf)
+            if not build:
+                break
+        ciphers.unpersist()
+        return leaf, split_rows
+
+
+def best_split(sums: list[Any], g_total: int, h_total: int, frac: int) -> tuple[int, int] | None:
+    """The (feature, shown position) of the best gain, or None when no split gains."""
+    scale = 2.0 ** -frac
+    gt, ht = g_total * scale, h_total * scale
+    base = gt * gt / (ht + LAMBDA)
+    best, where = 0.0, None
+    for f, s in enumerate(sums):
+        gl, hl = s.G[:-1].astype(np.float64) * scale, s.H[:-1].astype(np.float64) * scale
+        gr, hr = gt - gl, ht - hl
+        gain = gl * gl / (hl + LAMBDA) + gr * gr / (hr + LAMBDA) - base
+        gain[(hl < MIN_CHILD_WEIGHT) | (hr < MIN_CHILD_WEIGHT)] = -np.inf
+        if gain.size and gain.max() > best:
+            best, where = float(gain.max()), (f, int(np.argmax(gain)))
+    return where
+
+
+def check_root(state: Any, bins: np.ndarray, n_bins: list[int]) -> None:
+    """The first tree's opened root sums equal a numpy oracle of the quantized g, h (exactly)."""
+    opened, perm, gq, hq = state
+    for f, nb in enumerate(n_bins):
+        gb = np.array([gq[bins[:, f] == b].sum() for b in range(nb)])
+        hb = np.array([hq[bins[:, f] == b].sum() for b in range(nb)])
+        order = list(perm.order(0, f))
+        want_g = np.concatenate([np.cumsum(gb[:-1])[order], gb[-1:]])
+        want_h = np.concatenate([np.cumsum(hb[:-1])[order], hb[-1:]])
+        if not (np.array_equal(opened[f].G, want_g) and np.array_equal(opened[f].H, want_h)):
+            raise SystemExit(f"fedps root histogram of feature {f} differs from numpy")
+
+
+def logistic(y: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p = 1.0 / (1.0 + np.exp(-pred))
+    return p - y, p * (1.0 - p)
+
+
+def run_fedps(sc: Any, keys: Any, bins: np.ndarray, n_bins: list[int], y: np.ndarray, trees: int, depth: int,
+              partitions: int) -> dict[str, Any]:
+    """Grow ``trees`` trees; per-tree wall seconds, phase totals and node sizes."""
+    model = FedpsTree(sc, keys, bins, n_bins, partitions, np.random.default_rng(5))
+    model.warm()
+    pred = np.zeros(len(y))
+    per_tree, cpu, node_rows, timer_all = [], [], [], Timer()
+    for _ in range(trees):
+        timer = Timer()
+        g, h = logistic(y, pred)
+        start, driver = time.perf_counter(), time.process_time()
+        leaf, split_rows = model.tree(g, h, depth, timer)
+        per_tree.append(time.perf_counter() - start)
+        cpu.append(timer.task_cpu + time.process_time() - driver)
+        node_rows.append(split_rows)
+        for k, v in timer.wall.items():
+            timer_all.add(k, v)
+        for node in np.unique(leaf):
+            m = leaf == node
+            pred[m] += -LEARNING_RATE * g[m].sum() / (h[m].sum() + LAMBDA)
+        if len(per_tree) == 1:
+            check_root(model.first_root, bins, n_bins)
+    return {"rows": len(y), "per_tree": per_tree, "task_cpu": cpu, "node_rows": node_rows,
+            "phases": {k: v / trees for k, v in timer_all.wall.items()}, "packer": model.packer.describe()}
+
+
+def run_baseline(keys: Any, bins: np.ndarray, n_bins: list[int], y: np.ndarray, sample: int) -> dict[str, Any]:
+    """The phe baseline on the root and its two children over ``sample`` rows, checked against fedps."""
+    import secureboost_baseline as base
+
+    pub, priv = keys
+    rng = np.random.default_rng(9)
+    rows = np.sort(rng.choice(len(y), size=min(sample, len(y)), replace=False))
+    g, h = logistic(y[rows], np.zeros(len(rows)))
+    b = bins[rows]
+    child = np.where(b[:, 0] <= np.median(b[:, 0]), 1, 2)
+    members = {0: np.arange(len(rows)), 1: np.flatnonzero(child == 1), 2: np.flatnonzero(child == 2)}
+    sums, costs = base.histograms(pub, priv, g, h, b, members, n_bins)
+    # the same nodes with fedps's cipher, un-shuffled by the host's permutation
+    packer = GHPacker(pub, len(rows), private_key=priv)
+    vec = packer.encrypt(g, h)
+    hist = EncryptedHistograms.concat([build_histograms(vec, b, np.zeros(len(rows), np.int64), [0], n_bins),
+                                       build_histograms(vec, b, child, [1, 2], n_bins)])
+    perm = BinPermutation.draw(hist.nodes, n_bins, rng)
+    opened = open_histograms(Decryptor(priv), hist.seal(perm), packer)
+    worst = 0.0
+    for node in (0, 1, 2):
+        for f, nb in enumerate(n_bins):
+            for which in (0, 1):  # G, then H
+                shown = opened[node][f][which]
+                cum = np.empty(nb - 1)
+                cum[list(perm.order(node, f))] = shown[:-1]
+                per_bin = np.concatenate([np.diff(np.r_[0.0, cum]), shown[-1:]])
+                worst = max(worst, float(np.max(np.abs(per_bin - sums[node][f][which]))))
+    tolerance = len(rows) * 2.0 ** -packer.precision_bits
+    if worst > tolerance:
+        raise SystemExit(f"baseline and fedps bin sums differ by {worst} > {tolerance}")
+    enc, add, dec = costs.per()
+    return {"costs": costs, "rows": len(rows), "max_diff": worst, "enc": enc, "add": add, "dec": dec}
+
+
+def report(name: str, cfg: dict[str, int], features: int, n_bins: list[int], fed: dict[str, Any],
+           base: dict[str, Any], scaled: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    import secureboost_baseline as sb
+
+    per_tree = float(np.mean(fed["per_tree"]))
+    cpu = float(np.mean(fed["task_cpu"]))
+    base_trees = [sb.tree_seconds(base["costs"], fed["rows"], nr, features, sum(n_bins)) for nr in fed["node_rows"]]
+    base_tree = float(np.mean(base_trees))
+    lines = [f"### {name}: {fed['rows']} rows, {features} host features, {cfg['trees']} trees of depth"
+             f" {cfg['depth']}, {cfg['bins']} bins (+1 missing), {args.bits}-bit key, local[{args.cores}],"
+             f" {args.partitions} partitions", "",
+             "| measurement | seconds per tree | ratio |", "|---|---|---|",
+             f"| `phe` baseline, extrapolated from {base['rows']} rows x 3 nodes (single process, CPU) |"
+             f" {base_tree:.1f} | 1x |",
+             f"| fedps histogram crypto, wall (Spark tasks, incl. scheduling) | {per_tree:.2f} |"
+             f" **{base_tree / per_tree:.1f}x** |",
+             f"| fedps, CPU seconds of its tasks and drivers (per-core view) | {cpu:.2f} | {base_tree / cpu:.1f}x |", ""]
+    lines.append("fedps per tree by phase (wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in fed["phases"].items())
+                 + f"; trees: {', '.join(f'{t:.2f}' for t in fed['per_tree'])} s; nodes split per tree:"
+                 f" {', '.join(str(len(r)) for r in fed['node_rows'])}; packing: {fed['packer']}.")
+    lines.append(f"Baseline per op: phe encrypt {base['enc'] * 1e3:.2f} ms, add {base['add'] * 1e6:.1f} us,"
+                 f" decrypt {base['dec'] * 1e3:.2f} ms; its bin sums equal fedps's to {base['max_diff']:.2g}"
+                 f" (bound {base['rows']} x 2^-{fed['packer']['precision_bits']}).")
+    if scaled:
+        lines += ["", "| rows | seconds per tree (wall) | per 1,000 rows | task CPU per 1,000 rows |", "|---|---|---|---|"]
+        for s in [fed] + scaled:
+            t, c = float(np.mean(s["per_tree"])), float(np.mean(s["task_cpu"]))
+            lines.append(f"| {s['rows']} | {t:.2f} | {t / s['rows'] * 1e3:.3f} | {c / s['rows'] * 1e3:.3f} |")
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=int, default=2048)
+    parser.add_argument("--data", default="default_credit,breast")
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--partitions", type=int, default=2)
+    parser.add_argument("--scales", default="2,4", help="row multiples of default_credit (empty: none)")
+    parser.add_argument("--scale-trees", type=int, default=1)
+    parser.add_argument("--trees", type=int, default=0, help="override every data set's tree count")
+    parser.add_argument("--baseline-rows", type=int, default=200)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    from fedps.engine.config import SparkConfig
+    from fedps.engine.session import start_spark
+
+    started = time.perf_counter()
+    keys = generate_keypair(args.bits)
+    spark = start_spark(SparkConfig(master=f"local[{args.cores}]", app_name="bench-secureboost"))
+    sc = spark.sparkContext
+    out, dump = [f"Machine: {os.cpu_count()} cores; load average at start {os.getloadavg()[0]:.1f}.", ""], {}
+    for name in [d for d in args.data.split(",") if d]:
+        cfg = dict(CONFIGS[name])
+        if args.trees:
+            cfg["trees"] = args.trees
+        x, y = load(name)
+        bins, n_bins = quantile_bins(x, cfg["bins"])
+        base = run_baseline(keys, bins, n_bins, y, args.baseline_rows)
+        fed = run_fedps(sc, keys, bins, n_bins, y, cfg["trees"], cfg["depth"], args.partitions)
+        scaled = []
+        if name == "default_credit":
+            for k in [int(s) for s in args.scales.split(",") if s]:
+                scaled.append(run_fedps(sc, keys, np.tile(bins, (k, 1)), n_bins, np.tile(y, k), args.scale_trees,
+                                        cfg["depth"], args.partitions * k))
+        out += report(name, cfg, x.shape[1], n_bins, fed, base, scaled, args)
+        dump[name] = {"fedps": fed, "scaled": scaled,
+                      "baseline": {k: v for k, v in base.items() if k != "costs"}}
+    out.append(f"Whole run: {time.perf_counter() - started:.0f} s.")
+    print("\n".join(out))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dump, indent=1, default=str))
+    spark.stop()
+
+
+if __name__ == "__main__":
+    main()
