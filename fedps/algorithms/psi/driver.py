@@ -190,7 +190,8 @@ def _plan(channel: Any, run: PsiRun, work: Folder, params: params_module.PsiPara
 
     spec = link_spec(channel, params.buckets, label=LINK_LABEL)
     ensure_topics(spec)
-    return BucketPlan(spec, work, run.scope, params.buckets, params.batch_size, float(params.wait_s))
+    return BucketPlan(spec, work, run.scope, params.buckets, params.batch_size, float(params.wait_s),
+                      params.tasks)
 
 
 def _stage_local(rows: pa.Table, bucket_key: bytes, count: int, folder: Folder) -> None:

@@ -54,6 +54,8 @@ class PsiParams:
     keep_work: bool = False
     #: Below this many ids (this party's), the buckets are served in the driver: no Spark job per bucket.
     local_below: int = 100_000
+    #: Executor tasks that serve the buckets (one barrier stage); 0: one per task slot, at most one per bucket.
+    tasks: int = 0
     #: Longest wait, in seconds, for a step of the peer's (reading its ids, its cryptography).
     wait_s: int = 3600
 
@@ -70,6 +72,8 @@ class PsiParams:
             raise ConfigError(f"job.params.buckets must be in 1..65536, got {self.buckets}")
         if not 1 <= self.batch_size <= 1_000_000:
             raise ConfigError(f"job.params.batch_size must be in 1..1000000, got {self.batch_size}")
+        if self.tasks < 0:
+            raise ConfigError(f"job.params.tasks must be 0 (one per slot) or more, got {self.tasks}")
         if self.local_below < 0:
             raise ConfigError(f"job.params.local_below must be 0 or more, got {self.local_below}")
         if self.wait_s < 1:

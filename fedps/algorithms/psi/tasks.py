@@ -25,6 +25,7 @@ from typing import Any, Callable
 from fedps.algorithms.psi.storage import Folder
 from fedps.algorithms.psi.stream import BucketIO, executor_error
 from fedps.engine.vertical.stage import owned, slots
+from fedps.errors import ConfigError
 from fedps.messaging.tags import Scope
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class BucketPlan:
     buckets: int
     batch_size: int
     wait_s: float
+    #: Most executor tasks (0: one per task slot).
+    tasks: int = 0
 
 
 def done_buckets(work: Folder) -> dict[int, dict[str, int]]:
@@ -87,7 +90,10 @@ def serve_on_executors(spark: Any, plan: BucketPlan, fn: ServeFn, group: str | N
     ``group``: the Spark job group, so that the driver can cancel the stage
     (``SparkContext.cancelJobGroup``) when the peer aborts.
     """
-    tasks = min(plan.buckets, slots(spark))
+    tasks = min(plan.buckets, slots(spark), plan.tasks or plan.buckets)
+    if plan.tasks > slots(spark):
+        raise ConfigError(f"job.params.tasks is {plan.tasks} but this Spark has {slots(spark)} task slots; "
+                          "a barrier stage needs all its tasks at once")
 
     def task(iterator: Any) -> Any:
         from pyspark import BarrierTaskContext
