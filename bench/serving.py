@@ -34,7 +34,8 @@ from fedps.serving.rpc import SCORE  # noqa: E402
 
 GUEST_FEATURES, HOST_FEATURES = 10, 20
 ECHO = """
-import sys, time, grpc
+import grpc
+from concurrent import futures
 h = grpc.method_handlers_generic_handler("fedps.serving.v1.Guest",
     {"Score": grpc.unary_unary_rpc_method_handler(lambda request, context: request)})
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
