@@ -110,6 +110,9 @@ class InputCheck:
     features: bool = True              # check every feature column's type and values
     feature_columns: tuple[str, ...] = ()
     feature_setting: str = "job.params.feature_columns"
+    #: Fewest rows the job can use, and why (an intersection is never larger than the input).
+    min_rows: int = 0
+    min_rows_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,10 @@ def _judge(check: InputCheck, table: Any, stats: dict[str, Any], label: str | No
     where = check.path
     if stats["rows"] == 0:
         return [Problem(f"{check.what} {where} ({check.path_setting}) holds no rows", f"{check.what} is empty")]
+    if stats["rows"] < check.min_rows:
+        problems.append(Problem(f"{check.what} {where} holds {stats['rows']} rows, fewer than the "
+                                f"{check.min_rows} needed for {check.min_rows_reason}",
+                                f"{check.what} has too few rows for {check.min_rows_reason}"))
     if stats["null_ids"]:
         problems.append(Problem(
             f"{stats['null_ids']} of {stats['rows']} rows have a null or empty id in column "
@@ -248,4 +255,4 @@ def exchange(channels: Mapping[str, Any], job: str, timeout_s: float | None = No
         if not theirs.get("ok"):
             raise PeerStopped(f"{peer} stopped: {theirs.get('reason') or 'its checks failed'}")
     if fresh:
-        log.info("checks passed on %s", ", ".join(sorted({*fresh, "this party"})))
+        log.info("checks passed here and at %s", ", ".join(sorted(fresh)))

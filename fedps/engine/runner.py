@@ -47,7 +47,10 @@ class PartyContext:
     def spark(self) -> Any:
         """This party's SparkSession, started on first use from ``[spark]``."""
         if self._spark is None:
-            self._spark = start_spark(self.config.spark, self.config.ray)
+            # the JVM's banners and warnings go to spark.log, unless this process logs at INFO (-v)
+            quiet = not logging.getLogger().isEnabledFor(logging.INFO)
+            self._spark = start_spark(self.config.spark, self.config.ray,
+                                      jvm_log=self.output_dir / "spark.log" if quiet else None)
         return self._spark
 
     @property

@@ -43,11 +43,14 @@ def under_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ or "SPARK_SUBMIT_OPTS" in os.environ
 
 
-def start_spark(config: SparkConfig | None = None, ray: RayConfig | None = None) -> SparkSession:
+def start_spark(config: SparkConfig | None = None, ray: RayConfig | None = None,
+                jvm_log: str | os.PathLike[str] | None = None) -> SparkSession:
     """Start (or join) a SparkSession configured for fedps.
 
     ``ray`` is the party's Ray settings (a local Ray when omitted): executors
-    of a local Ray's party get its token and loopback settings.
+    of a local Ray's party get its token and loopback settings. With
+    ``jvm_log`` the JVM's own output (its banners and warnings, and what its
+    Python workers print) goes to that file instead of this process's stderr.
     """
     config = config or SparkConfig()
     local_ray = ray is None or not ray.address
@@ -78,12 +81,33 @@ def start_spark(config: SparkConfig | None = None, ray: RayConfig | None = None)
     else:
         for key, value in config.conf.items():
             builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    with _stderr_to(jvm_log):   # the JVM inherits this process's stderr when it starts
+        spark = builder.getOrCreate()
     if local_ray and not under_spark_submit():
         _share_with_executors(spark.sparkContext)
     spark.sparkContext.setLogLevel(config.log_level)
     log.info("spark session on %s", spark.sparkContext.master)
     return spark
+
+
+@contextmanager
+def _stderr_to(path: str | os.PathLike[str] | None) -> Iterator[None]:
+    """File descriptor 2 goes to ``path`` while inside (nothing changes without a path)."""
+    if path is None:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    saved = os.dup(2)
+    sys.stderr.flush()
+    os.dup2(target, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(target)
 
 
 def stop_spark(spark: SparkSession) -> None:

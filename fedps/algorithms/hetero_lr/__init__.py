@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -88,22 +89,35 @@ def preflight(config, output_dir: Path) -> list:
     guest, _ = roles(config.party.name, config.party.role, sorted(config.peers), params)
     label = params.label_column if guest == config.party.name and params.mode == "train" else None
     rule = LabelRule.binary("vertical logistic regression") if label else None
+    features = params.feature_columns
     if params.mode == "predict":
         model_file = resolve(params.model, source)
         if "://" not in model_file and not Path(model_file).exists():
             raise with_public(ConfigError(f"job.params.model {model_file} does not exist (in {source})"),
                               "the model named by job.params.model does not exist")
+        if "://" not in model_file:   # the data must hold the model's features
+            try:
+                features = features or tuple(json.loads(Path(model_file).read_text()).get("features") or ())
+            except (ValueError, AttributeError):
+                raise with_public(ConfigError(f"job.params.model {model_file} is not a model.json"),
+                                  "job.params.model is not a model.json") from None
+    enough = {}
+    if params.mode == "train" and params.batch_size > 0:
+        enough = {"min_rows": math.ceil(params.batch_size / (1 - params.validation_fraction)),
+                  "min_rows_reason": f"one batch of job.params.batch_size = {params.batch_size} rows after "
+                                     f"the validation split (job.params.validation_fraction = "
+                                     f"{params.validation_fraction:g})"}
     if psi is not None:
         return [InputCheck("the PSI input", psi.input, "job.params.psi.input", id_column=psi.id_column,
                            id_setting=_id_setting(config.job.params), format=psi.format, label_column=label,
-                           label=rule, feature_columns=params.feature_columns)]
+                           label=rule, feature_columns=features, **enough)]
     if not params.train:
         raise with_public(ConfigError(f"job.params.train must name this party's data (PSI output or a file), "
                                       f"or job.params.psi its PSI settings (in {source})"),
                           "job.params.train is not set")
     return [InputCheck("the training data", resolve(params.train, source), "job.params.train",
                        id_column=params.id_column, label_column=label, label=rule,
-                       feature_columns=params.feature_columns)]
+                       feature_columns=features, **enough)]
 
 
 def _id_setting(params) -> str:
