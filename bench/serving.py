@@ -7,8 +7,11 @@ host's features in its SQLite store of ``--rows`` rows, 20 features; the guest
 sends 10 features of its own with each request). Beside them an echo process
 answers the same serialized ScoreRequest with itself over plain gRPC (the
 floor: one loopback RPC with that payload, no work). Latency: ``--requests``
-sequential requests of 1 row, serve and echo alternating in blocks of 100.
-Throughput: 100-row requests for ``--seconds`` with ``--window`` in flight.
+sequential requests of 1 row, serve and echo alternating in blocks of 100, with a
+relay beside them (a server that forwards each request to the echo: the floor of
+any application -> guest -> host design in Python gRPC).
+Throughput: 100-row requests for ``--seconds`` with ``--window`` in flight. For the
+breakdown, the latency of the guest's own call to the host (mutual TLS, one row) too.
 """
 
 from __future__ import annotations
@@ -45,6 +48,21 @@ server.start()
 print(port, flush=True)
 server.wait_for_termination()
 """
+#: A pass-through: a server whose handler forwards the request to the echo (argv[1]) and returns
+#: its answer; the floor of any two-hop design (application -> guest -> host) in Python gRPC.
+RELAY = """
+import sys, grpc
+from concurrent import futures
+leaf = grpc.insecure_channel("127.0.0.1:" + sys.argv[1]).unary_unary("/fedps.serving.v1.Guest/Score")
+h = grpc.method_handlers_generic_handler("fedps.serving.v1.Guest",
+    {"Score": grpc.unary_unary_rpc_method_handler(lambda request, context: leaf(request, timeout=10))})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+server.add_generic_rpc_handlers((h,))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+server.wait_for_termination()
+"""
 
 
 def _model(folder: Path, job: str, party: str, n: int, intercept: float | None, rng) -> Path:
@@ -74,7 +92,7 @@ def _start(args: list[str], ports: Path) -> tuple[subprocess.Popen, int]:
     return proc, json.loads(ports.read_text())["listen"]
 
 
-def deploy(folder: Path, rows: int) -> tuple[list[subprocess.Popen], int, list[str]]:
+def deploy(folder: Path, rows: int) -> tuple[list[subprocess.Popen], int, int, dict[str, str], list[str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -96,7 +114,17 @@ def deploy(folder: Path, rows: int) -> tuple[list[subprocess.Popen], int, list[s
                        'host_timeout_s = 2.0')
     guest, guest_port = _start(["--conf", str(guest_conf), "--model", str(folder / "guest-model")],
                                folder / "guest.json")
-    return [guest, host], guest_port, ids
+    return [guest, host], guest_port, host_port, keys, ids
+
+
+def host_call(folder: Path, keys: dict[str, str], port: int):
+    """The guest's own call to the host (mutual TLS under the guest's identity), for the breakdown."""
+    from fedps.messaging.identity import load_identity, parse_public
+    from fedps.serving.rpc import PART
+    from fedps.serving.tls import PinnedTLS
+
+    tls = PinnedTLS("guest", load_identity(folder / "guest.key"), {"host": parse_public(keys["host"], "host")})
+    return tls.channel("host", f"127.0.0.1:{port}").unary_unary(PART)
 
 
 def latencies(call, request: bytes, n: int) -> list[float]:
@@ -145,27 +173,39 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        procs, guest_port, ids = deploy(folder, args.rows)
+        procs, guest_port, host_port, keys, ids = deploy(folder, args.rows)
         echo = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
         echo_port = int(echo.stdout.readline())
+        relay = subprocess.Popen([sys.executable, "-c", RELAY, str(echo_port)], stdout=subprocess.PIPE, text=True)
+        relay_port = int(relay.stdout.readline())
         try:
             rng = np.random.default_rng(1)
             serve = grpc.insecure_channel(f"127.0.0.1:{guest_port}").unary_unary(SCORE)
             plain = grpc.insecure_channel(f"127.0.0.1:{echo_port}").unary_unary(SCORE)
+            relayed = grpc.insecure_channel(f"127.0.0.1:{relay_port}").unary_unary(SCORE)
             one = [score_request([ids[int(rng.integers(len(ids)))]], rng.normal(size=(1, GUEST_FEATURES)))
                    for _ in range(64)]
             hundred = [score_request([ids[int(k)] for k in rng.integers(len(ids), size=100)],
                                      rng.normal(size=(100, GUEST_FEATURES))) for _ in range(64)]
-            for call in (serve, plain):   # warm up: connections, TLS to the host, caches
-                latencies(call, one[0], 200)
-            lat = {"serve": [], "echo": []}
+            from fedps.serving.keys import hasher
+            from fedps.serving.rpc import pb
+
+            part = host_call(folder, keys, host_port)
+            part_one = [pb.PartRequest(model_version="bench", keys=hasher("sha256")(ids[int(k)]),
+                                       request_id=f"{i:032x}").SerializeToString()
+                        for i, k in enumerate(rng.integers(len(ids), size=64))]
+            for call, request in ((serve, one[0]), (plain, one[0]), (relayed, one[0]), (part, part_one[0])):
+                latencies(call, request, 200)   # warm up: connections, TLS to the host, caches
+            lat = {"serve": [], "echo": [], "relay": [], "host_part": []}
             for block in range(args.requests // 100):
-                for name, call in (("serve", serve), ("echo", plain)):
-                    lat[name] += latencies(call, one[block % len(one)], 100)
+                for name, call, requests in (("serve", serve, one), ("echo", plain, one), ("relay", relayed, one),
+                                             ("host_part", part, part_one)):
+                    lat[name] += latencies(call, requests[block % len(requests)], 100)
             rates = {name: throughput(call, hundred, args.seconds, args.window)
                      for name, call in (("serve", serve), ("echo", plain))}
         finally:
             echo.kill()
+            relay.kill()
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
             for proc in procs:
@@ -173,6 +213,8 @@ def main() -> None:
     result = {
         "one_row_ms": {name: {"p50": round(pct(v, 50), 3), "p99": round(pct(v, 99), 3)} for name, v in lat.items()},
         "p99_ratio": round(pct(lat["serve"], 99) / pct(lat["echo"], 99), 2),
+        "p50_ratio": round(pct(lat["serve"], 50) / pct(lat["echo"], 50), 2),
+        "relay_p99_ratio": round(pct(lat["relay"], 99) / pct(lat["echo"], 99), 2),
         "hundred_rows": {name: {"requests_per_s": round(r, 1), "rows_per_s": round(100 * r)}
                          for name, (r, _) in rates.items()},
         "requests": args.requests, "seconds": args.seconds, "window": args.window, "store_rows": args.rows,
