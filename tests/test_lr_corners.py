@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
+import pytest
 
 from fedps.algorithms.hetero_lr import _write_report, make_trainer, open_job
 from fedps.algorithms.hetero_lr.params import LRParams
@@ -61,6 +62,7 @@ def train_and_report(job: str, configs: dict, layouts: dict, params: LRParams, f
     return errors
 
 
+@pytest.mark.timeout(900)   # parties as threads; slow only on a crowded machine
 def test_no_validation_one_epoch_one_batch_one_host_feature_gives_a_full_report(
         tmp_path, spark, ray_address, make_parties, job_id):
     guest = pd.read_csv(DATA / "breast_hetero_guest.csv").iloc[:80]
