@@ -365,7 +365,8 @@ def _prepare(raw: Any, kind: str, source: str, id_column: str, label_column: str
 
 # ---------------------------------------------------------------- checks over the laid-out frame
 def _check_rows(ordered: Any, frame: Any, raw: Any, source: str, id_column: str,
-                label_column: str | None, names: tuple[str, ...], sparse: bool) -> int:
+                label_column: str | None, names: tuple[str, ...], sparse: bool,
+                labels: str = "binary", missing_ok: bool = False) -> int:
     """One aggregate over the rows: null ids, labels other than 0/1, bad feature values."""
     from pyspark.sql import functions as F
 
@@ -374,13 +375,17 @@ def _check_rows(ordered: Any, frame: Any, raw: Any, source: str, id_column: str,
 
     aggs = [F.count(F.lit(1)).alias("rows"), one(F.col(ROW_KEY).isNull()).alias("null_ids")]
     if label_column is not None:
-        aggs.append(one(~F.coalesce(F.col(LABEL).isin(0.0, 1.0), F.lit(False))).alias("bad_labels"))
+        label = F.col(LABEL)
+        good = label.isin(0.0, 1.0) if labels == "binary" else ~F.isnan(label) & (F.abs(label) != float("inf"))
+        aggs.append(one(~F.coalesce(good, F.lit(False))).alias("bad_labels"))
     if sparse:
         aggs += [one(F.col(_BAD).isNotNull()).alias("bad_lines"), F.first(_BAD, ignorenulls=True).alias("example"),
                  F.sum(_NONFINITE).alias("nonfinite")]
     for i, name in enumerate(names):
         value = F.col(_q(name))
-        aggs.append(one(value.isNull() | F.isnan(value) | (F.abs(value) == float("inf"))).alias(f"f{i}"))
+        bad = F.coalesce(F.abs(value) == float("inf"), F.lit(False)) if missing_ok else \
+            value.isNull() | F.isnan(value) | (F.abs(value) == float("inf"))
+        aggs.append(one(bad).alias(f"f{i}"))
     stats = ordered.agg(*aggs).collect()[0]
     rows = int(stats["rows"])
     if sparse and stats["bad_lines"]:
@@ -396,7 +401,8 @@ def _check_rows(ordered: Any, frame: Any, raw: Any, source: str, id_column: str,
         found = (table.select(value.cast("string").alias("v"), F.expr(f"try_cast({_q(column)} AS DOUBLE)").alias("d"))
                  .distinct().orderBy("d", "v").limit(12).collect())
         shown = ", ".join("null" if r["v"] is None else r["v"] for r in found)
-        raise DataError(f"label column {label_column!r} of {source} must hold only 0 and 1, but "
+        wanted = "only 0 and 1" if labels == "binary" else "finite numbers"
+        raise DataError(f"label column {label_column!r} of {source} must hold {wanted}, but "
                         f"{stats['bad_labels']} rows hold other values; values found: {shown}")
     bad = [(name, int(stats[f"f{i}"])) for i, name in enumerate(names) if stats[f"f{i}"]]
     if bad:
@@ -463,7 +469,7 @@ def _location(path: str) -> str:
 
 def build_layout(spark: Any, source: str, *, folder: str, partitions: int, id_column: str = "id",
                  label_column: str | None = None, feature_columns: tuple[str, ...] = (),
-                 fmt: str = "auto") -> Layout:
+                 fmt: str = "auto", labels: str = "binary", missing_ok: bool = False) -> Layout:
     """Lay the rows of ``source`` out in ``partitions`` aligned partitions under ``folder``.
 
     ``folder`` belongs to the layout (it is overwritten). If it already holds a
@@ -480,12 +486,18 @@ def build_layout(spark: Any, source: str, *, folder: str, partitions: int, id_co
         raise ConfigError("feature_columns name columns of a table; a LibSVM file keeps every feature it has")
     settings = {"source": source, "format": kind, "partitions": partitions, "id_column": id_column,
                 "label_column": label_column, "feature_columns": list(feature_columns)}
+    # labels = "number": any finite label (multi-class, regression); missing_ok: features may be missing (NaN)
+    if labels not in ("binary", "number"):
+        raise ConfigError(f"labels must be 'binary' or 'number', got {labels!r}")
+    settings.update({k: v for k, v in (("labels", labels), ("missing_ok", missing_ok))
+                     if v != {"labels": "binary", "missing_ok": False}[k]})
     found = _read_manifest(folder)
     if found is not None and found.get("version") == LAYOUT_VERSION and found.get("settings") == settings:
         log.info("layout: reusing %s (%d rows in %d partitions)", folder, sum(found["counts"]), partitions)
         return _to_layout(folder, found)
     _remove(_join(folder, _MANIFEST))
-    manifest = _build(spark, source, kind, folder, partitions, id_column, label_column, tuple(feature_columns))
+    manifest = _build(spark, source, kind, folder, partitions, id_column, label_column, tuple(feature_columns),
+                      labels, missing_ok)
     manifest = {"version": LAYOUT_VERSION, **manifest, "source": source, "settings": settings}
     _write_text(_join(folder, _MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
     log.info("layout: wrote %d rows of %s in %d partitions to %s", sum(manifest["counts"]), source, partitions, folder)
@@ -493,7 +505,8 @@ def build_layout(spark: Any, source: str, *, folder: str, partitions: int, id_co
 
 
 def _build(spark: Any, source: str, kind: str, folder: str, n: int, id_column: str,
-           label_column: str | None, feature_columns: tuple[str, ...]) -> dict[str, Any]:
+           label_column: str | None, feature_columns: tuple[str, ...], labels: str = "binary",
+           missing_ok: bool = False) -> dict[str, Any]:
     from pyspark import StorageLevel
     from pyspark.sql.types import IntegerType, LongType, StructField, StructType
 
@@ -505,7 +518,7 @@ def _build(spark: Any, source: str, kind: str, folder: str, n: int, id_column: s
     hashed = frame.mapInArrow(_hasher(n, _slots(spark, n)), schema)
     ordered = hashed.repartition(n, _SLOT).sortWithinPartitions(PART, ROW_KEY).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        rows = _check_rows(ordered, frame, raw, source, id_column, label_column, names, sparse)
+        rows = _check_rows(ordered, frame, raw, source, id_column, label_column, names, sparse, labels, missing_ok)
         if stated is not None and stated != rows:
             raise DataError(f"{source} has {rows} rows but its PSI manifest says {stated}; rerun the PSI")
         counts, digests = _summarise(ordered, frame, source, id_column, n)

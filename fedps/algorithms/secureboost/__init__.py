@@ -67,7 +67,8 @@ def run(context) -> None:
     layout = build_layout(context.spark, resolve(params.train, context.config.source),
                           folder=str(context.output_dir / "layout"), partitions=params.partitions,
                           id_column=params.id_column, label_column=params.label_column if me == guest else None,
-                          feature_columns=params.feature_columns)
+                          feature_columns=params.feature_columns, missing_ok=True,
+                          labels="binary" if params.objective == "binary:logistic" else "number")
     context.metrics["layout_seconds"] = round(time.perf_counter() - started, 3)
     context.ray_address  # noqa: B018 - the accumulator runs on this party's Ray
     trainer = open_trainer(context, params, layout, records, guest, hosts)
@@ -169,7 +170,8 @@ def labels_mean(spark, layout, params: SBParams) -> float:
 
 def model_json(trainer) -> dict[str, Any]:
     job, params, s = trainer.job, trainer.params, trainer.state
-    out: dict[str, Any] = {"party": job.me, "algorithm": "secureboost", "splits": trainer.table.to_json()}
+    out: dict[str, Any] = {"party": job.me, "algorithm": "secureboost", "features": list(trainer.plan.bins.names),
+                           "splits": trainer.table.to_json()}
     if job.is_guest:
         out.update({"objective": params.objective, "num_class": params.classes, "base_margin": trainer.plan.base,
                     "learning_rate": params.learning_rate, "hosts": list(job.hosts), "trees": s.trees})
