@@ -157,6 +157,12 @@ def throughput(call, requests: list[bytes], seconds: float, window: int) -> tupl
     return done[0] / elapsed, done[0]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values) * 1e3, q))
 
@@ -201,8 +207,14 @@ def main() -> None:
                 for name, call, requests in (("serve", serve, one), ("echo", plain, one), ("relay", relayed, one),
                                              ("host_part", part, part_one)):
                     lat[name] += latencies(call, requests[block % len(requests)], 100)
-            rates = {name: throughput(call, hundred, args.seconds, args.window)
-                     for name, call in (("serve", serve), ("echo", plain))}
+            rates, cpu = {}, {}
+            watched = {"serve": {"guest": procs[0].pid, "host": procs[1].pid, "client": os.getpid()},
+                       "echo": {"echo": echo.pid, "client": os.getpid()}}
+            for name, call in (("serve", serve), ("echo", plain)):
+                before = {who: cpu_seconds(pid) for who, pid in watched[name].items()}
+                rates[name] = throughput(call, hundred, args.seconds, args.window)
+                cpu[name] = {who: round(1e3 * (cpu_seconds(pid) - before[who]) / rates[name][1], 3)
+                             for who, pid in watched[name].items()}
         finally:
             echo.kill()
             relay.kill()
@@ -215,8 +227,8 @@ def main() -> None:
         "p99_ratio": round(pct(lat["serve"], 99) / pct(lat["echo"], 99), 2),
         "p50_ratio": round(pct(lat["serve"], 50) / pct(lat["echo"], 50), 2),
         "relay_p99_ratio": round(pct(lat["relay"], 99) / pct(lat["echo"], 99), 2),
-        "hundred_rows": {name: {"requests_per_s": round(r, 1), "rows_per_s": round(100 * r)}
-                         for name, (r, _) in rates.items()},
+        "hundred_rows": {name: {"requests_per_s": round(r, 1), "rows_per_s": round(100 * r),
+                                "cpu_ms_per_request": cpu[name]} for name, (r, _) in rates.items()},
         "requests": args.requests, "seconds": args.seconds, "window": args.window, "store_rows": args.rows,
         "load_average": os.getloadavg()[0], "cores": os.cpu_count(),
     }

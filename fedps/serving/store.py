@@ -71,21 +71,16 @@ class SqliteStore:
 
     def lookup(self, keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
         width = len(self.feature_names)
-        x = np.zeros((len(keys), width))
-        found = np.zeros(len(keys), dtype=bool)
-        where: dict[bytes, list[int]] = {}
-        for i, key in enumerate(keys):
-            where.setdefault(key, []).append(i)
-        unique = list(where)
-        conn = self._connection()
+        unique = list(dict.fromkeys(keys))
+        conn, held = self._connection(), {}
         for start in range(0, len(unique), _CHUNK):
             chunk = unique[start:start + _CHUNK]
-            query = f"SELECT key, x FROM rows WHERE key IN ({','.join('?' * len(chunk))})"
-            for key, blob in conn.execute(query, chunk):
-                vector = np.frombuffer(blob, dtype="<f8")
-                for i in where[key]:
-                    x[i] = vector
-                    found[i] = True
+            held.update(conn.execute(f"SELECT key, x FROM rows WHERE key IN ({','.join('?' * len(chunk))})", chunk))
+        blobs = [held.get(key) for key in keys]
+        found = np.fromiter((blob is not None for blob in blobs), dtype=bool, count=len(keys))
+        x = np.zeros((len(keys), width))
+        if found.any():
+            x[found] = np.frombuffer(b"".join(blob for blob in blobs if blob is not None), dtype="<f8").reshape(-1, width)
         return x, found
 
     def close(self) -> None:
