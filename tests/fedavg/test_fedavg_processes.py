@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from fedps.algorithms.fedavg import secagg
 from fedps.algorithms.fedavg.local import validation_mask
@@ -70,18 +71,29 @@ num_cpus = 1
 
 
 def start(conf: Path) -> subprocess.Popen:
+    """The party's process; its log goes to ``<name>.log`` beside its configuration (appended)."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.Popen([sys.executable, "-m", "fedps.engine.cli", "run", "--conf", str(conf)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    with open(conf.with_suffix(".log"), "a") as log:
+        return subprocess.Popen([sys.executable, "-m", "fedps.engine.cli", "run", "--conf", str(conf)],
+                                stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
 
 
-def finish(procs: dict[str, subprocess.Popen], timeout: float = 400) -> dict[str, dict]:
+def stop(procs: dict[str, subprocess.Popen]) -> None:
+    for proc in procs.values():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def finish(procs: dict[str, subprocess.Popen], folder: Path, timeout: float = 600) -> dict[str, dict]:
     out = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, f"{name} failed:\n{stderr[-4000:]}"
-        out[name] = json.loads(stdout.strip().splitlines()[-1])
+    try:
+        for name, proc in procs.items():
+            stdout, _ = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, f"{name} failed:\n{(folder / f'{name}.log').read_text()[-4000:]}"
+            out[name] = json.loads(stdout.strip().splitlines()[-1])
+    finally:
+        stop(procs)
     return out
 
 
@@ -114,11 +126,12 @@ def oracle(tmp: Path) -> np.ndarray:
     return theta
 
 
+@pytest.mark.timeout(900)
 def test_coordinator_killed_mid_job_resumes_to_the_same_model_with_the_central_auc(tmp_path, broker, job_id):
     confs = write_configs(tmp_path, job_id, broker.bootstrap_servers)
     procs = {n: start(c) for n, c in confs.items()}
     rounds_file = tmp_path / "out" / "coordinator" / "rounds.json"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline and procs["coordinator"].poll() is None:
         try:
             if len(json.loads(rounds_file.read_text())) >= 1:
@@ -126,11 +139,13 @@ def test_coordinator_killed_mid_job_resumes_to_the_same_model_with_the_central_a
         except (OSError, ValueError):   # not there yet, or being written
             pass
         time.sleep(0.05)
-    assert procs["coordinator"].poll() is None, procs["coordinator"].communicate()[1][-3000:]
+    if procs["coordinator"].poll() is not None or not rounds_file.exists():
+        stop(procs)
+        raise AssertionError((tmp_path / "coordinator.log").read_text()[-3000:])
     os.killpg(procs["coordinator"].pid, signal.SIGKILL)     # the coordinator and its local Ray
     procs["coordinator"].wait()
     procs["coordinator"] = start(confs["coordinator"])
-    metrics = finish(procs)
+    metrics = finish(procs, tmp_path)
 
     out = tmp_path / "out" / "coordinator"
     theta = np.load(out / "model.npz")["theta"]

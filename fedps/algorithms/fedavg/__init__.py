@@ -64,6 +64,7 @@ def _coordinate(context: Any, params: FedAvgParams) -> None:
     from fedps.algorithms.fedavg.state import FileJournal, PSStore
 
     job = context.config.job.id
+    _ = context.ray_address   # start (or join) Ray while the parties build their layouts
     journal = FileJournal(context.output_dir / "state" / "fedavg-journal.json")
     servers: list[Any] = []
 

@@ -314,6 +314,9 @@ class Coordinator:
                 if consume is not None:
                     consume(party, value)
                     value = True
+                    commit = getattr(self.channels[party], "commit", None)
+                    if commit is not None:   # a channel keeps what it handed over until it commits
+                        commit()
                 got[party] = value
             except (PeerError, ProtocolError, DataError) as exc:
                 if decided is not None:
