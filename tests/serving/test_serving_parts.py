@@ -247,3 +247,32 @@ def score_request_for(parts, rows: int) -> bytes:
     from fedps.serving.client import score_request
 
     return score_request(parts.ids[:rows], parts.xg[:rows])
+
+
+def test_the_public_api_can_take_tls(stack, parts, tmp_path):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "scoring.example")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("scoring.example")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "api.pem").write_bytes(pem)
+    (tmp_path / "api.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    _, _, _, guest, _ = stack
+    server, _ = guest(public_cert=str(tmp_path / "api.pem"), public_key=str(tmp_path / "api.key"))
+    channel = grpc.secure_channel(f"127.0.0.1:{server.port}", grpc.ssl_channel_credentials(pem),
+                                  options=[("grpc.ssl_target_name_override", "scoring.example")])
+    assert GuestClient("", channel=channel).score(parts.ids[:1], parts.xg[:1]).model_version == JOB
+    channel.close()
