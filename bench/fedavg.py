@@ -148,7 +148,26 @@ def bench_rounds(args: argparse.Namespace) -> dict:
             "overhead": round(secure / plain, 2),
             "coordinator_peak_mb": {k: round(v["peak_bytes"] / 2**20, 1) for k, v in results.items()},
             "peak_over_model": {k: round(v["peak_bytes"] / model_bytes, 2) for k, v in results.items()},
-            "all_round_s": {k: [round(s, 2) for s in v["round_s"]] for k, v in results.items()}}
+            "all_round_s": {k: [round(s, 2) for s in v["round_s"]] for k, v in results.items()},
+            "one_party_masking_s": round(masking_s, 3), "coordinator_unmasking_s": round(unmasking_s, 3)}
+
+
+def _masking_costs(parties: int, size: int) -> tuple[float, float]:
+    """One party's quantise + mask (one thread), and the coordinator's removal of the self masks."""
+    from fedps.algorithms.fedavg import secagg
+
+    secrets_ = {f"p{i:02d}": secagg.RoundSecrets.fresh() for i in range(parties)}
+    publics = {n: s.public()[1] for n, s in secrets_.items()}
+    update = np.random.default_rng(0).normal(0, 0.01, size)
+    tick = time.perf_counter()
+    q = secagg.quantise(update, 24, 2.0 ** 30)
+    secagg.mask(q, secrets_["p00"], {p: k for p, k in publics.items() if p != "p00"}, "j", 0, "p00")
+    masking = time.perf_counter() - tick
+    total = np.zeros(size, dtype=np.uint64)
+    tick = time.perf_counter()
+    for name, s in secrets_.items():
+        secagg.add_prg(total, s.self_seed, secagg.self_label("j", 0, name), negate=True)
+    return masking, time.perf_counter() - tick
 
 
 def bench_switch(args: argparse.Namespace) -> dict:
