@@ -19,13 +19,14 @@ from fedps.algorithms.secureboost.local import run_in_threads
 from fedps.algorithms.secureboost.params import SBParams
 from fedps.engine.layout import build_layout, read_partition
 
-DATA = Path(__file__).parents[2].parent / "shared" / "data"
+DATA = Path(__file__).parents[2] / "data"
 PARTITIONS = 4
 
 
-def lay_out(spark, tmp: Path, files: dict[str, Path]) -> dict:
+def lay_out(spark, tmp: Path, files: dict[str, Path], labels: str = "binary") -> dict:
     return {name: build_layout(spark, str(path), folder=str(tmp / "layout" / name), partitions=PARTITIONS,
-                               id_column="id", label_column="y" if name == "guest" else None)
+                               id_column="id", label_column="y" if name == "guest" else None,
+                               labels=labels, missing_ok=True)
             for name, path in files.items()}
 
 
@@ -73,6 +74,51 @@ def test_federated_trees_equal_the_reference(tmp_path, spark, ray_address, make_
     assert any(spec.get("party") == "host" for tree in model.trees for spec in tree["nodes"].values())
     final = results["guest"].state.metrics[-1]
     assert final["valid_auc"] > 0.9
+    # the trained model scores aligned rows jointly (mode = "predict"): the reference's margins
+    predictions = predict_in_threads(results, configs, files, params, tmp_path / "predict", spark)
+    expected = reference.predict(model, x, 0.0, 1)[:, 0]
+    order = np.argsort(predictions["row_key"].to_numpy())
+    np.testing.assert_allclose(predictions["score"].to_numpy()[order], expected[np.argsort(keys)], rtol=0, atol=1e-12)
+
+
+def predict_in_threads(results: dict, configs: dict, files: dict, params: SBParams, folder: Path, spark):
+    """Both parties' side of a joint prediction on ``files`` with the models just trained."""
+    import dataclasses
+    import json
+    import threading
+    import uuid
+    from types import SimpleNamespace
+
+    from fedps.algorithms.secureboost.predict import predict
+    from fedps.messaging.channel import Channel
+
+    job, errors = f"p{uuid.uuid4().hex[:12]}", {}
+
+    def party(name: str) -> None:
+        model = folder / name / "model.json"
+        model.parent.mkdir(parents=True, exist_ok=True)
+        model.write_text(json.dumps(results[name].model))
+        peer = "host" if name == "guest" else "guest"
+        channel = Channel(job, name, peer, configs[name]).open()
+        context = SimpleNamespace(me=name, channels={peer: channel}, spark=spark, output_dir=folder / name,
+                                  ray_address=None,
+                                  config=SimpleNamespace(job=SimpleNamespace(id=job), source="<memory>",
+                                                         ray=SimpleNamespace(namespace="fedps")))
+        mine = dataclasses.replace(params, mode="predict", model=str(model), train=str(files[name]))
+        try:
+            predict(context, mine, "guest", ["host"])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors[name] = exc
+        finally:
+            channel.close()
+
+    threads = [threading.Thread(target=party, args=(n,), daemon=True) for n in ("guest", "host")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    assert not errors, errors
+    return pd.read_parquet(folder / "guest" / "predictions")
 
 
 def received(servers: str, topic: str, key: bytes, partitions: int) -> list:
@@ -155,3 +201,44 @@ def _leaves(value):
             yield from _leaves(v)
     else:
         yield value
+
+
+@pytest.mark.parametrize("data, settings", [
+    ("vehicle_scale", {"objective": "multi:softmax", "num_class": 4, "trees": 1, "max_depth": 2}),
+    ("student", {"objective": "reg:squarederror", "trees": 2, "max_depth": 2})])
+def test_multi_class_and_regression_equal_the_reference(tmp_path, spark, ray_address, make_parties, data, settings):
+    import uuid
+
+    files = {"guest": DATA / f"{data}_hetero_guest.csv", "host": DATA / f"{data}_hetero_host.csv"}
+    layouts = lay_out(spark, tmp_path, files, labels="number")
+    params = SBParams(max_bin=8, key_bits=512, partitions=PARTITIONS, tasks=1, validation_fraction=0.2, **settings)
+    configs = make_parties("guest", "host", recv_timeout_s=120)
+    results = run_in_threads(f"t{uuid.uuid4().hex[:12]}", configs, layouts, {"guest": params, "host": params},
+                             tmp_path / "out", spark)
+    errors = {n: r.error for n, r in results.items() if r.error is not None}
+    assert not errors, errors
+    x, y, keys = joined(layouts)
+    bins = {name: results[name].trainer.plan.bins for name in layouts}
+    model = reference.train({name: (bins[name], x[name]) for name in layouts}, y, keys, params)
+    assert_same_trees(results, model, ["guest", "host"])
+    assert len(results["guest"].model["trees"]) == params.trees * params.classes
+    final = results["guest"].state.metrics[-1]
+    if params.classes > 1:   # one tree per class and round, from (g, h) of all classes packed per row
+        assert {t["class"] for t in results["guest"].model["trees"]} == {0, 1, 2, 3}
+        assert final["valid_accuracy"] > 0.4
+    else:
+        assert final["valid_rmse"] < np.std(y)
+
+
+def test_a_constant_host_feature_stops_both_parties_at_setup(tmp_path, spark, ray_address, make_parties, job_id):
+    host = pd.read_csv(DATA / "breast_hetero_host.csv")
+    host["x3"] = 7.0
+    host.to_csv(tmp_path / "host.csv", index=False)
+    files = {"guest": DATA / "breast_hetero_guest.csv", "host": tmp_path / "host.csv"}
+    layouts = lay_out(spark, tmp_path, files)
+    params = SBParams(trees=1, max_bin=16, key_bits=512, partitions=PARTITIONS, tasks=1)
+    configs = make_parties("guest", "host", recv_timeout_s=60)
+    results = run_in_threads(job_id, configs, layouts, {"guest": params, "host": params}, tmp_path / "out", spark)
+    assert "feature 'x3' of host is constant (7) in every row" in str(results["host"].error)
+    guest_error = str(results["guest"].error)
+    assert "host stopped the job before training" in guest_error and "x3" not in guest_error
