@@ -19,7 +19,7 @@ import numpy as np
 
 from fedps.algorithms.fedavg.model import ModelSpec
 from fedps.algorithms.fedavg.params import FedAvgParams
-from fedps.errors import ConfigError
+from fedps.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,12 @@ def _coordinate(context: Any, params: FedAvgParams) -> None:
             return self.inner.apply(round_, step)
 
     store = Store()
-    if journal.features is not None and (context.output_dir / "checkpoints").exists():
-        store.inner = start_store(journal.features, restore=True)
+    if journal.features is not None:
+        try:
+            store.inner = start_store(journal.features, restore=True)
+        except DataError as exc:
+            raise DataError(f"the coordinator of job {job} stopped during its setup ({exc}); start the job "
+                            f"again under a new job id") from None
 
     def initial(features: tuple[str, ...]) -> np.ndarray:
         journal.set_features(list(features))

@@ -153,18 +153,15 @@ class Coordinator:
             if self.journal.rewind(first, self.channels):
                 log.info("fedavg: resumed inside round %d; replaying it as journaled", first)
         if theta is None:
-            features = self._setup()
-            theta = self.initial(features) if self.initial else None
-            if theta is None:
-                raise ProtocolError("no initial model")
-            theta = self.store.apply(0, theta)
+            theta = self._setup()
             first = 0
         for r in range(first, self.params.rounds):
             theta = self._round(r, theta)
         self._finish(theta)
         return theta
 
-    def _setup(self) -> tuple[str, ...]:
+    def _setup(self) -> np.ndarray:
+        """Join: the parties' columns must agree; the initial model is stored before anyone is told."""
         scope = self.scope
         joined = self._gather(JOIN, scope, self.parties, "setup", wait_s=self.params.join_deadline_s)
         features = {tuple(v.get("features", ())) for v in joined.values()}
@@ -174,11 +171,14 @@ class Coordinator:
         if len(features) != 1:
             self._abort(scope, SETUP, self.parties, "the parties' data have different columns: "
                         + "; ".join(f"{p}: {len(v.get('features', ()))} features" for p, v in sorted(joined.items())))
+        if self.initial is None:
+            raise ProtocolError("the coordinator has no initial model")
+        theta = self.store.apply(0, self.initial(features.pop()))
         for party in self.parties:
             self.channels[party].send(scope.tag(SETUP.name), {
                 "status": "go", "parties": self.parties, "threshold": self.params.min_parties,
                 "secure": self.params.secure, "frac_bits": self.params.frac_bits})
-        return features.pop()
+        return theta
 
     def _round(self, r: int, theta: np.ndarray) -> np.ndarray:
         started = time.perf_counter()
