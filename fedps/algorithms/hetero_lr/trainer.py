@@ -222,28 +222,23 @@ def _put(env: TaskEnv, step: int, p: int, partial: Partial | None, with_loss: bo
     acc.put(step, "stats", p, PLAIN, {"rows": partial.rows, "plain_loss": partial.plain_loss})
 
 
-def feature_moments(env: TaskEnv, plan: Plan) -> Moments:
-    """Column sums of this task's training rows (the party's standardisation statistics)."""
-    parts = []
-    for p in env.partitions:
-        rows = env.rows(p)
-        train = ~validation_rows(rows.row_keys, plan.params.validation_fraction, plan.params.seed)
-        parts.append(moments(rows.x[train], plan.features))
-    return merge(parts, plan.features)
-
-
-def export_validation(env: TaskEnv, plan: Plan, folder: str) -> int:
-    """Write the row keys of this task's validation rows, one CSV per partition."""
+def setup_rows(env: TaskEnv, plan: Plan, standardize: bool, export: str) -> tuple[Moments | None, int]:
+    """Before training, per task: column sums of the training rows (the party's standardisation
+    statistics) and, with ``export``, the validation rows' keys written there (one CSV per partition)."""
     import os
 
-    os.makedirs(folder, exist_ok=True)
-    written = 0
+    parts, written = [], 0
     for p in env.partitions:
         rows = env.rows(p)
-        keys = rows.row_keys[validation_rows(rows.row_keys, plan.params.validation_fraction, plan.params.seed)]
-        np.savetxt(os.path.join(folder, f"part-{p:05d}.csv"), keys, fmt="%d", header="row_key", comments="")
-        written += len(keys)
-    return written
+        valid = validation_rows(rows.row_keys, plan.params.validation_fraction, plan.params.seed)
+        if standardize:
+            parts.append(moments(rows.x[~valid], plan.features))
+        if export:
+            os.makedirs(export, exist_ok=True)
+            np.savetxt(os.path.join(export, f"part-{p:05d}.csv"), rows.row_keys[valid], fmt="%d", header="row_key",
+                       comments="")
+            written += int(valid.sum())
+    return (merge(parts, plan.features) if standardize else None), written
 
 
 def evaluate_epoch(env: TaskEnv, plan: Plan) -> ScoreSummary | None:
@@ -335,12 +330,6 @@ class Trainer:
                         on_batch(s)
                 self._add_timings(stage.join())
             self.end_epoch(plan)
-        if params.export_validation and params.validation_fraction > 0:
-            folder = str(Path(self.job.records.folder).parent / "validation_rows")
-            plan = dataclasses.replace(self.plan, epoch=s.epoch, batches=self.batches)
-            rows = sum(self.job.stage(functools.partial(export_validation, plan=plan, folder=folder),
-                                      "export-validation").join())
-            log.info("%s: the keys of %d validation rows are in %s", self.roles.me, rows, folder)
         return s
 
     def save(self) -> None:
@@ -502,15 +491,19 @@ def prepare(job: VerticalJob, params: LRParams, plan: Plan) -> tuple[LRParams, P
     if params.label_dp and sparse:
         raise ConfigError("label differential privacy with sparse features is not yet supported: set "
                           "job.params.label_dp = false (and d_noise) for sparse data")
-    transform = None
-    if not plan.sparse:
-        clip = clip_norm(params, plan.features)
-        if params.standardize:
-            stage = job.stage(functools.partial(feature_moments, plan=dataclasses.replace(plan, params=params)),
-                              "standardize")
-            transform = RowTransform.from_moments(merge(stage.join(), plan.features), clip)
-        elif clip:
-            transform = RowTransform.identity(plan.features, clip)
+    transform, standardize = None, params.standardize and not plan.sparse
+    export = (str(Path(job.records.folder).parent / "validation_rows")
+              if params.export_validation and params.validation_fraction > 0 else "")
+    if standardize or export:   # one stage on every party at the same point, before training
+        results = job.stage(functools.partial(setup_rows, plan=dataclasses.replace(plan, params=params),
+                                              standardize=standardize, export=export), "setup-rows").join()
+        if export:
+            log.info("%s: the keys of %d validation rows are in %s", job.me, sum(r[1] for r in results), export)
+        if standardize:
+            transform = RowTransform.from_moments(merge([r[0] for r in results], plan.features),
+                                                  clip_norm(params, plan.features))
+    if transform is None and not plan.sparse and clip_norm(params, plan.features):
+        transform = RowTransform.identity(plan.features, clip_norm(params, plan.features))
     sigma = noise_multiplier(params)
     noise_std = 0.0
     if sigma and job.is_guest:
