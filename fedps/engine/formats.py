@@ -190,3 +190,36 @@ def column_stats(table: Table, label: str | None, features: list[str]) -> dict[s
                                    "example": row.get(f"e{i}"), "missing": int(row[f"m{i}"] or 0),
                                    "min": row[f"lo{i}"], "max": row[f"hi{i}"]}
     return stats
+
+
+# ---------------------------------------------------------------- sparse rows through a PSI
+#: A PSI of a LibSVM or tag:value input keeps each row's text in one of these columns.
+LINE_COLUMNS = ("libsvm_line", "tag_value_line")
+PSI_SPARSE_DDL = ("_layout_hash binary, label double, keys array<bigint>, values array<double>, "
+                  "_layout_bad string, _layout_nonfinite bigint")
+
+
+def psi_lines_parser(column: str, has_label: bool,
+                     id_column: str) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """mapInArrow over (line, psi_hash) of PSI output: the sparse columns, keyed by the row's psi_hash."""
+    from fedps.engine import layout
+
+    inner = (tag_value_parser(has_label, id_column) if column == "tag_value_line"
+             else layout._libsvm_parser(has_label))
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            lines, hashes = batch.column(0), batch.column(1)
+            source = pa.RecordBatch.from_arrays([lines, pa.array(["PSI output"] * batch.num_rows)],
+                                                names=["value", "file_path"])
+            parsed = pa.Table.from_batches(list(inner(iter([source]))), schema=_SPARSE_SCHEMA)
+            if parsed.num_rows != batch.num_rows:
+                raise ValueError(f"{column}: {batch.num_rows - parsed.num_rows} rows of the PSI output are "
+                                 "empty or comments")
+            offset = 0
+            for out in parsed.to_batches():
+                yield pa.RecordBatch.from_arrays([hashes.slice(offset, out.num_rows), *out.columns[1:]],
+                                                 names=["_layout_hash", *out.schema.names[1:]])
+                offset += out.num_rows
+
+    return run

@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 from pyarrow.fs import FileSelector, FileType
 
+from fedps.engine import formats
 from fedps.errors import ConfigError, DataError, ProtocolError
 from fedps.messaging.tags import Message, Scope
 
@@ -49,7 +50,7 @@ LAYOUT = Message("layout", "either", "other", dict)
 #: Columns of PSI output (the contract of fedps.algorithms.psi.output).
 PSI_HASH, PSI_INDEX = "psi_hash", "psi_index"
 ROW_KEY, LABEL, PART, KEYS, VALUES = "row_key", "label", "part", "keys", "values"
-FORMATS = ("auto", "csv", "parquet", "libsvm", "psi")
+FORMATS = ("auto", "csv", "parquet", "libsvm", "tag_value", "psi")   # tag_value: fedps.engine.formats
 _MANIFEST = "manifest.json"
 _ID, _HASH, _SLOT, _BAD, _NONFINITE = "_layout_id", "_layout_hash", "_layout_slot", "_layout_bad", "_layout_nonfinite"
 _RESERVED = (ROW_KEY, LABEL, PART)
@@ -288,7 +289,7 @@ def _read(spark: Any, source: str, kind: str, id_column: str) -> tuple[Any, int 
     from pyspark.errors import AnalysisException
 
     try:
-        if kind == "libsvm":
+        if kind in ("libsvm", "tag_value"):
             return spark.read.text(source).select("value", "_metadata.file_path"), None
         if kind == "psi":
             manifest = json.loads(_read_text(_join(source, _MANIFEST)) or "{}")
@@ -329,10 +330,16 @@ def _prepare(raw: Any, kind: str, source: str, id_column: str, label_column: str
     """(first the id or hash, then label, then features) with the columns checked by name and type."""
     from pyspark.sql import functions as F
 
-    if kind == "libsvm":
-        parsed = raw.mapInArrow(_libsvm_parser(label_column is not None),
+    lines = kind == "psi" and next((c for c in raw.columns if c in formats.LINE_COLUMNS), None)
+    if kind in ("libsvm", "tag_value") or lines:   # sparse rows: LibSVM or FATE tag:value text
+        parser = (formats.psi_lines_parser(lines, label_column is not None, id_column) if lines else
+                  formats.tag_value_parser(label_column is not None, id_column) if kind == "tag_value"
+                  else _libsvm_parser(label_column is not None))
+        if lines:
+            raw = raw.select(lines, PSI_HASH)
+        parsed = raw.mapInArrow(parser, (formats.PSI_SPARSE_DDL if lines else
                                 f"{_ID} string, {LABEL} double, {KEYS} array<bigint>, {VALUES} array<double>, "
-                                f"{_BAD} string, {_NONFINITE} bigint")
+                                f"{_BAD} string, {_NONFINITE} bigint"))
         return parsed if label_column is not None else parsed.drop(LABEL), ()
     columns, types = raw.columns, dict(raw.dtypes)
     if kind == "psi":
@@ -482,7 +489,7 @@ def build_layout(spark: Any, source: str, *, folder: str, partitions: int, id_co
     if folder == source.rstrip("/") or source.startswith(folder + "/"):
         raise ConfigError(f"the layout folder {folder} would overwrite the training data {source}")
     kind = _detect(source, fmt)
-    if kind == "libsvm" and feature_columns:
+    if kind in ("libsvm", "tag_value") and feature_columns:
         raise ConfigError("feature_columns name columns of a table; a LibSVM file keeps every feature it has")
     settings = {"source": source, "format": kind, "partitions": partitions, "id_column": id_column,
                 "label_column": label_column, "feature_columns": list(feature_columns)}
@@ -512,7 +519,7 @@ def _build(spark: Any, source: str, kind: str, folder: str, n: int, id_column: s
 
     raw, stated = _read(spark, source, kind, id_column)
     frame, names = _prepare(raw, kind, source, id_column, label_column, feature_columns)
-    sparse = kind == "libsvm"
+    sparse = KEYS in frame.columns
     schema = StructType([StructField(ROW_KEY, LongType()), StructField(PART, IntegerType()),
                          StructField(_SLOT, LongType()), *frame.schema.fields[1:]])
     hashed = frame.mapInArrow(_hasher(n, _slots(spark, n)), schema)

@@ -33,10 +33,16 @@ class IdTable:
     report: dict[str, int] = field(default_factory=dict)
 
 
+#: Text formats whose rows a PSI keeps as they are, in a column ``<format>_line`` (fedps.engine.formats).
+TEXT_FORMATS = ("libsvm", "tag_value")
+
+
 def input_format(params: PsiParams) -> str:
     if params.format != "auto":
         return params.format
     path = Path(params.input)
+    if params.input.rstrip("/").endswith((".libsvm", ".svm")):
+        return "libsvm"
     if params.input.endswith(".parquet") or (path.is_dir() and any(path.glob("*.parquet"))):
         return "parquet"
     return "csv"
@@ -47,6 +53,8 @@ def read_rows(spark: Any, params: PsiParams) -> Any:
     fmt = input_format(params)
     if "://" not in params.input and not Path(params.input).exists():
         raise DataError(f"job.params.input {params.input} does not exist")
+    if fmt in TEXT_FORMATS:
+        return _text_rows(spark, params, fmt)
     if fmt == "parquet":
         frame = spark.read.parquet(params.input)
     else:
@@ -62,6 +70,23 @@ def read_rows(spark: Any, params: PsiParams) -> Any:
         raise DataError(f"the id column {params.id_column!r} (job.params.id_column) is not in "
                         f"{params.input}; its columns are {', '.join(frame.columns)}")
     return frame
+
+
+def _text_rows(spark: Any, params: PsiParams, fmt: str) -> Any:
+    """A LibSVM or tag:value file as (id, line): the id is each line's first field; the line is kept whole.
+
+    Empty lines, ``#`` comments and (tag:value) a header line whose first field is
+    the id column's name are skipped. Training on the PSI output parses the lines.
+    """
+    from pyspark.sql import functions as F
+
+    line = F.trim(F.col("value"))
+    first = F.split(line, r"\s+").getItem(0) if fmt == "libsvm" else F.trim(F.split(line, ",").getItem(0))
+    rows = spark.read.text(params.input).select(first.alias(params.id_column), line.alias(f"{fmt}_line"))
+    keep = (F.length(F.col(f"{fmt}_line")) > 0) & ~F.col(f"{fmt}_line").startswith("#")
+    if fmt == "tag_value":
+        keep = keep & (F.col(params.id_column) != params.id_column)
+    return rows.where(keep)
 
 
 def canonical(frame: Any, params: PsiParams) -> tuple[Any, str]:
@@ -120,7 +145,9 @@ def load_ids(spark: Any, params: PsiParams) -> IdTable:
     if duplicate_ids:
         frame = frame.join(per_id.where(repeated).select(ID), on=ID, how="left_anti")
     report = {"rows": rows, "null_ids": nulls, "duplicate_ids": duplicate_ids,
-              "dropped_rows": nulls + duplicate_rows, "ids": rows - nulls - duplicate_rows}
+              "dropped_rows": nulls + duplicate_rows, "ids": rows - nulls - duplicate_rows,
+              # rows each rule removed (on_null, on_duplicate)
+              "removed": {"on_null": nulls, "on_duplicate": duplicate_rows}}
     if report["dropped_rows"]:
         log.warning("psi: dropped %d rows of %s (%d null ids, %d duplicated ids)",
                     report["dropped_rows"], params.input, nulls, duplicate_ids)

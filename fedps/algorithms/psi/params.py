@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from fedps.errors import ConfigError
 
 _CHOICES = {
-    "format": ("auto", "csv", "parquet"),
+    "format": ("auto", "csv", "parquet", "libsvm", "tag_value"),
     "id_type": ("auto", "string", "integer"),
     "protocol": ("ecdh", "rsa"),
     "on_null": ("refuse", "drop"),
@@ -25,7 +25,7 @@ _CHOICES = {
     "rsa_key_holder": ("guest", "host"),
 }
 #: Settings that must be equal on both sides (the rest are each party's own business).
-SHARED = ("protocol", "buckets", "result", "rsa_key_holder", "rsa_bits")
+SHARED = ("protocol", "buckets", "result", "rsa_key_holder", "rsa_bits", "dry_run")
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,8 @@ class PsiParams:
     keep_work: bool = False
     #: Below this many ids (this party's), the buckets are served in the driver: no Spark job per bucket.
     local_below: int = 100_000
+    #: Start the sessions, open the channels, compare the settings with the peer, and stop (no ids read).
+    dry_run: bool = False
     #: Executor tasks that serve the buckets (one barrier stage); 0: one per task slot, at most one per bucket.
     tasks: int = 0
     #: Longest wait, in seconds, for a step of the peer's (reading its ids, its cryptography).
