@@ -192,10 +192,17 @@ def test_ticketed_job_runs_with_only_the_agent_started_and_an_expired_ticket_is_
             time.sleep(0.2)
         issuer_metrics = json.loads((issuer / "jobs" / good_job / "metrics.json").read_text())
         assert "error" not in issuer_metrics
+        again = f"tj{uuid.uuid4().hex[:10]}"   # the ticket allowed one run, and had it
+        rerun = subprocess.run(
+            [*command, "run", "--conf", str(_peer_conf(peer, again, bank_key, broker.bootstrap_servers)),
+             "--ticket", str(good)], cwd=peer, capture_output=True, text=True, env=env, timeout=120)
+        assert rerun.returncode == 2 and "allows 1 run and has had 1" in rerun.stderr, rerun.stderr[-3000:]
+        assert not (issuer / "jobs" / again).exists()
     finally:
         daemon.terminate()
         daemon.wait(30)
     agent_log = (issuer / "agent.log").read_text()
     assert f"refused job {expired_job} from shop (expired)" in agent_log
+    assert f"refused job {again} from shop (over-run-count)" in agent_log
     listing = tickets.listing(agent.store())
     assert f"job {good_job}  done" in listing and f"job {expired_job}  refused  (expired" in listing

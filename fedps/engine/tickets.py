@@ -153,9 +153,11 @@ def verify_signature(ticket: Ticket, own_key: str) -> None:
     ``forged``: its signature does not verify under our key (altered, or made up).
     """
     if ticket.issuer_key != own_key:
-        kind = "re-signed" if _verifies(ticket.issuer_key, ticket) else "forged"
-        raise TicketRefused(kind, f"the ticket {ticket.id} is not signed by this party's identity key "
-                                  f"({'re-signed by another key, ' + ticket.issuer_key if kind == 're-signed' else 'forged'})")
+        if _verifies(ticket.issuer_key, ticket):
+            raise TicketRefused("re-signed", f"the ticket {ticket.id} is signed by another key than this "
+                                             f"party's identity key: {ticket.issuer_key}")
+        raise TicketRefused("forged", f"the ticket {ticket.id} is not signed by this party's identity key: "
+                                      "it was forged")
     if not _verifies(own_key, ticket):
         raise TicketRefused("forged", f"the ticket {ticket.id} does not verify under this party's identity "
                                       "key: it was altered or forged")
