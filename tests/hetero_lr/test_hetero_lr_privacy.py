@@ -9,7 +9,6 @@ on the executor runtime (parties as threads, local Spark, Ray and broker).
 from __future__ import annotations
 
 import threading
-import uuid
 from pathlib import Path
 
 import numpy as np
