@@ -169,6 +169,19 @@ def test_job_id_already_run_is_refused(keys, store):
     assert refusal(keys, store, ticket, job="job-1").reason == "job-id-used"
 
 
+def test_request_found_after_its_requester_stopped_waiting_is_refused_as_stale(keys, store):
+    ticket = make_ticket(keys)
+    store.add(ticket)
+    request = Request(ticket, "job-1", "psi", "breast", requested_at=time.time() - 700)
+    with pytest.raises(TicketRefused) as caught:
+        check_request(request, own_key=public(keys, "bank"), own_name="bank", requester="shop",
+                      requester_key=public(keys, "shop"), store=store, schemas={"breast": SCHEMA}, max_age_s=600)
+    assert caught.value.reason == "stale"
+    fresh = Request.from_value(Request(ticket, "job-1", "psi", "breast").to_value())
+    check_request(fresh, own_key=public(keys, "bank"), own_name="bank", requester="shop",
+                  requester_key=public(keys, "shop"), store=store, schemas={"breast": SCHEMA}, max_age_s=600)
+
+
 def test_malformed_request_is_refused(keys):
     with pytest.raises(TicketRefused) as caught:
         Request.from_value({"ticket": json.loads(make_ticket(keys).to_json()), "job": "../etc",

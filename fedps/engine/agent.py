@@ -43,7 +43,7 @@ from typing import Any, Mapping
 from fedps.engine import config as config_module
 from fedps.engine.agreement import agreed_settings, schema_hash
 from fedps.engine.tickets import Request, Ticket, TicketRefused, TicketStore, check_request
-from fedps.errors import ConfigError, FedpsError
+from fedps.errors import ConfigError, FedpsError, PeerError
 from fedps.messaging.channel import Channel
 from fedps.messaging.config import ChannelConfig, check_name
 from fedps.messaging.identity import load_identity, public_text
@@ -86,6 +86,8 @@ class AgentConfig:
     poll_s: float = 1.0
     request_timeout_s: float = 60.0
     max_concurrent: int = 1
+    #: A request found later than this after it was made is refused as stale (its requester gave up).
+    max_request_age_s: float = 600.0
 
     @property
     def me(self) -> str:
@@ -98,7 +100,8 @@ class AgentConfig:
         return {name: schema_hash(list(d.columns)) for name, d in self.datasets.items()}
 
 
-_AGENT_KEYS = {"party", "jobs_dir", "state_dir", "poll_s", "request_timeout_s", "max_concurrent"}
+_AGENT_KEYS = {"party", "jobs_dir", "state_dir", "poll_s", "request_timeout_s", "max_concurrent",
+               "max_request_age_s"}
 
 
 def load_agent(path: str | Path) -> AgentConfig:
@@ -132,6 +135,7 @@ def load_agent(path: str | Path) -> AgentConfig:
             datasets=datasets, algorithms=algorithms,
             poll_s=float(agent.get("poll_s", 1.0)), request_timeout_s=float(agent.get("request_timeout_s", 60.0)),
             max_concurrent=int(agent.get("max_concurrent", 1)),
+            max_request_age_s=float(agent.get("max_request_age_s", 600.0)),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"[agent] in {path}: {exc}") from None
@@ -329,7 +333,7 @@ class Agent:
     def _admit(self, request: Request, peer: str, key: str) -> subprocess.Popen:
         """Check the request, wait for a free slot, check revocation again, start this party's side."""
         check_request(request, own_key=self.own_key, own_name=self.config.me, requester=peer, requester_key=key,
-                      store=self.store, schemas=self.config.schemas())
+                      store=self.store, schemas=self.config.schemas(), max_age_s=self.config.max_request_age_s)
         overrides = run_overrides(self.config, request)
         try:
             config_module.load(self.config.party_conf, overrides)   # a bad template fails here, not in the job
@@ -416,9 +420,13 @@ def request_run(config: config_module.FedpsConfig, ticket_path: str | Path, data
     request_job = f"tk-{secrets.token_hex(10)}"
     scope = Scope(request_job, PHASE)
     channel_config = replace(config.channel_config(), peers={issuer: config.peers[issuer]})
-    with Channel(request_job, config.party.name, issuer, channel_config) as channel:
-        channel.send(scope.tag(REQUEST.name), REQUEST.check(request.to_value()), wait=True)
-        decision = DECISION.check(channel.recv(scope.tag(DECISION.name)))
+    try:
+        with Channel(request_job, config.party.name, issuer, channel_config) as channel:
+            channel.send(scope.tag(REQUEST.name), REQUEST.check(request.to_value()), wait=True)
+            decision = DECISION.check(channel.recv(scope.tag(DECISION.name)))
+    except PeerError as exc:
+        raise PeerError(f"{issuer}'s agent did not decide on the ticketed job {config.job.id}: is `fedps agent` "
+                        f"running there, and is its queue short? ({exc})") from None
     if not decision.get("accepted"):
         reason = str(decision.get("reason") or "refused")
         detail = f"{issuer} refused the ticketed job {config.job.id}: {decision.get('detail') or reason}"

@@ -180,10 +180,12 @@ class Request:
     algorithm: str
     dataset: str
     settings: Mapping[str, Any] = field(default_factory=dict)
+    #: When the peer asked (its clock): the agent refuses a request found too late as ``stale``.
+    requested_at: float = field(default_factory=time.time)
 
     def to_value(self) -> dict[str, Any]:
         return {"ticket": json.loads(self.ticket.to_json()), "job": self.job, "algorithm": self.algorithm,
-                "dataset": self.dataset, "settings": dict(self.settings)}
+                "dataset": self.dataset, "settings": dict(self.settings), "requested_at": self.requested_at}
 
     @classmethod
     def from_value(cls, value: Any) -> Request:
@@ -193,19 +195,25 @@ class Request:
         try:
             job, algorithm, dataset = (check_name(k, str(value[k])) for k in ("job", "algorithm", "dataset"))
             settings = dict(value.get("settings") or {})
+            requested_at = float(value.get("requested_at", 0.0))
         except (KeyError, ConfigError, TypeError, ValueError) as exc:
             raise TicketRefused("bad-request", f"the job request is malformed: {exc}") from None
-        return cls(ticket, job, algorithm, dataset, settings)
+        return cls(ticket, job, algorithm, dataset, settings, requested_at)
 
 
 def check_request(request: Request, *, own_key: str, own_name: str, requester: str, requester_key: str,
-                  store: TicketStore, schemas: Mapping[str, str | None], now: float | None = None) -> None:
+                  store: TicketStore, schemas: Mapping[str, str | None], now: float | None = None,
+                  max_age_s: float | None = None) -> None:
     """TicketRefused naming the first reason the request falls outside its ticket; None if within.
 
     ``requester``/``requester_key`` are who the channel's key exchange authenticated;
-    ``schemas`` maps each data set the agent serves to the schema hash of its columns now.
+    ``schemas`` maps each data set the agent serves to the schema hash of its columns now;
+    a request made more than ``max_age_s`` ago (its requester has stopped waiting) is ``stale``.
     """
     ticket, now = request.ticket, time.time() if now is None else now
+    if max_age_s is not None and now - request.requested_at > max_age_s:
+        raise TicketRefused("stale", f"the request for job {request.job} is {now - request.requested_at:.0f}s "
+                                     f"old (more than {max_age_s:g}s): request it again")
     verify_signature(ticket, own_key)
     if ticket.issuer != own_name or store.issued(ticket.id) is None:
         raise TicketRefused("unknown", f"the ticket {ticket.id} was not issued from this party's state folder")
