@@ -259,6 +259,7 @@ class Agent:
         self.own_key = public_text(identity.public_key())
         self.stop = threading.Event()
         self._slots = threading.Semaphore(config.max_concurrent)
+        self._admission = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._handled_path = config.state_dir / "requests.json"
         self._handled: set[str] = set(json.loads(self._handled_path.read_text())) if self._handled_path.exists() else set()
@@ -332,8 +333,12 @@ class Agent:
 
     def _admit(self, request: Request, peer: str, key: str) -> subprocess.Popen:
         """Check the request, wait for a free slot, check revocation again, start this party's side."""
-        check_request(request, own_key=self.own_key, own_name=self.config.me, requester=peer, requester_key=key,
-                      store=self.store, schemas=self.config.schemas(), max_age_s=self.config.max_request_age_s)
+        def check() -> None:
+            check_request(request, own_key=self.own_key, own_name=self.config.me, requester=peer,
+                          requester_key=key, store=self.store, schemas=self.config.schemas(),
+                          max_age_s=self.config.max_request_age_s)
+
+        check()
         overrides = run_overrides(self.config, request)
         try:
             config_module.load(self.config.party_conf, overrides)   # a bad template fails here, not in the job
@@ -342,7 +347,9 @@ class Agent:
             raise TicketRefused("issuer-template", "the issuer's template for this job is invalid "
                                                    "(its agent log says why)") from None
         ticket = request.ticket
-        self.store.record(ticket.id, request.job, "accepted")
+        with self._admission:   # two requests at once cannot both take a ticket's last run
+            check()
+            self.store.record(ticket.id, request.job, "accepted")
         self._slots.acquire()
         try:
             revoked = self.store.revoked(ticket.id)
@@ -357,8 +364,8 @@ class Agent:
             raise
         self.store.record(ticket.id, request.job, "started")
         log.info("agent of %s: started job %s (%s on data set %s) for %s under ticket %s, run %d of %d",
-                    self.config.me, request.job, request.algorithm, request.dataset, peer, ticket.id,
-                    self.store.runs(ticket.id), ticket.max_runs)
+                 self.config.me, request.job, request.algorithm, request.dataset, peer, ticket.id,
+                 self.store.runs(ticket.id), ticket.max_runs)
         return proc
 
     def _spawn(self, request: Request, overrides: list[str]) -> subprocess.Popen:

@@ -284,11 +284,11 @@ class TicketStore:
                    for ticket in self.all_issued() for use in self.uses(ticket.id))
 
     def record(self, ticket_id: str, job: str, outcome: str, reason: str = "") -> None:
-        """Set the outcome of ``job``'s use of the ticket (a new entry, or the job's latest one)."""
+        """Set the outcome of ``job``'s use of the ticket: a new entry, or the latest one if it is this job's."""
         with self._lock:
             uses = self.uses(ticket_id)
             entry = {"job": job, "outcome": outcome, "reason": reason, "at": _format_time(time.time())}
-            if uses and uses[-1]["job"] == job and uses[-1]["outcome"] in ("accepted", "started"):
+            if uses and uses[-1]["job"] == job and uses[-1]["outcome"] in ("accepted", "started", "refused"):
                 uses[-1].update(entry)
             else:
                 uses.append(entry)
