@@ -358,7 +358,11 @@ class Agent:
                 raise TicketRefused("revoked" if revoked else "agent-stopping",
                                     f"the ticket {ticket.id} was revoked at {revoked['at']}" if revoked
                                     else "the issuer's agent is stopping")
-            proc = self._spawn(request, overrides)
+            try:
+                proc = self._spawn(request, overrides)
+            except OSError as exc:
+                log.error("agent of %s: could not start job %s: %s", self.config.me, request.job, exc)
+                raise TicketRefused("issuer-failed", "the issuer could not start its side") from None
         except BaseException:
             self._slots.release()
             raise
