@@ -206,3 +206,17 @@ def test_ticketed_job_runs_with_only_the_agent_started_and_an_expired_ticket_is_
     assert f"refused job {again} from shop (over-run-count)" in agent_log
     listing = tickets.listing(agent.store())
     assert f"job {good_job}  done" in listing and f"job {expired_job}  refused  (expired" in listing
+
+
+def test_job_that_gets_a_slot_only_after_its_requester_stopped_waiting_is_refused(tmp_path):
+    conf, _, _ = write_issuer(tmp_path)
+    agent = agent_module.Agent(agent_module.load_agent(conf))
+    identity = agent_module.load_identity(tmp_path / "keys" / "bank.key")
+    ticket = tickets.issue(identity, "bank", "shop", agent.config.party.peers["shop"], ["channel_demo"],
+                           {"breast": schema_hash(COLUMNS)}, time.time() + 60, 1)
+    agent.store.add(ticket)
+    late = Request(ticket, "job-late", "channel_demo", "breast", requested_at=time.time() - 2, wait_s=6)
+    with pytest.raises(TicketRefused) as caught:
+        agent._admit(late, "shop", ticket.peer_key)
+    assert caught.value.reason == "stale" and agent.store.runs(ticket.id) == 0
+    assert not (tmp_path / "jobs" / "job-late").exists()

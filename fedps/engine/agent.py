@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 REQUEST = Message("request", "peer", "issuer", dict)
 DECISION = Message("decision", "issuer", "peer", dict)
 PHASE = "ticket"
-_REQUEST_JOB = re.compile(r"^tk-[0-9a-f]{20}$")
+#: A job is started only if its requester will still be waiting this much longer for the decision.
+_DECIDE_MARGIN_S = 5.0
 
 
 # ---------------------------------------------------------------------- configuration
@@ -353,6 +354,10 @@ class Agent:
         self._slots.acquire()
         try:
             revoked = self.store.revoked(ticket.id)
+            if request.wait_s and time.time() > request.requested_at + request.wait_s - _DECIDE_MARGIN_S:
+                self.store.record(ticket.id, request.job, "refused", "stale")
+                raise TicketRefused("stale", f"job {request.job} waited for a free slot longer than its "
+                                             f"requester waits ({request.wait_s:g}s): request it again")
             if revoked is not None or self.stop.is_set():
                 self.store.record(ticket.id, request.job, "refused", "revoked" if revoked else "agent stopping")
                 raise TicketRefused("revoked" if revoked else "agent-stopping",
@@ -427,7 +432,8 @@ def request_run(config: config_module.FedpsConfig, ticket_path: str | Path, data
             raise ConfigError(f"the ticket names the data sets {', '.join(ticket.datasets)}: choose one "
                               "with --ticket-dataset")
         (dataset,) = ticket.datasets
-    request = Request(ticket, config.job.id, config.job.algorithm, dataset, agreed_settings(config))
+    request = Request(ticket, config.job.id, config.job.algorithm, dataset, agreed_settings(config),
+                      wait_s=config.channel.recv_timeout_s)
     request_job = f"tk-{secrets.token_hex(10)}"
     scope = Scope(request_job, PHASE)
     channel_config = replace(config.channel_config(), peers={issuer: config.peers[issuer]})

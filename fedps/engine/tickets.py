@@ -182,10 +182,13 @@ class Request:
     settings: Mapping[str, Any] = field(default_factory=dict)
     #: When the peer asked (its clock): the agent refuses a request found too late as ``stale``.
     requested_at: float = field(default_factory=time.time)
+    #: How long the peer waits for the decision (0: not said); a job that could start only later is ``stale``.
+    wait_s: float = 0.0
 
     def to_value(self) -> dict[str, Any]:
         return {"ticket": json.loads(self.ticket.to_json()), "job": self.job, "algorithm": self.algorithm,
-                "dataset": self.dataset, "settings": dict(self.settings), "requested_at": self.requested_at}
+                "dataset": self.dataset, "settings": dict(self.settings), "requested_at": self.requested_at,
+                "wait_s": self.wait_s}
 
     @classmethod
     def from_value(cls, value: Any) -> Request:
@@ -195,10 +198,10 @@ class Request:
         try:
             job, algorithm, dataset = (check_name(k, str(value[k])) for k in ("job", "algorithm", "dataset"))
             settings = dict(value.get("settings") or {})
-            requested_at = float(value.get("requested_at", 0.0))
+            requested_at, wait_s = float(value.get("requested_at", 0.0)), float(value.get("wait_s", 0.0))
         except (KeyError, ConfigError, TypeError, ValueError) as exc:
             raise TicketRefused("bad-request", f"the job request is malformed: {exc}") from None
-        return cls(ticket, job, algorithm, dataset, settings, requested_at)
+        return cls(ticket, job, algorithm, dataset, settings, requested_at, wait_s)
 
 
 def check_request(request: Request, *, own_key: str, own_name: str, requester: str, requester_key: str,
