@@ -14,7 +14,7 @@ from fedps.algorithms.secureboost.params import SBParams
 from fedps.algorithms.secureboost.tree import Rules, candidates, histogram, left_sums, pick
 from fedps.errors import ConfigError, DataError
 
-DATA = Path(__file__).parents[2].parent / "shared" / "data"
+DATA = Path(__file__).parents[2] / "data"
 
 
 def _bins(x: np.ndarray, max_bin: int = 8) -> Bins:
@@ -98,3 +98,11 @@ def test_reference_matches_xgboost_on_breast():
     theirs = roc_auc_score(y[test], booster.predict(xgb.DMatrix(x_all[test])))
     assert ours > theirs - 0.005, (ours, theirs)
     assert all(b <= a + 1e-12 for a, b in zip(model.losses, model.losses[1:]))   # training loss falls
+
+
+def test_early_stopping_keeps_the_rounds_up_to_the_best():
+    from fedps.algorithms.secureboost.trainer import rounds_to_keep
+
+    assert rounds_to_keep([0.5, 0.4, 0.41], 2) == 0
+    assert rounds_to_keep([0.5, 0.4, 0.41, 0.42], 2) == 2
+    assert rounds_to_keep([0.5, 0.4, 0.4], 1) == 2      # no gain is no improvement

@@ -215,20 +215,28 @@ class Trainer:
             else:
                 entry["valid_rmse"] = float(np.sqrt(2 * entry["valid_loss"]))
         s.metrics.append(entry)
-        stop, keep = False, 0
+        keep = 0
         if params.early_stopping_rounds and "valid_loss" in entry:
             losses = [m["valid_loss"] for m in s.metrics]
             s.best = int(np.argmin(losses))
-            if plan.tree - s.best >= params.early_stopping_rounds:
-                stop, keep = True, s.best + 1
+            keep = rounds_to_keep(losses, params.early_stopping_rounds)
+            if keep:
                 s.trees = s.trees[: keep * params.classes]
                 log.info("early stopping after round %d: the best was round %d", plan.tree + 1, keep)
+        stop = keep > 0
         for host in job.hosts:
             job.channels[host].send(port.tag(NEXT.name), NEXT.check({"stop": stop, "keep": keep}))
         s.done, s.keep = stop, keep
-        self._truncate(keep) if keep else None
+        if keep:
+            self._truncate(keep)
         log.info("tree %d: %s", plan.tree + 1, ", ".join(f"{k} {v:.5f}" for k, v in entry.items() if k != "tree"))
 
     def _truncate(self, rounds: int) -> None:
         for sid in [sid for sid in self.table.splits if int(sid.split(".")[0]) >= rounds]:
             del self.table.splits[sid]
+
+
+def rounds_to_keep(valid_losses: list[float], patience: int) -> int:
+    """Early stopping: 0 to go on, else the rounds to keep (up to the best) after ``patience`` without a gain."""
+    best = int(np.argmin(valid_losses))
+    return best + 1 if len(valid_losses) - 1 - best >= patience else 0
