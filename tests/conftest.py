@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import sys
 
 import pytest
@@ -17,6 +18,8 @@ from fedps.messaging.config import KafkaConfig
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# `fedps jobs` records go to a throwaway home, not the user's ~/.fedps (subprocesses inherit it)
+os.environ.setdefault("FEDPS_HOME", tempfile.mkdtemp(prefix="fedps-home-"))
 logging.getLogger("kafka").setLevel(logging.CRITICAL)
 
 

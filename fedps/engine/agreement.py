@@ -1,9 +1,10 @@
 """The job a party is about to run, as its peers must see it too: compared before any data work.
 
 Every party builds a :func:`descriptor` of its job from its own configuration: the
-algorithm, the parties and their roles, and the settings all parties must share (the
-algorithm says which, through an optional ``agreed_settings(config)`` function in its
-package), plus a digest of all of it. The parties swap descriptors right after their
+algorithm, its role, and the settings all parties must share (the algorithm says which,
+through an optional ``agreed_settings(config)`` function in its package; an algorithm
+whose parties all talk to each other includes the set of parties, one with a star
+topology such as FedAvg's does not), plus a digest of all of it. The parties swap descriptors right after their
 channels open (``fedps.engine.preflight.exchange``); :func:`differences` names every
 setting that differs, in one message that every side prints, before PSI or training
 starts.
@@ -21,6 +22,8 @@ import importlib
 import json
 from collections.abc import Mapping
 from typing import Any
+
+from fedps.errors import FedpsError
 
 VERSION = 1
 
@@ -45,17 +48,25 @@ def agreed_settings(config: Any) -> dict[str, Any]:
     except ModuleNotFoundError:
         return {}
     hook = getattr(module, "agreed_settings", None)
-    return dict(hook(config)) if hook is not None else {}
+    if hook is None:
+        return {}
+    try:
+        return {key: _plain(value) for key, value in dict(hook(config)).items()}
+    except FedpsError:
+        return {}   # the algorithm's preflight reports bad settings, with their file
+
+
+def _plain(value: Any) -> Any:
+    """A settings value as JSON carries it (tuples become lists), so both sides compare alike."""
+    return json.loads(_canonical(value))
 
 
 def descriptor(config: Any, columns: list[str] | None = None) -> dict[str, Any]:
     """This party's view of the job, to compare with every peer's before any data work."""
-    parties = sorted([config.party.name, *config.peers])
     body = {
         "version": VERSION,
         "job": config.job.id,
         "algorithm": config.job.algorithm,
-        "parties": parties,
         "settings": agreed_settings(config),
     }
     return {**body, "party": config.party.name, "role": config.party.role,
@@ -63,22 +74,31 @@ def descriptor(config: Any, columns: list[str] | None = None) -> dict[str, Any]:
 
 
 def differences(mine: Mapping[str, Any], theirs: Mapping[str, Any], peer: str) -> list[str]:
-    """Every shared field that differs, as ``"<field>: <mine> here, <theirs> at <peer>"``."""
+    """Every shared field that differs, as ``"<field>: <a> has <x>, <b> has <y>"``.
+
+    The parties are named in sorted order, so every side prints the same sentence.
+    """
+    me = str(mine.get("party", "this party"))
     found = []
     if mine.get("role") == theirs.get("role") == "guest":
-        found.append(f"role: {mine.get('party')} and {peer} both say they are the guest")
+        found.append(f"role: {' and '.join(sorted([me, peer]))} both say they are the guest")
     if mine.get("digest") == theirs.get("digest"):
         return found
-    for key in ("version", "job", "algorithm", "parties"):
+
+    def line(name: str, ours: Any, yours: Any) -> str:
+        (a, x), (b, y) = sorted([(me, ours), (peer, yours)], key=lambda pair: pair[0])
+        return f"{name}: {a} has {_show(x)}, {b} has {_show(y)}"
+
+    for key in ("version", "job", "algorithm"):
         if mine.get(key) != theirs.get(key):
-            found.append(f"{key}: {_show(mine.get(key))} here, {_show(theirs.get(key))} at {peer}")
+            found.append(line(key, mine.get(key), theirs.get(key)))
     ours, yours = mine.get("settings") or {}, theirs.get("settings") or {}
     for key in sorted(set(ours) | set(yours)):
         if ours.get(key, _MISSING) != yours.get(key, _MISSING):
-            found.append(f"job.params.{key}: {_show(ours.get(key, _MISSING))} here, "
-                         f"{_show(yours.get(key, _MISSING))} at {peer}")
-    return found or [f"the job descriptors differ (digest {mine.get('digest', '?')[:12]} here, "
-                     f"{str(theirs.get('digest', '?'))[:12]} at {peer})"]
+            name = "the parties ([peers])" if key == "parties" else f"job.params.{key}"
+            found.append(line(name, ours.get(key, _MISSING), yours.get(key, _MISSING)))
+    return found or [f"the job descriptors differ (digests {str(mine.get('digest'))[:12]} at {me}, "
+                     f"{str(theirs.get('digest'))[:12]} at {peer})"]
 
 
 class _Missing:

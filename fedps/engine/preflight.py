@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+from fedps.engine import agreement
 from fedps.errors import ConfigError, DataError, FedpsError
 from fedps.messaging.control import PeerStopped
 from fedps.messaging.tags import Message, Tag
@@ -241,18 +242,27 @@ def _judge_label(check: InputCheck, stats: dict[str, Any], label: str) -> list[P
 
 
 # ---------------------------------------------------------------- with the peers
-def exchange(channels: Mapping[str, Any], job: str, timeout_s: float | None = None) -> None:
+def exchange(channels: Mapping[str, Any], job: str, timeout_s: float | None = None,
+             descriptor: Mapping[str, Any] | None = None) -> None:
     """Tell every peer this party's checks passed, and wait for theirs (PeerStopped if one failed).
+
+    With ``descriptor`` (``fedps.engine.agreement``), the parties also swap their views of
+    the job, and a difference stops every side with a ConfigError that names it.
 
     A resumed channel skips it: its peer is past this point of the job.
     """
     tag = Tag(job, "preflight", -1, -1, READY.name)
     fresh = {peer: ch for peer, ch in channels.items() if not getattr(ch, "resumed", False)}
     for channel in fresh.values():
-        channel.send(tag, READY.check({"ok": True}))
+        channel.send(tag, READY.check({"ok": True, "job": descriptor}))
+    differ = []
     for peer, channel in fresh.items():
         theirs = READY.check(channel.recv(tag, timeout=timeout_s))
         if not theirs.get("ok"):
             raise PeerStopped(f"{peer} stopped: {theirs.get('reason') or 'its checks failed'}")
+        if descriptor is not None and isinstance(theirs.get("job"), dict):
+            differ += agreement.differences(descriptor, theirs["job"], peer)
+    if differ:   # every party sees the same differences, and stops with them, before any data work
+        raise ConfigError("the parties configured different jobs: " + "; ".join(differ))
     if fresh:
         log.info("checks passed here and at %s", ", ".join(sorted(fresh)))

@@ -302,3 +302,16 @@ def _write_report(context, trainer: Trainer, seconds: float) -> None:
 
 
 __all__ = ["run", "roles", "open_job", "make_trainer"]
+
+
+def agreed_settings(config) -> dict[str, Any]:
+    """The settings every party must share, compared before any data work (fedps.engine.agreement)."""
+    raw, psi_raw = split_settings(config.job.params, config.source)
+    settings = LRParams.from_mapping(raw).shared()
+    settings["parties"] = sorted([config.party.name, *config.peers])   # every party talks to every other
+    if psi_raw is not None:
+        from fedps.algorithms.psi.preflight import psi_settings
+
+        settings.update({f"psi.{key}": value
+                         for key, value in psi_settings(config, psi_raw, "job.params.psi").agreed_view().items()})
+    return settings

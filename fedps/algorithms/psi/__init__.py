@@ -97,3 +97,10 @@ def _after_restart(context: Any, params: params_module.PsiParams, channel: Any, 
                         "state); rerun it under a new job id (the peer was told to stop)")
 
 
+
+
+def agreed_settings(config) -> dict[str, Any]:
+    """The settings both parties must share, compared before any data work (fedps.engine.agreement)."""
+    from fedps.algorithms.psi.preflight import psi_settings
+
+    return psi_settings(config, dict(config.job.params)).agreed_view()

@@ -217,3 +217,10 @@ def write_report(folder: Path, trainer, metrics: dict, seconds: float) -> None:
 
 
 __all__ = ["run", "preflight", "roles", "open_trainer", "model_json", "write_report"]
+
+
+def agreed_settings(config) -> dict:
+    """The settings every party must share, compared before any data work (fedps.engine.agreement)."""
+    settings = SBParams.from_mapping(dict(config.job.params)).shared()
+    settings["parties"] = sorted([config.party.name, *config.peers])   # every party talks to every other
+    return settings
