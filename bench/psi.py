@@ -1,6 +1,12 @@
 """PSI throughput: ECDH and RSA between two parties, against a plain Spark hash join.
 
     .venv/bin/python bench/psi.py --ecdh 1000000 --rsa 100000
+    .venv/bin/python bench/psi.py --small 2 --ecdh 0 --rsa 0
+
+``--small k``: the demo's PSI (the breast data, 569 ids a side) as two
+``fedps run`` processes, against an empty run of the same job
+(``dry_run = true``: Spark and the channels started, settings compared,
+nothing computed), alternated ``k`` times; prints the ratio of the walls.
 
 Both parties run as threads of this process through real sealed channels on
 the embedded broker and share one ``local[2]`` SparkSession, so the figures
@@ -130,17 +136,66 @@ def crypto_floor_s(protocol: str, n: int, rate: dict[str, float], cores: int = 2
     return work / cores
 
 
+def small_runs(rounds: int) -> dict:
+    """Wall of the demo's PSI and of an empty run of the same job, two processes each, alternated."""
+    import subprocess
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    walls: dict[str, list[float]] = {"psi": [], "empty": []}
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
+        folder = Path(tmp)
+        keys = {n: generate_identity(folder / "keys" / f"{n}.key") for n in ("guest", "host")}
+        for round_ in range(rounds):
+            for kind in ("empty", "psi"):
+                job = f"small{round_}{kind}"
+                procs = []
+                started = time.perf_counter()
+                for name, peer in (("guest", "host"), ("host", "guest")):
+                    conf = folder / f"{job}-{name}.toml"
+                    conf.write_text(f"""[job]
+id = "{job}"
+algorithm = "psi"
+params = {{ input = "{data}/breast_hetero_{name}.csv", id_column = "id", dry_run = {str(kind == "empty").lower()} }}
+[party]
+name = "{name}"
+role = "{name}"
+identity_key = "{folder}/keys/{name}.key"
+output_dir = "{folder}/{job}/{name}"
+[peers]
+{peer} = "{keys[peer]}"
+[kafka]
+bootstrap_servers = "{broker.bootstrap_servers}"
+""")
+                    procs.append(subprocess.Popen([sys.executable, "-m", "fedps.engine.cli", "run", "--conf",
+                                                   str(conf)], stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+                for proc in procs:
+                    _, err = proc.communicate()
+                    if proc.returncode:
+                        raise SystemExit(f"{job}: a party failed: {err.decode()[-2000:]}")
+                walls[kind].append(round(time.perf_counter() - started, 1))
+                print(json.dumps({"small_run": kind, "round": round_, "wall_s": walls[kind][-1]}), flush=True)
+    ratio = sum(walls["psi"]) / sum(walls["empty"])
+    return {"small_runs": walls, "ratio_psi_to_empty": round(ratio, 2)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ecdh", type=int, default=1_000_000, help="ids per party for ECDH (0: skip)")
     parser.add_argument("--rsa", type=int, default=100_000, help="ids per party for RSA-2048 (0: skip)")
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--buckets", type=int, default=8)
+    parser.add_argument("--small", type=int, default=0, help="rounds of the small-run ratio (0: skip)")
+    parser.add_argument("--local-below", type=int, default=0,
+                        help="job.params.local_below for the large runs (0: executors always)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("fedps.algorithms.psi").setLevel(os.environ.get("PSI_LOG", "WARNING"))
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    if args.small:
+        print(json.dumps(small_runs(args.small)), flush=True)
+    if not (args.ecdh or args.rsa):
+        return 0
     rows = []
     before = micro()
     print(json.dumps({"micro_single_core": before}), flush=True)
@@ -154,7 +209,8 @@ def main() -> int:
             paths = make_ids(folder / protocol, n, args.overlap, seed=n)
             join_s, expected = hash_join(spark, paths)
             result = run_pair(spark, folder, broker.bootstrap_servers, paths, f"bench-{protocol}-{n}",
-                              {"protocol": protocol, "buckets": args.buckets, "rsa_bits": 2048})
+                              {"protocol": protocol, "buckets": args.buckets, "rsa_bits": 2048,
+                               "local_below": args.local_below})
             found = result["guest"]["psi_intersection"]
             if found != expected or result["host"]["psi_intersection"] != expected:
                 raise SystemExit(f"{protocol}: PSI found {found}, the join {expected}")
@@ -169,7 +225,8 @@ def main() -> int:
                    "psi_ids_per_s": round(2 * n / result["wall_s"]),
                    "psi_ids_per_s_per_core": round(n / result["wall_s"]),
                    "hash_join_s": round(join_s, 2), "hash_join_ids_per_s": round(2 * n / join_s),
-                   "guest_timings": result["guest"]["psi_timings"]}
+                   "guest_timings": result["guest"]["psi_timings"],
+                   "driver_peak_rss_mb": result["guest"]["psi_driver_peak_rss_mb"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
     spark.stop()

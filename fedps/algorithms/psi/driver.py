@@ -94,6 +94,10 @@ def run_psi(context: Any, params: params_module.PsiParams, channel: Any, scope: 
     if saved is None:
         work.remove()
         peer_role = _exchange_settings(context, params, channel, scope, peer)          # 1
+        if params.dry_run:   # what every run pays before computing anything (bench/psi.py --small)
+            context.spark.sparkContext.defaultParallelism
+            context.metrics.update({"psi_dry_run": True, "psi_learned": False})
+            return
         table = _load_and_compare(context.spark, params, channel, scope, peer)        # 2
         keys = buckets.agree_keys(channel, scope, context.me, peer)                   # 3
     else:
