@@ -37,9 +37,11 @@ def _context(job, name, ids, base, spark, channel, protocol):
     return PartyContext(config, {channel.peer: channel}, base / name, _spark=spark)
 
 
-@pytest.mark.parametrize("protocol", ["ecdh", "rsa"])
 def test_a_party_killed_mid_buckets_resumes_and_both_find_the_intersection(spark, make_parties, job_id, tmp_path,
-                                                                           monkeypatch, protocol):
+                                                                           monkeypatch):
+    """RSA with the key at the killed host: its private key and the guest's blinding factors must
+    survive for the resumed buckets to match (ECDH's resume is the same code with a plain secret)."""
+    protocol = "rsa"
     configs = make_parties("guest", "host", recv_timeout_s=60.0)
     guest_ids, host_ids, shared = random_sets(160, 120, 70, seed=11)
     guest = Channel(job_id, "guest", "host", configs["guest"])
