@@ -415,9 +415,9 @@ def main() -> None:
     parser.add_argument("--data", default="default_credit,breast")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--partitions", type=int, default=2)
-    parser.add_argument("--scales", default="2,4", help="row multiples of default_credit (empty: none)")
+    parser.add_argument("--scales", default="2,4", help="row multiples of default_credit, e.g. 0.5,2 (empty: none)")
     parser.add_argument("--scale-trees", type=int, default=1)
-    parser.add_argument("--trees", type=int, default=0, help="override every data set's tree count")
+    parser.add_argument("--trees", default="", help="tree counts to run instead, e.g. default_credit=1,breast=2")
     parser.add_argument("--baseline-rows", type=int, default=200)
     parser.add_argument("--json", default="")
     parser.add_argument("--e2e", action="store_true",
@@ -427,14 +427,14 @@ def main() -> None:
     from fedps.engine.session import start_spark
 
     started = time.perf_counter()
+    overrides = {k: int(v) for k, v in (item.split("=") for item in args.trees.split(",") if item)}
     keys = None if args.e2e else generate_keypair(args.bits)
     spark = start_spark(SparkConfig(master=f"local[{args.cores}]", app_name="bench-secureboost"))
     sc = spark.sparkContext
     out, dump = [f"Machine: {os.cpu_count()} cores; load average at start {os.getloadavg()[0]:.1f}.", ""], {}
     for name in [d for d in args.data.split(",") if d] if args.e2e else []:
         cfg = dict(CONFIGS[name])
-        if args.trees:
-            cfg["trees"] = args.trees
+        cfg["trees"] = overrides.get(name, cfg["trees"])
         res = run_e2e(spark, name, cfg, args.bits, args.partitions)
         dump[name] = res
         per = f"{np.mean(res['per_tree']):.1f}" if res["per_tree"] else "n/a"
@@ -446,18 +446,19 @@ def main() -> None:
                    f" errors {res['errors'] or 'none'}; last metrics {res['metrics']}")
     for name in [d for d in args.data.split(",") if d] if not args.e2e else []:
         cfg = dict(CONFIGS[name])
-        if args.trees:
-            cfg["trees"] = args.trees
+        cfg["trees"] = overrides.get(name, cfg["trees"])
         x, y = load(name)
         bins, n_bins = quantile_bins(x, cfg["bins"])
         base = run_baseline(keys, bins, n_bins, y, args.baseline_rows)
         fed = run_fedps(sc, keys, bins, n_bins, y, cfg["trees"], cfg["depth"], args.partitions, args.cores)
         scaled = []
         if name == "default_credit":
-            for k in [int(s) for s in args.scales.split(",") if s]:
-                scaled.append(run_fedps(sc, keys, np.tile(bins, (k, 1)), n_bins, np.tile(y, k), args.scale_trees,
-                                        cfg["depth"], args.partitions * k, args.cores))
+            for k in [float(s) for s in args.scales.split(",") if s]:
+                rows = np.arange(int(round(k * len(y)))) % len(y)   # repeated rows stand for new ids
+                scaled.append(run_fedps(sc, keys, bins[rows], n_bins, y[rows], args.scale_trees,
+                                        cfg["depth"], max(1, int(round(args.partitions * k))), args.cores))
         out += report(name, cfg, x.shape[1], n_bins, fed, base, scaled, args)
+        print("\n".join(out), flush=True)
         dump[name] = {"fedps": fed, "scaled": scaled,
                       "baseline": {k: v for k, v in base.items() if k != "costs"}}
     out.append(f"Whole run: {time.perf_counter() - started:.0f} s.")
