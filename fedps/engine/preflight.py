@@ -114,6 +114,8 @@ class InputCheck:
     #: Fewest rows the job can use, and why (an intersection is never larger than the input).
     min_rows: int = 0
     min_rows_reason: str = ""
+    #: The algorithm handles missing feature values itself (e.g. SecureBoost's missing-value branch).
+    missing_ok: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,17 +208,17 @@ def _judge(check: InputCheck, table: Any, stats: dict[str, Any], label: str | No
                 f"feature column {name!r} of {where} is not numeric (type {column['type']}, e.g. "
                 f"{column['example']!r}); encode it as numbers, or leave it out with {check.feature_setting}",
                 f"a feature column of {check.what} is not numeric"))
-        elif column["missing"]:
+        elif column["missing"] and not check.missing_ok:
             problems.append(Problem(
                 f"feature column {name!r} of {where} has {column['missing']} missing or non-finite values "
                 f"(null, NaN or infinity); impute them, or leave the column out with {check.feature_setting}",
                 f"a feature column of {check.what} has missing values"))
-        elif stats["rows"] > 1 and column["min"] == column["max"]:
+        elif stats["rows"] > 1 and column["min"] is not None and column["min"] == column["max"]:
             problems.append(Problem(
                 f"feature column {name!r} of {where} is constant (every row holds {column['min']:g}); it "
                 f"cannot help the model: leave it out with {check.feature_setting}",
                 f"a feature column of {check.what} is constant"))
-    if stats.get("nonfinite"):
+    if stats.get("nonfinite") and not check.missing_ok:
         problems.append(Problem(f"{where} has {stats['nonfinite']} non-finite feature values (NaN or infinity)",
                                 f"{check.what} has missing values"))
     return problems
