@@ -50,7 +50,7 @@ num_cpus = 1
     return confs
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(800)   # two Spark starts: ~40 s idle, minutes on a crowded machine
 def test_a_count_label_on_the_guest_stops_both_parties_before_the_psi(tmp_path, broker, job_id):
     guest = pd.read_csv(DATA / "breast_hetero_guest.csv").iloc[:120]
     guest["y"] = [i % 10 for i in range(len(guest))]
@@ -63,9 +63,11 @@ def test_a_count_label_on_the_guest_stops_both_parties_before_the_psi(tmp_path, 
              for name, conf in confs.items()}
     errors = {}
     for name, proc in procs.items():
-        _, stderr = proc.communicate(timeout=360)
+        _, stderr = proc.communicate(timeout=700)
         assert proc.returncode == 2, stderr[-3000:]
         assert "Traceback" not in stderr, stderr[-3000:]
+        assert "Using incubator modules" not in stderr   # the JVM's banners are in spark.log, not here
+        assert (tmp_path / "out" / name / "spark.log").exists()
         errors[name] = stderr
     assert "counts 0–9" in errors["guest"] and "this is not a binary label" in errors["guest"]
     assert ("guest stopped: DataError: its label column (job.params.label_column) is not a binary 0/1 label"

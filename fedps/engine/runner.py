@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import threading
 import time
 import types
 from contextlib import ExitStack
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedps.engine import agreement, jobs
 from fedps.engine.config import FedpsConfig
 from fedps.engine.session import start_ray, start_spark, stop_ray, stop_spark
 from fedps.engine.preflight import exchange, public_reason, run_checks
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: How long a party whose own checks failed waits for each peer, to tell it why before it stops.
 TELL_PEERS_S = 15.0
+#: Longest wait for a peer's own checks (one pass over its inputs) after the channels open.
+PEER_CHECKS_S = 3600.0
 
 
 @dataclass
@@ -116,39 +120,50 @@ def run_party(config: FedpsConfig) -> dict[str, Any]:
     output = Path(config.party.output_dir or f"out/{config.job.id}/{config.party.name}")
     output.mkdir(parents=True, exist_ok=True)
     channel_config = config.channel_config()
+    _record_job(config, "proposed", output)
     started = time.perf_counter()
     channels: dict[str, Channel] = {}
     context = PartyContext(config, channels, output)
     try:
         with ExitStack() as stack:
             stack.callback(context.close)
-            failed = _preflight(context)
+            checks, failed = _settings_checks(context)
             if failed is not None:   # tell the peers why, if they come soon; never wait long to stop
                 channel_config = dataclasses.replace(
                     channel_config, handshake_timeout_s=min(channel_config.handshake_timeout_s, TELL_PEERS_S))
+            # the key exchanges run while this party reads its inputs once, so a peer whose pass is
+            # long does not time out waiting for this party's hello
+            openers = {peer: _Opener(Channel(config.job.id, config.party.name, peer, channel_config))
+                       for peer in sorted(config.peers)}
             try:
-                for peer in sorted(config.peers):
-                    channel = Channel(config.job.id, config.party.name, peer, channel_config)
-                    try:
-                        channels[peer] = stack.enter_context(channel.open())
-                    except PeerError:
-                        if failed is None:
-                            raise
+                if failed is None:
+                    failed = _data_checks(context, checks)
+                for peer, opener in openers.items():
+                    opener.thread.join(None if failed is None else TELL_PEERS_S)
+                    if opener.thread.is_alive() or isinstance(opener.error, PeerError) and failed is not None:
                         log.warning("%s: %s did not come within %gs to be told why this party stops",
                                     config.party.name, peer, TELL_PEERS_S)
-                        raise failed from None
+                        raise failed
+                    if opener.error is not None:
+                        raise opener.error
+                    channels[peer] = stack.enter_context(opener.channel)
                 log.info("%s: channels open to %s in %.2fs", config.party.name, ", ".join(channels),
                          time.perf_counter() - started)
                 if failed is not None:
                     raise failed
-                exchange(channels, config.job.id)
+                exchange(channels, config.job.id, descriptor=agreement.descriptor(config),
+                         timeout_s=max(channel_config.recv_timeout_s, PEER_CHECKS_S))
+                _record_job(config, "running", output)
                 run(context)
             except BaseException as exc:
                 _tell_peers(context, exc)
                 raise
     except BaseException as exc:
         context.metrics["error"] = f"{type(exc).__name__}: {exc}"
+        _record_job(config, "failed", output, error=public_reason(exc))
         raise
+    else:
+        _record_job(config, "done", output)
     finally:
         _record_refusals(context)
         context.metrics.setdefault("wall_s", round(time.perf_counter() - started, 3))
@@ -156,21 +171,53 @@ def run_party(config: FedpsConfig) -> dict[str, Any]:
     return context.metrics
 
 
-def _preflight(context: PartyContext) -> FedpsError | None:
-    """The algorithm's checks of this party's job; the error they found, to tell the peers."""
+def _record_job(config: FedpsConfig, state: str, output: Path, **fields: Any) -> None:
+    """Keep ``fedps jobs`` current; a registry that cannot be written never stops a job."""
+    try:
+        jobs.record(config, state, output, **fields)
+    except OSError as exc:
+        log.warning("%s: could not record job state %s in %s: %s", config.party.name, state, jobs.home(), exc)
+
+
+class _Opener:
+    """Opens one channel in a thread of its own (the key exchange waits for the peer)."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel, self.error = channel, None
+        self.thread = threading.Thread(target=self._open, name=f"open-{channel.peer}", daemon=True)
+        self.thread.start()
+
+    def _open(self) -> None:
+        try:
+            self.channel.open()
+        except BaseException as exc:  # noqa: BLE001 - raised by the runner's thread
+            self.error = exc
+
+
+def _settings_checks(context: PartyContext) -> tuple[list, FedpsError | None]:
+    """The algorithm's checks of this party's settings; the input checks to run, or the error found."""
     config = context.config
     preflight = find_preflight(config.job.algorithm)
     if preflight is None:
+        return [], None
+    try:
+        return list(preflight(config, context.output_dir) or []), None
+    except FedpsError as exc:
+        log.error("%s: %s", config.party.name, exc)
+        return [], exc
+
+
+def _data_checks(context: PartyContext, checks: list) -> FedpsError | None:
+    """One Spark pass over each input (the session is kept for the job); the error found, if any."""
+    if not checks:
         return None
     tick = time.perf_counter()
     try:
-        checks = list(preflight(config, context.output_dir) or [])
-        if checks:
-            context.metrics["inputs"] = run_checks(context.spark, checks)
+        context.metrics["inputs"] = run_checks(context.spark, checks)
     except FedpsError as exc:
-        log.error("%s: %s", config.party.name, exc)
+        log.error("%s: %s", context.me, exc)
         return exc
-    log.info("%s: checked its settings and %d input%s in %.1fs", config.party.name, len(checks),
+    log.info("%s: checked its settings and %d input%s in %.1fs", context.me, len(checks),
              "" if len(checks) == 1 else "s", time.perf_counter() - tick)
     return None
 
