@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -40,7 +41,21 @@ conf = {{ "spark.sql.shuffle.partitions" = "2" }}
 """
 
 
-def _start(folder: Path, job: str, servers: str, protocol: str, extra: str) -> dict[str, subprocess.Popen]:
+def _command(conf: Path, folder: Path, submit: bool) -> list[str]:
+    """``fedps run``, or spark-submit of jobs/psi.py with fedps shipped as ``make dist``'s zip."""
+    if not submit:
+        return [sys.executable, "-m", "fedps.engine.cli", "run", "--conf", str(conf)]
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root / "scripts"))
+    import dist
+
+    return [str(Path(sys.executable).with_name("spark-submit")), "--master", "local[1]",
+            "--conf", "spark.ui.enabled=false", "--py-files", str(dist.build_zip(folder)),
+            str(root / "jobs" / "psi.py"), "--conf", str(conf), "--role", "guest"]
+
+
+def _start(folder: Path, job: str, servers: str, protocol: str, extra: str,
+           submit: bool = False) -> dict[str, subprocess.Popen]:
     folder.mkdir()
     guest = pd.read_csv(DATA / "breast_hetero_guest.csv").iloc[:400]
     host = pd.read_csv(DATA / "breast_hetero_host.csv").iloc[250:]
@@ -52,8 +67,9 @@ def _start(folder: Path, job: str, servers: str, protocol: str, extra: str) -> d
         conf = folder / f"{name}.toml"
         conf.write_text(_toml(job, name, peer, keys[peer], servers, f"{name}.csv",
                               f'protocol = "{protocol}", {extra}'.rstrip(", ")))
-        procs[name] = subprocess.Popen([sys.executable, "-m", "fedps.engine.cli", "run", "--conf", str(conf)],
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+        procs[name] = subprocess.Popen(_command(conf, folder, submit and name == "guest"),
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return procs
 
 
@@ -79,7 +95,8 @@ def _check(folder: Path, procs: dict[str, subprocess.Popen], deadline: float) ->
 def test_two_process_pairs_align_the_breast_data_with_both_protocols(tmp_path, broker, job_id):
     """Four processes at once: an ECDH pair and an RSA pair (key at the guest)."""
     runs = {
-        "ecdh": _start(tmp_path / "ecdh", f"{job_id}e", broker.bootstrap_servers, "ecdh", ""),
+        # the ECDH guest under spark-submit, fedps shipped with --py-files (as on a cluster)
+        "ecdh": _start(tmp_path / "ecdh", f"{job_id}e", broker.bootstrap_servers, "ecdh", "", submit=True),
         "rsa": _start(tmp_path / "rsa", f"{job_id}r", broker.bootstrap_servers, "rsa",
                       'rsa_bits = 1024, rsa_key_holder = "guest"'),
     }
