@@ -145,7 +145,7 @@ def predict(context: Any, params: SBParams, guest: str, hosts: list[str]) -> dic
     context.ray_address  # noqa: B018 - the accumulator runs on this party's Ray
     records = JobRecords(context.output_dir / "checkpoint", context.config.job.id)
     spec = JobSpec(algorithm="secureboost.predict", key_bits=0, shared={"partitions": params.partitions},
-                   namespace=context.config.ray.namespace)
+                   max_tasks=params.tasks, namespace=context.config.ray.namespace)
     job = VerticalJob.open(job=context.config.job.id, me=me, guest=guest, hosts=hosts, channels=context.channels,
                            spark=context.spark, layout=layout, records=records, spec=spec)
     try:
