@@ -152,7 +152,7 @@ def test_driver_memory_does_not_grow_with_rows(tmp_path, spark, ray_address, mak
     configs = make_parties("guest", "host", recv_timeout_s=120)
     for rows in (800, 8000):
         layouts = lay_out(spark, tmp_path / str(rows), _synthetic(tmp_path, rows))
-        params = LRParams(epochs=1, batch_size=rows // 4, key_bits=512, validation_fraction=0.2,
+        params = LRParams(epochs=1, batch_size=rows // 4, key_bits=512, validation_fraction=0.2, standardize=False,
                           partitions=PARTITIONS, tasks=1, loss_every=0)
         tracemalloc.start()
         results = run_in_threads(f"t{uuid.uuid4().hex[:12]}", configs, layouts, {"guest": params, "host": params},
