@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from fedps.engine.vertical.standardize import RowTransform
 from fedps.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LinearModel:
-    """One party's part of a vertical LR model: ``u = x . weights + intercept``."""
+    """One party's part of a vertical LR model: ``u = T(x) . weights + intercept``.
+
+    ``T`` is the row transform the party trained with (its own standardisation and row
+    clip, ``model.json``'s ``transform``), applied as the batch prediction applies it.
+    """
 
     version: str
     party: str
@@ -35,6 +40,7 @@ class LinearModel:
     weights: np.ndarray
     intercept: float
     digest: str
+    transform: RowTransform | None = None
 
     def columns(self, available: tuple[str, ...], where: str) -> np.ndarray:
         """Indices of the model's features among ``available``; DataError naming the missing ones."""
@@ -47,6 +53,8 @@ class LinearModel:
 
     def score(self, x: np.ndarray) -> np.ndarray:
         """This party's part of the log-odds of each row (the batch prediction's ``x @ w + b``)."""
+        if self.transform is not None and len(x):
+            x = self.transform.apply(x)
         return np.asarray(x @ self.weights).ravel() + self.intercept
 
 
@@ -93,8 +101,18 @@ def load_model(folder: str | Path, me: str) -> LinearModel:
     w = np.asarray(weights, dtype=np.float64)
     if not np.isfinite(w).all() or (intercept is not None and not np.isfinite(float(intercept))):
         raise DataError(f"{path} holds a weight that is not finite")
+    transform = None
+    if saved.get("transform"):
+        try:
+            transform = RowTransform.from_json(saved["transform"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{path} holds an unreadable row transform: {exc}") from None
+        if len(transform.shift) != len(w) or len(transform.scale) != len(w):
+            raise DataError(f"{path}: its row transform covers {len(transform.shift)} features, "
+                            f"its weights {len(w)}")
     return LinearModel(version=model_job(folder), party=me, features=tuple(map(str, features)), weights=w,
-                       intercept=float(intercept or 0.0), digest=hashlib.sha256(text.encode()).hexdigest()[:12])
+                       intercept=float(intercept or 0.0), digest=hashlib.sha256(text.encode()).hexdigest()[:12],
+                       transform=transform)
 
 
 class Models:
