@@ -151,7 +151,7 @@ def small_runs(rounds: int) -> dict:
                 procs = []
                 started = time.perf_counter()
                 for name, peer in (("guest", "host"), ("host", "guest")):
-                    conf = folder / f"{job}-{name}.toml"
+                    conf = folder / f"{job}-{name}.toml"   # its log: the same name, .log
                     conf.write_text(f"""[job]
 id = "{job}"
 algorithm = "psi"
@@ -166,12 +166,13 @@ output_dir = "{folder}/{job}/{name}"
 [kafka]
 bootstrap_servers = "{broker.bootstrap_servers}"
 """)
+                    log = open(folder / f"{job}-{name}.log", "wb")   # files, not pipes: a full pipe blocks
                     procs.append(subprocess.Popen([sys.executable, "-m", "fedps.engine.cli", "run", "--conf",
-                                                   str(conf)], stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+                                                   str(conf)], stdout=log, stderr=subprocess.STDOUT))
                 for proc in procs:
-                    _, err = proc.communicate()
-                    if proc.returncode:
-                        raise SystemExit(f"{job}: a party failed: {err.decode()[-2000:]}")
+                    if proc.wait():
+                        raise SystemExit(f"{job}: a party failed: "
+                                         f"{Path(proc.args[-1]).with_suffix('.log').read_text()[-2000:]}")
                 walls[kind].append(round(time.perf_counter() - started, 1))
                 print(json.dumps({"small_run": kind, "round": round_, "wall_s": walls[kind][-1]}), flush=True)
     ratio = sum(walls["psi"]) / sum(walls["empty"])
@@ -210,7 +211,9 @@ def main() -> int:
             join_s, expected = hash_join(spark, paths)
             result = run_pair(spark, folder, broker.bootstrap_servers, paths, f"bench-{protocol}-{n}",
                               {"protocol": protocol, "buckets": args.buckets, "rsa_bits": 2048,
-                               "local_below": args.local_below})
+                               "local_below": args.local_below, "tasks": 1})   # one slot per party:
+                              # both share this local[2] Spark, and two barrier stages of 2 tasks would
+                              # wait for each other's slots
             found = result["guest"]["psi_intersection"]
             if found != expected or result["host"]["psi_intersection"] != expected:
                 raise SystemExit(f"{protocol}: PSI found {found}, the join {expected}")
