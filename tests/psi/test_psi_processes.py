@@ -55,7 +55,7 @@ def _command(conf: Path, folder: Path, submit: bool) -> list[str]:
 
 
 def _start(folder: Path, job: str, servers: str, protocol: str, extra: str,
-           submit: bool = False) -> dict[str, subprocess.Popen]:
+           submit: bool = False, uris: bool = False) -> dict[str, subprocess.Popen]:
     folder.mkdir()
     guest = pd.read_csv(DATA / "breast_hetero_guest.csv").iloc[:400]
     host = pd.read_csv(DATA / "breast_hetero_host.csv").iloc[250:]
@@ -65,8 +65,10 @@ def _start(folder: Path, job: str, servers: str, protocol: str, extra: str,
     procs = {}
     for name, peer in (("guest", "host"), ("host", "guest")):
         conf = folder / f"{name}.toml"
+        where = (f'output = "file://{folder}/{name}/psi", work = "file://{folder}/{name}/work", '
+                 if uris else "")
         conf.write_text(_toml(job, name, peer, keys[peer], servers, f"{name}.csv",
-                              f'protocol = "{protocol}", {extra}'.rstrip(", ")))
+                              f'{where}protocol = "{protocol}", {extra}'.rstrip(", ")))
         env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
         procs[name] = subprocess.Popen(_command(conf, folder, submit and name == "guest"),
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -86,19 +88,20 @@ def _check(folder: Path, procs: dict[str, subprocess.Popen], deadline: float) ->
         assert set(rows["id"].astype(int)) == shared and columns <= set(rows.columns)
         assert list(rows["psi_index"]) == list(range(len(shared)))
         results[name]["order"] = list(rows["id"])
-        assert not (folder / name / "psi" / "_work").exists()
+        assert not (folder / name / "psi" / "_work").exists() and not (folder / name / "work").exists()
     assert results["guest"]["order"] == results["host"]["order"]
     assert results["guest"]["psi_digest"] == results["host"]["psi_digest"]
 
 
 @pytest.mark.timeout(900)
 def test_two_process_pairs_align_the_breast_data_with_both_protocols(tmp_path, broker, job_id):
-    """Four processes at once: an ECDH pair and an RSA pair (key at the guest)."""
+    """Four processes at once: an ECDH pair and an RSA pair (key at the guest; output and work
+    folder as file:// URIs). A killed party's resume is tests/psi/test_psi_resume.py."""
     runs = {
         # the ECDH guest under spark-submit, fedps shipped with --py-files (as on a cluster)
         "ecdh": _start(tmp_path / "ecdh", f"{job_id}e", broker.bootstrap_servers, "ecdh", "", submit=True),
         "rsa": _start(tmp_path / "rsa", f"{job_id}r", broker.bootstrap_servers, "rsa",
-                      'rsa_bits = 1024, rsa_key_holder = "guest"'),
+                      'rsa_bits = 1024, rsa_key_holder = "guest"', uris=True),
     }
     deadline = time.monotonic() + 840  # each process starts its own Spark: slow on a busy machine
     for protocol, procs in runs.items():
