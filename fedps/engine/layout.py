@@ -663,10 +663,17 @@ def check_layout(channel: Any, scope: Scope, layout: Layout, peer: str, me: str)
         raise ProtocolError(f"{peer} sent a layout summary of {n} partitions with {len(counts)} counts")
     advice = "both parties must lay out the output of one PSI run with the same partitions"
     if n != layout.partitions:
-        raise DataError(f"{me} lays its rows out in {layout.partitions} partitions and {peer} in {n}: {advice}")
+        raise _shared(f"{me} lays its rows out in {layout.partitions} partitions and {peer} in {n}: {advice}")
     for p, (a, b, da, db) in enumerate(zip(layout.counts, counts, layout.digests, digests)):
         if a != b:
-            raise DataError(f"partition {p} holds {a} rows at {me} and {b} at {peer} ({layout.rows} and "
-                            f"{sum(counts)} rows in all): {advice}")
+            raise _shared(f"partition {p} holds {a} rows at {me} and {b} at {peer} ({layout.rows} and "
+                          f"{sum(counts)} rows in all): {advice}")
         if da != db:
-            raise DataError(f"partition {p} holds {a} rows at both {me} and {peer}, but not the same ids: {advice}")
+            raise _shared(f"partition {p} holds {a} rows at both {me} and {peer}, but not the same ids: {advice}")
+
+
+def _shared(message: str) -> DataError:
+    """A layout difference, told to the peer as it is: it holds only what both sides just swapped."""
+    error = DataError(message)
+    error.public = message  # type: ignore[attr-defined]  # the sentence a stopping party sends its peers
+    return error
