@@ -23,12 +23,14 @@ def _probe(context) -> None:
         channel.recv(scope.tag("go"), timeout=30)
         channel.send(scope.tag("x"), 1)
         channel.recv(scope.tag("ack"), timeout=30)
+        channel.send(scope.tag("done"), 1, wait=True)   # before the host fails and says so
         return
     servers = context.config.kafka.bootstrap_servers
     produce(servers, channel.in_topic, b"junk" * 100)
     channel.send(scope.tag("go"), 1)
     assert channel.recv(scope.tag("x"), timeout=30) == 1
     channel.send(scope.tag("ack"), 1, wait=True)
+    assert channel.recv(scope.tag("done"), timeout=30) == 1
     raise RuntimeError("the algorithm failed after the junk")
 
 

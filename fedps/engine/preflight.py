@@ -265,6 +265,7 @@ def exchange(channels: Mapping[str, Any], job: str, timeout_s: float | None = No
         if descriptor is not None and isinstance(theirs.get("job"), dict):
             differ += agreement.differences(descriptor, theirs["job"], peer)
     if differ:   # every party sees the same differences, and stops with them, before any data work
-        raise ConfigError("the parties configured different jobs: " + "; ".join(differ))
+        sentence = "the parties configured different jobs: " + "; ".join(differ)
+        raise with_public(ConfigError(sentence), sentence)   # shared settings: the peers know them
     if fresh:
         log.info("checks passed here and at %s", ", ".join(sorted(fresh)))

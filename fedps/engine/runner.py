@@ -160,7 +160,7 @@ def run_party(config: FedpsConfig) -> dict[str, Any]:
                 raise
     except BaseException as exc:
         context.metrics["error"] = f"{type(exc).__name__}: {exc}"
-        _record_job(config, "failed", output, error=public_reason(exc))
+        _record_job(config, "failed", output, error=" ".join(f"{type(exc).__name__}: {exc}".split())[:400])
         raise
     else:
         _record_job(config, "done", output)
