@@ -81,6 +81,8 @@ def load_state(work: Folder, job: str) -> dict[str, Any] | None:
 def protocol_module(name: str) -> Any:
     if name == "ecdh":
         from fedps.algorithms.psi import ecdh as module
+    elif name == "ot":   # optional extra (docs/operations.md, "OT PSI"): imports its library lazily
+        from fedps.algorithms.psi import ot as module
     else:
         from fedps.algorithms.psi import rsa as module
     return module
