@@ -12,8 +12,9 @@ One serving process per party answers over gRPC (``proto/fedps_serving_v1.proto`
   by row key (:mod:`fedps.serving.store`).
 
 Models are the parties' ``model.json`` files of a trained ``hetero_lr`` job
-(:mod:`fedps.serving.model`); the host API has room for SecureBoost's "the
-direction every node of mine sends these rows" (``TreePart``), which is not
-served yet. Operations (deadlines, fallbacks, health, metrics, reload,
+(:mod:`fedps.serving.model`) or ``secureboost`` job (:mod:`fedps.serving.trees`:
+each host answers, in one call per batch, the direction every split of its
+table sends each row, ``TreePart``; the guest walks the trees).
+Operations (deadlines, fallbacks, health, metrics, reload,
 graceful shutdown) are in :mod:`fedps.serving.server`.
 """

@@ -11,7 +11,7 @@ import sys
 def add_parser(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser(
         "serve", help="serve this party's part of a trained model over gRPC (online joint inference)",
-        description="Serve this party's part of a trained vertical LR model (docs/operations.md, "
+        description="Serve this party's part of a trained vertical LR or SecureBoost model (docs/operations.md, "
                     "'Online serving'), or build its online feature store with --build-store.")
     serve.add_argument("--conf", required=True, help="the party's TOML file, with a [serving] section")
     serve.add_argument("--model", help="the party's output folder of the training job to serve")
@@ -24,6 +24,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--label-column", default="y", help="--build-store: a column never stored (default: y)")
     serve.add_argument("--features", default="", help="--build-store: comma-separated feature columns "
                                                       "(default: every numeric column)")
+    serve.add_argument("--missing-ok", action="store_true",
+                       help="--build-store: keep null/NaN values as missing (SecureBoost routes them; "
+                            "a vertical LR model refuses such a store)")
     serve.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a configuration key, serving.* included (repeatable)")
 
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         summary = build_store(args.build_store, target, id_column=args.id_column,
                               key_of=hasher(serving.id_hash, key), id_hash=serving.id_hash,
                               label_column=args.label_column,
-                              features=[f for f in args.features.split(",") if f])
+                              features=[f for f in args.features.split(",") if f], missing_ok=args.missing_ok)
         print(json.dumps(summary))
         return 0
     if not args.model:

@@ -16,6 +16,13 @@ class Scores:
     probabilities: np.ndarray
     model_version: str
     missing_hosts: tuple[str, ...]
+    classes: int = 1          # values per row (a multi-class SecureBoost model's classes)
+    objective: str = ""       # "linear", or the SecureBoost model's objective
+
+    def per_row(self, values: np.ndarray | None = None) -> np.ndarray:
+        """``scores`` (or ``values``) as rows x classes."""
+        values = self.scores if values is None else values
+        return values.reshape(-1, max(self.classes, 1))
 
 
 def score_request(ids: Sequence[str] = (), features: Any = None, feature_names: Sequence[str] = (),
@@ -36,7 +43,7 @@ class GuestClient:
     def score_bytes(self, request: bytes, timeout: float = 5.0) -> Scores:
         reply = pb.ScoreReply.FromString(self._score(request, timeout=timeout))
         return Scores(np.asarray(reply.scores), np.asarray(reply.probabilities), reply.model_version,
-                      tuple(reply.missing_hosts))
+                      tuple(reply.missing_hosts), max(reply.classes, 1), reply.objective)
 
     def score(self, ids: Sequence[str] = (), features: Any = None, timeout: float = 5.0, **kw: Any) -> Scores:
         return self.score_bytes(score_request(ids, features, **kw), timeout=timeout)

@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64ps_serving_v1.proto\x12\x10\x66\x65\x64ps.serving.v1\"i\n\x0cScoreRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x03(\x01\x12\x15\n\rfeature_names\x18\x04 \x03(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"a\n\nScoreReply\x12\x0e\n\x06scores\x18\x01 \x03(\x01\x12\x15\n\rprobabilities\x18\x02 \x03(\x01\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x15\n\rmissing_hosts\x18\x04 \x03(\t\"U\n\x0bPartRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05hosts\x18\x04 \x03(\t\"\xc4\x01\n\tPartReply\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12.\n\x06linear\x18\x03 \x01(\x0b\x32\x1c.fedps.serving.v1.LinearPartH\x00\x12*\n\x04tree\x18\x04 \x01(\x0b\x32\x1a.fedps.serving.v1.TreePartH\x00\x12.\n\x06masked\x18\x05 \x01(\x0b\x32\x1c.fedps.serving.v1.MaskedPartH\x00\x42\x06\n\x04part\"/\n\nMaskedPart\x12\x0e\n\x06values\x18\x01 \x03(\x06\x12\x11\n\tfrac_bits\x18\x02 \x01(\r\"\x1c\n\nLinearPart\x12\x0e\n\x06scores\x18\x01 \x03(\x01\"-\n\x08TreePart\x12\r\n\x05nodes\x18\x01 \x03(\x04\x12\x12\n\ndirections\x18\x02 \x01(\x0c\x32N\n\x05Guest\x12\x45\n\x05Score\x12\x1e.fedps.serving.v1.ScoreRequest\x1a\x1c.fedps.serving.v1.ScoreReply2J\n\x04Host\x12\x42\n\x04Part\x12\x1d.fedps.serving.v1.PartRequest\x1a\x1b.fedps.serving.v1.PartReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64ps_serving_v1.proto\x12\x10\x66\x65\x64ps.serving.v1\"i\n\x0cScoreRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x03(\x01\x12\x15\n\rfeature_names\x18\x04 \x03(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\x85\x01\n\nScoreReply\x12\x0e\n\x06scores\x18\x01 \x03(\x01\x12\x15\n\rprobabilities\x18\x02 \x03(\x01\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x15\n\rmissing_hosts\x18\x04 \x03(\t\x12\x0f\n\x07\x63lasses\x18\x05 \x01(\r\x12\x11\n\tobjective\x18\x06 \x01(\t\"U\n\x0bPartRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05hosts\x18\x04 \x03(\t\"\xc4\x01\n\tPartReply\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12.\n\x06linear\x18\x03 \x01(\x0b\x32\x1c.fedps.serving.v1.LinearPartH\x00\x12*\n\x04tree\x18\x04 \x01(\x0b\x32\x1a.fedps.serving.v1.TreePartH\x00\x12.\n\x06masked\x18\x05 \x01(\x0b\x32\x1c.fedps.serving.v1.MaskedPartH\x00\x42\x06\n\x04part\"/\n\nMaskedPart\x12\x0e\n\x06values\x18\x01 \x03(\x06\x12\x11\n\tfrac_bits\x18\x02 \x01(\r\"\x1c\n\nLinearPart\x12\x0e\n\x06scores\x18\x01 \x03(\x01\"-\n\x08TreePart\x12\r\n\x05nodes\x18\x01 \x03(\x04\x12\x12\n\ndirections\x18\x02 \x01(\x0c\x32N\n\x05Guest\x12\x45\n\x05Score\x12\x1e.fedps.serving.v1.ScoreRequest\x1a\x1c.fedps.serving.v1.ScoreReply2J\n\x04Host\x12\x42\n\x04Part\x12\x1d.fedps.serving.v1.PartRequest\x1a\x1b.fedps.serving.v1.PartReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -23,20 +23,20 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
   _globals['_SCOREREQUEST']._serialized_start=44
   _globals['_SCOREREQUEST']._serialized_end=149
-  _globals['_SCOREREPLY']._serialized_start=151
-  _globals['_SCOREREPLY']._serialized_end=248
-  _globals['_PARTREQUEST']._serialized_start=250
-  _globals['_PARTREQUEST']._serialized_end=335
-  _globals['_PARTREPLY']._serialized_start=338
-  _globals['_PARTREPLY']._serialized_end=534
-  _globals['_MASKEDPART']._serialized_start=536
-  _globals['_MASKEDPART']._serialized_end=583
-  _globals['_LINEARPART']._serialized_start=585
-  _globals['_LINEARPART']._serialized_end=613
-  _globals['_TREEPART']._serialized_start=615
-  _globals['_TREEPART']._serialized_end=660
-  _globals['_GUEST']._serialized_start=662
-  _globals['_GUEST']._serialized_end=740
-  _globals['_HOST']._serialized_start=742
-  _globals['_HOST']._serialized_end=816
+  _globals['_SCOREREPLY']._serialized_start=152
+  _globals['_SCOREREPLY']._serialized_end=285
+  _globals['_PARTREQUEST']._serialized_start=287
+  _globals['_PARTREQUEST']._serialized_end=372
+  _globals['_PARTREPLY']._serialized_start=375
+  _globals['_PARTREPLY']._serialized_end=571
+  _globals['_MASKEDPART']._serialized_start=573
+  _globals['_MASKEDPART']._serialized_end=620
+  _globals['_LINEARPART']._serialized_start=622
+  _globals['_LINEARPART']._serialized_end=650
+  _globals['_TREEPART']._serialized_start=652
+  _globals['_TREEPART']._serialized_end=697
+  _globals['_GUEST']._serialized_start=699
+  _globals['_GUEST']._serialized_end=777
+  _globals['_HOST']._serialized_start=779
+  _globals['_HOST']._serialized_end=853
 # @@protoc_insertion_point(module_scope)

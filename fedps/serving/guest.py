@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 import grpc
 import numpy as np
 
+from fedps.errors import ConfigError, DataError
 from fedps.engine.vertical.scores import sigmoid
 from fedps.serving.keys import keys_of, split_keys
 from fedps.serving.masking import FRAC_BITS, unmask
@@ -22,6 +23,7 @@ from fedps.serving.metrics import Metrics
 from fedps.serving.model import LinearModel, Models
 from fedps.serving.rpc import PART, SCORE, Refusal, generic, handler, invalid, parse, pb
 from fedps.serving.store import FeatureStore
+from fedps.serving.trees import TreeModel, scores_of, unpack_directions
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,23 @@ class GuestService:
         self._columns: dict[str, np.ndarray] = {}
 
     def check(self, model: LinearModel) -> None:
-        """A model is served only if the guest's store (if any) has every feature it needs."""
+        """A model is served only if the guest's store (if any) has every feature it needs, and a tree
+        model only with every host it was trained with and no "partial" fallback."""
+        if model.kind == "tree":
+            if model.forest is None:
+                raise ConfigError(f"model {model.version} has no trees: it is a host's part of a SecureBoost "
+                                  "model, and this is the guest")
+            if set(model.hosts) != set(self.calls):
+                raise ConfigError(f"model {model.version} was trained with hosts {', '.join(model.hosts)}; "
+                                  f"serving.hosts names {', '.join(self.calls) or 'none'}")
+            if self.on_host_failure != "fail":
+                raise ConfigError(f"model {model.version} is a SecureBoost model: its trees need every host's "
+                                  "directions, so serving.on_host_failure must be \"fail\"")
         if self.store is not None:
             where = f"the guest's store {getattr(self.store, 'path', self.store)}"
+            if model.kind == "linear" and getattr(self.store, "missing", False):
+                raise ConfigError(f"{where} may hold missing values (built with --missing-ok), which linear "
+                                  f"model {model.version} cannot score: rebuild it without --missing-ok")
             self._columns[model.digest] = model.columns(self.store.feature_names, where)
 
     def handlers(self) -> Any:
@@ -57,8 +73,16 @@ class GuestService:
                           f"the guest serves model {model.version}, not {request.model_version!r}")
         keys = self._keys(request)
         pending = self._ask_hosts(model, keys, context)
-        u = model.score(self._features(request, model, keys))
-        replies = {host: self._reply(host, future, model, len(keys)) for host, future in pending.items()}
+        x = self._features(request, model, keys)
+        if model.kind == "tree":
+            reply = self._trees(model, x, pending, len(keys))
+        else:
+            reply = self._linear(model, model.score(x), pending, len(keys))
+        self.metrics.inc("rows_total", len(keys))
+        return reply.SerializeToString()
+
+    def _linear(self, model: LinearModel, u: np.ndarray, pending: dict[str, Any], rows: int) -> Any:
+        replies = {host: self._reply(host, future, model, rows) for host, future in pending.items()}
         missing = [host for host, reply in replies.items() if reply is None]
         masked = [r.masked.values for r in replies.values() if r is not None and r.WhichOneof("part") == "masked"]
         if masked:
@@ -74,10 +98,26 @@ class GuestService:
             for reply in replies.values():
                 if reply is not None:
                     u = u + np.asarray(reply.linear.scores, dtype=np.float64)
-        self.metrics.inc("rows_total", len(keys))
-        reply = pb.ScoreReply(scores=u, probabilities=sigmoid(u), model_version=model.version,
-                              missing_hosts=missing)
-        return reply.SerializeToString()
+        return pb.ScoreReply(scores=u, probabilities=sigmoid(u), model_version=model.version,
+                             missing_hosts=missing, classes=1, objective="linear")
+
+    def _trees(self, model: TreeModel, x: np.ndarray, pending: dict[str, Any], rows: int) -> Any:
+        bits = {}
+        for host, future in pending.items():
+            reply = self._reply(host, future, model, rows)
+            if reply is None:   # check() refuses "partial" for a tree model; a host's bits cannot be guessed
+                raise Refusal(grpc.StatusCode.UNAVAILABLE, f"host {host} did not answer in time")
+            try:
+                bits[host] = (np.asarray(reply.tree.nodes, dtype=np.uint64),
+                              unpack_directions(reply.tree.directions, len(reply.tree.nodes), rows))
+            except DataError as exc:
+                raise Refusal(grpc.StatusCode.INTERNAL, f"host {host} sent unreadable directions: {exc}") from None
+        try:
+            margins = model.margins(x, bits)
+        except DataError as exc:
+            raise Refusal(grpc.StatusCode.INTERNAL, f"{exc}: the guest and its hosts must serve the parts "
+                                                    "of one model") from None
+        return pb.ScoreReply(model_version=model.version, objective=model.objective, **scores_of(model, margins))
 
     def _keys(self, request: Any) -> list[bytes]:
         if request.ids and request.keys:
@@ -96,15 +136,21 @@ class GuestService:
             if self.store is None:
                 raise invalid("the request has no features and the guest has no store (serving.store)")
             x, found = self.store.lookup(keys)
+            x = x[:, self._columns[model.digest]]
             if not found.all():
                 self.metrics.inc("unknown_ids_total", int((~found).sum()))
-            return x[:, self._columns[model.digest]]
+                if model.kind == "tree":
+                    x[~found] = np.nan   # as the hosts do: every split sends it where missing values go
+            return x
         names = tuple(request.feature_names) or model.features
         if len(request.features) != rows * len(names):
             raise invalid(f"{len(request.features)} feature values for {rows} rows of {len(names)} features "
                           f"({', '.join(names)})")
         x = np.asarray(request.features, dtype=np.float64).reshape(rows, len(names))
-        if not np.isfinite(x).all():
+        if model.kind == "tree":   # NaN is a missing value, which each split sends its learned way
+            if np.isinf(x).any():
+                raise invalid("a feature value is infinite (a missing value is NaN)")
+        elif not np.isfinite(x).all():
             raise invalid("a feature value is NaN or infinite")
         if names == model.features:
             return x
@@ -148,7 +194,9 @@ class GuestService:
         reply = pb.PartReply.FromString(data)
         kind = reply.WhichOneof("part")
         values = reply.linear.scores if kind == "linear" else reply.masked.values if kind == "masked" else ()
-        if reply.model_version != model.version or reply.rows != rows or len(values) != rows or \
+        count = rows if kind == "tree" else len(values)
+        if reply.model_version != model.version or reply.rows != rows or count != rows or \
+                (kind == "tree") != (model.kind == "tree") or \
                 (kind == "masked" and reply.masked.frac_bits != FRAC_BITS):
             raise Refusal(grpc.StatusCode.INTERNAL,
                           f"host {host} answered model {reply.model_version!r} with {reply.rows} rows "

@@ -1,7 +1,8 @@
 """The host's service: its part of the model on the rows the guest names by row key.
 
 Per request the host learns which of its row keys the guest scores, and when;
-it sends back its partial score of each row (docs/protocols.md, "Online serving").
+it sends back its partial score of each row (vertical LR), or the direction
+every split of its table sends each row (SecureBoost) (docs/protocols.md, "Online serving").
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from fedps.errors import ConfigError
 from fedps.serving.keys import split_keys
 from fedps.serving.masking import FRAC_BITS, Masker
 from fedps.serving.metrics import Metrics
@@ -18,6 +20,7 @@ from fedps.serving.model import LinearModel, Models
 from fedps.serving.rpc import PART, Refusal, generic, handler, invalid, parse, pb
 from fedps.serving.store import FeatureStore
 from fedps.serving.tls import PinnedTLS
+from fedps.serving.trees import TreeModel, pack_directions
 
 
 class HostService:
@@ -30,6 +33,13 @@ class HostService:
 
     def check(self, model: LinearModel) -> None:
         """A model is served only if the store has every feature it needs."""
+        if model.kind == "tree" and self.masker is not None:
+            raise ConfigError(f"{model.version} is a SecureBoost model: its hosts send split directions, "
+                              "which are not summed, so serving.mask_with does not apply; unset it")
+        if model.kind == "linear" and getattr(self.store, "missing", False):
+            raise ConfigError(f"the store {getattr(self.store, 'path', self.store)} may hold missing values "
+                              f"(built with --missing-ok), which linear model {model.version} cannot score: "
+                              "rebuild it without --missing-ok")
         self._columns[model.digest] = model.columns(self.store.feature_names,
                                                     f"the store {getattr(self.store, 'path', self.store)}")
 
@@ -58,8 +68,11 @@ class HostService:
                           f"{self.me} serves model {', '.join(self.models.versions)}, not "
                           f"{request.model_version!r}: the guest and its hosts must serve the same training job")
         x, found = self.store.lookup(keys)
-        scores = model.score(x[:, self._columns[model.digest]])
+        x = x[:, self._columns[model.digest]]
         unknown = int((~found).sum())
+        if model.kind == "tree":
+            return self._tree(model, x, found, unknown)
+        scores = model.score(x)
         if unknown:
             scores[~found] = self.unknown_score
             self.metrics.inc("unknown_ids_total", unknown)
@@ -71,6 +84,15 @@ class HostService:
             reply = pb.PartReply(model_version=model.version, rows=len(keys),
                                  masked=pb.MaskedPart(values=values, frac_bits=FRAC_BITS))
         return reply.SerializeToString()
+
+    def _tree(self, model: TreeModel, x: np.ndarray, found: np.ndarray, unknown: int) -> bytes:
+        """Every split's direction for every row; an unknown row goes where missing values go."""
+        if unknown:
+            x[~found] = np.nan
+            self.metrics.inc("unknown_ids_total", unknown)
+        self.metrics.inc("rows_total", len(x))
+        part = pb.TreePart(nodes=model.rules.wire, directions=pack_directions(model.rules.right(x)))
+        return pb.PartReply(model_version=model.version, rows=len(x), tree=part).SerializeToString()
 
     def _check_masked(self, request: Any) -> None:
         if tuple(request.hosts) != self.masker.hosts:

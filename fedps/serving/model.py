@@ -41,6 +41,7 @@ class LinearModel:
     intercept: float
     digest: str
     transform: RowTransform | None = None
+    kind: str = "linear"
 
     def columns(self, available: tuple[str, ...], where: str) -> np.ndarray:
         """Indices of the model's features among ``available``; DataError naming the missing ones."""
@@ -87,8 +88,10 @@ def load_model(folder: str | Path, me: str) -> LinearModel:
         raise DataError(f"{path} is not a model.json: {exc}") from None
     if not isinstance(saved, dict):
         raise DataError(f"{path} is not a model.json")
-    if "trees" in saved:
-        raise ConfigError(f"{path} is a tree model: serving SecureBoost is not yet supported (vertical LR only)")
+    if saved.get("algorithm") == "secureboost" or "trees" in saved:
+        from fedps.serving.trees import load_tree_model
+
+        return load_tree_model(saved, path, me, model_job(folder), text)   # type: ignore[return-value]
     if saved.get("party") != me:
         raise ConfigError(f"{path} is the model of party {saved.get('party')!r}, and this is {me!r}")
     if "feature_ids" in saved:

@@ -6,8 +6,9 @@ row keys, and which of them you hold" (:class:`FeatureStore`). The embedded
 default is a SQLite file (:class:`SqliteStore`) that ``fedps serve
 --build-store`` writes from the party's Parquet features (:func:`build_store`):
 a table ``rows(key BLOB PRIMARY KEY, x BLOB)`` with each row's dense features
-as little-endian float64, and a table ``meta`` with the feature names and how
-the keys were made.
+as little-endian float64 (NaN for a missing value, with ``--missing-ok``), and a
+table ``meta`` with the feature names, how the keys were made and whether
+values may be missing.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class SqliteStore:
         self.feature_names = tuple(json.loads(meta["features"]))
         self.id_hash = meta.get("id_hash", "")
         self.rows = int(meta.get("rows", 0))
+        #: Built with --missing-ok: values may be NaN (missing).
+        self.missing = meta.get("missing") == "1"
 
     def _connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -91,12 +94,15 @@ class SqliteStore:
 
 
 def build_store(source: str | Path, target: str | Path, *, id_column: str, key_of: Callable[[str], bytes],
-                id_hash: str, label_column: str = "y", features: Sequence[str] = ()) -> dict:
+                id_hash: str, label_column: str = "y", features: Sequence[str] = (),
+                missing_ok: bool = False) -> dict:
     """Write a SQLite store from a Parquet file or folder; returns its summary.
 
     Keys are the ``psi_hash`` column when the source is PSI output, else
     ``key_of(id)`` of the id column. Features are ``features``, or every
-    numeric column but the id, the label and PSI's own columns.
+    numeric column but the id, the label and PSI's own columns. With
+    ``missing_ok`` a null or NaN value is stored as NaN (a tree model sends it
+    where its split sends missing values); a linear model refuses such a store.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -131,10 +137,11 @@ def build_store(source: str | Path, target: str | Path, *, id_column: str, key_o
         for batch in dataset.to_batches(columns=[key_column, *chosen]):
             x = np.column_stack([pc.cast(batch.column(i + 1), pa.float64()).to_numpy(zero_copy_only=False)
                                  for i in range(len(chosen))]).astype("<f8")
-            bad = ~np.isfinite(x)
+            bad = np.isinf(x) if missing_ok else ~np.isfinite(x)
             if bad.any():
                 row, col = map(int, np.argwhere(bad)[0])
-                raise DataError(f"{source}: column {chosen[col]!r} is null or not finite in row {rows + row}")
+                what = "infinite" if missing_ok else "null or not finite (--missing-ok keeps missing values)"
+                raise DataError(f"{source}: column {chosen[col]!r} is {what} in row {rows + row}")
             raw = batch.column(0).to_pylist()
             if from_psi:
                 keys = [bytes(k) for k in raw]
@@ -148,7 +155,8 @@ def build_store(source: str | Path, target: str | Path, *, id_column: str, key_o
                 raise DataError(f"{source}: an id occurs twice (near row {rows}); ids must be unique") from None
             rows += len(keys)
         meta = {"version": STORE_VERSION, "features": json.dumps(chosen), "rows": rows,
-                "id_hash": "psi_hash" if from_psi else id_hash, "source": str(source)}
+                "id_hash": "psi_hash" if from_psi else id_hash, "source": str(source),
+                "missing": int(missing_ok)}
         conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in meta.items()])
         conn.commit()
     except BaseException:
@@ -159,4 +167,5 @@ def build_store(source: str | Path, target: str | Path, *, id_column: str, key_o
     partial.chmod(0o600)
     partial.rename(target)
     log.info("built %s: %d rows, %d features in %.1fs", target, rows, len(chosen), time.perf_counter() - started)
-    return {"store": str(target), "rows": rows, "features": chosen, "keys": meta["id_hash"]}
+    return {"store": str(target), "rows": rows, "features": chosen, "keys": meta["id_hash"],
+            "missing_ok": missing_ok}
