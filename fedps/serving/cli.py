@@ -27,6 +27,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--missing-ok", action="store_true",
                        help="--build-store: keep null/NaN values as missing (SecureBoost routes them; "
                             "a vertical LR model refuses such a store)")
+    serve.add_argument("--format", default="auto", choices=("auto", "parquet", "libsvm", "tag_value"),
+                       help="--build-store: the source's format (auto: libsvm for .libsvm/.svm, else Parquet); "
+                            "LibSVM and tag:value files make a store of sparse rows, for a sparse LR model")
+    serve.add_argument("--labelled", action="store_true",
+                       help="--build-store, LibSVM or tag:value: each line has a label after the id")
     serve.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a configuration key, serving.* included (repeatable)")
 
@@ -48,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         summary = build_store(args.build_store, target, id_column=args.id_column,
                               key_of=hasher(serving.id_hash, key), id_hash=serving.id_hash,
                               label_column=args.label_column,
-                              features=[f for f in args.features.split(",") if f], missing_ok=args.missing_ok)
+                              features=[f for f in args.features.split(",") if f], missing_ok=args.missing_ok,
+                              fmt=args.format, labelled=args.labelled)
         print(json.dumps(summary))
         return 0
     if not args.model:

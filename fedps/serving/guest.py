@@ -20,7 +20,7 @@ from fedps.engine.vertical.scores import sigmoid
 from fedps.serving.keys import keys_of, split_keys
 from fedps.serving.masking import FRAC_BITS, unmask
 from fedps.serving.metrics import Metrics
-from fedps.serving.model import LinearModel, Models
+from fedps.serving.model import LinearModel, Models, store_mismatch
 from fedps.serving.rpc import PART, SCORE, Refusal, generic, handler, invalid, parse, pb
 from fedps.serving.store import FeatureStore
 from fedps.serving.trees import TreeModel, scores_of, unpack_directions
@@ -44,6 +44,9 @@ class GuestService:
     def check(self, model: LinearModel) -> None:
         """A model is served only if the guest's store (if any) has every feature it needs, and a tree
         model only with every host it was trained with and no "partial" fallback."""
+        if model.kind == "sparse" and self.store is None:
+            raise ConfigError(f"model {model.version} is a sparse LR model: the guest reads its sparse rows "
+                              "from its store (serving.store, built from its LibSVM or tag:value file)")
         if model.kind == "tree":
             if model.forest is None:
                 raise ConfigError(f"model {model.version} has no trees: it is a host's part of a SecureBoost "
@@ -56,6 +59,10 @@ class GuestService:
                                   "directions, so serving.on_host_failure must be \"fail\"")
         if self.store is not None:
             where = f"the guest's store {getattr(self.store, 'path', self.store)}"
+            if (model.kind == "sparse") != bool(getattr(self.store, "sparse", False)):
+                raise ConfigError(store_mismatch(model, self.store))
+            if model.kind == "sparse":
+                return
             if model.kind == "linear" and getattr(self.store, "missing", False):
                 raise ConfigError(f"{where} may hold missing values (built with --missing-ok), which linear "
                                   f"model {model.version} cannot score: rebuild it without --missing-ok")
@@ -77,7 +84,7 @@ class GuestService:
         if model.kind == "tree":
             reply = self._trees(model, x, pending, len(keys))
         else:
-            reply = self._linear(model, model.score(x), pending, len(keys))
+            reply = self._linear(model, x if model.kind == "sparse" else model.score(x), pending, len(keys))
         self.metrics.inc("rows_total", len(keys))
         return reply.SerializeToString()
 
@@ -132,6 +139,14 @@ class GuestService:
 
     def _features(self, request: Any, model: LinearModel, keys: list[bytes]) -> np.ndarray:
         rows = len(keys)
+        if model.kind == "sparse":   # the guest's own part, from its sparse rows
+            if request.features:
+                raise invalid(f"model {model.version} is sparse (features keyed by id): the guest reads its "
+                              "features from its store; send ids or keys alone")
+            ids, values, counts, found = self.store.lookup_sparse(keys)
+            if not found.all():
+                self.metrics.inc("unknown_ids_total", int((~found).sum()))
+            return model.score_sparse(ids, values, counts)
         if not request.features:
             if self.store is None:
                 raise invalid("the request has no features and the guest has no store (serving.store)")

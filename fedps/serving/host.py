@@ -16,7 +16,7 @@ from fedps.errors import ConfigError
 from fedps.serving.keys import split_keys
 from fedps.serving.masking import FRAC_BITS, Masker
 from fedps.serving.metrics import Metrics
-from fedps.serving.model import LinearModel, Models
+from fedps.serving.model import LinearModel, Models, store_mismatch
 from fedps.serving.rpc import PART, Refusal, generic, handler, invalid, parse, pb
 from fedps.serving.store import FeatureStore
 from fedps.serving.tls import PinnedTLS
@@ -36,6 +36,10 @@ class HostService:
         if model.kind == "tree" and self.masker is not None:
             raise ConfigError(f"{model.version} is a SecureBoost model: its hosts send split directions, "
                               "which are not summed, so serving.mask_with does not apply; unset it")
+        if (model.kind == "sparse") != bool(getattr(self.store, "sparse", False)):
+            raise ConfigError(store_mismatch(model, self.store))
+        if model.kind == "sparse":
+            return
         if model.kind == "linear" and getattr(self.store, "missing", False):
             raise ConfigError(f"the store {getattr(self.store, 'path', self.store)} may hold missing values "
                               f"(built with --missing-ok), which linear model {model.version} cannot score: "
@@ -67,12 +71,16 @@ class HostService:
             raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
                           f"{self.me} serves model {', '.join(self.models.versions)}, not "
                           f"{request.model_version!r}: the guest and its hosts must serve the same training job")
-        x, found = self.store.lookup(keys)
-        x = x[:, self._columns[model.digest]]
+        if model.kind == "sparse":
+            ids, values, counts, found = self.store.lookup_sparse(keys)
+            scores = model.score_sparse(ids, values, counts)
+        else:
+            x, found = self.store.lookup(keys)
+            x = x[:, self._columns[model.digest]]
+            if model.kind == "tree":
+                return self._tree(model, x, found, int((~found).sum()))
+            scores = model.score(x)
         unknown = int((~found).sum())
-        if model.kind == "tree":
-            return self._tree(model, x, found, unknown)
-        scores = model.score(x)
         if unknown:
             scores[~found] = self.unknown_score
             self.metrics.inc("unknown_ids_total", unknown)
@@ -103,3 +111,4 @@ class HostService:
         if len(request.request_id) < 16 or not self.masker.fresh(request.request_id):
             raise invalid(f"request id {request.request_id!r} is reused or shorter than 16 characters: "
                           "a masked part needs a fresh one")
+

@@ -16,7 +16,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -95,8 +95,9 @@ def load_model(folder: str | Path, me: str) -> LinearModel:
     if saved.get("party") != me:
         raise ConfigError(f"{path} is the model of party {saved.get('party')!r}, and this is {me!r}")
     if "feature_ids" in saved:
-        raise ConfigError(f"{path} is a sparse model (hashed feature ids): serving sparse models is not "
-                          "yet supported")
+        from fedps.serving.sparse import load_sparse_model
+
+        return load_sparse_model(saved, path, model_job(folder), me, text)   # type: ignore[return-value]
     features, weights = saved.get("features"), saved.get("weights")
     if not isinstance(features, list) or not isinstance(weights, list) or len(features) != len(weights):
         raise DataError(f"{path} must hold as many weights as features")
@@ -155,3 +156,14 @@ class Models:
             self.reloads += 1
         log.info("serving model %s (%s) of %s", model.version, model.digest, model.party)
         return model
+
+
+def store_mismatch(model: Any, store: Any) -> str:
+    """Why a model and a store do not fit: one is sparse, the other dense."""
+    where = getattr(store, "path", store)
+    if model.kind == "sparse":
+        return (f"model {model.version} is a sparse LR model (features keyed by id): its store must hold sparse "
+                f"rows, and {where} holds dense ones; build it from the party's LibSVM or tag:value file "
+                "(`fedps serve --build-store FILE --format libsvm|tag_value`, docs/operations.md, 'Online serving')")
+    return (f"model {model.version} has named features, and the store {where} holds sparse rows: build it from "
+            "the party's Parquet features")

@@ -64,6 +64,8 @@ class SqliteStore:
         self.rows = int(meta.get("rows", 0))
         #: Built with --missing-ok: values may be NaN (missing).
         self.missing = meta.get("missing") == "1"
+        #: Rows of (feature id, value) pairs, for a sparse LR model (lookup_sparse).
+        self.sparse = meta.get("sparse") == "1"
 
     def _connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -72,14 +74,32 @@ class SqliteStore:
             self._local.conn = conn
         return conn
 
-    def lookup(self, keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        width = len(self.feature_names)
-        unique = list(dict.fromkeys(keys))
-        conn, held = self._connection(), {}
+    def _blobs(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        conn = self._connection()
+        if len(keys) == 1:   # the common online case: one primary-key probe
+            row = conn.execute("SELECT x FROM rows WHERE key = ?", (keys[0],)).fetchone()
+            return [row[0] if row else None]
+        unique, held = list(dict.fromkeys(keys)), {}
         for start in range(0, len(unique), _CHUNK):
             chunk = unique[start:start + _CHUNK]
             held.update(conn.execute(f"SELECT key, x FROM rows WHERE key IN ({','.join('?' * len(chunk))})", chunk))
-        blobs = [held.get(key) for key in keys]
+        return [held.get(key) for key in keys]
+
+    def lookup_sparse(self, keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids, values, counts, found)``: every row's (feature id, value) pairs concatenated."""
+        from fedps.serving.sparse import decode_rows
+
+        if not self.sparse:
+            raise DataError(f"serving.store {self.path} holds dense rows, not sparse ones")
+        blobs = self._blobs(keys)
+        ids, values, counts = decode_rows(blobs)
+        return ids, values, counts, np.fromiter((b is not None for b in blobs), dtype=bool, count=len(keys))
+
+    def lookup(self, keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        if self.sparse:
+            raise DataError(f"serving.store {self.path} holds sparse rows (feature id, value), not dense ones")
+        width = len(self.feature_names)
+        blobs = self._blobs(keys)
         found = np.fromiter((blob is not None for blob in blobs), dtype=bool, count=len(keys))
         x = np.zeros((len(keys), width))
         if found.any():
@@ -95,7 +115,7 @@ class SqliteStore:
 
 def build_store(source: str | Path, target: str | Path, *, id_column: str, key_of: Callable[[str], bytes],
                 id_hash: str, label_column: str = "y", features: Sequence[str] = (),
-                missing_ok: bool = False) -> dict:
+                missing_ok: bool = False, fmt: str = "auto", labelled: bool = False) -> dict:
     """Write a SQLite store from a Parquet file or folder; returns its summary.
 
     Keys are the ``psi_hash`` column when the source is PSI output, else
@@ -103,14 +123,22 @@ def build_store(source: str | Path, target: str | Path, *, id_column: str, key_o
     numeric column but the id, the label and PSI's own columns. With
     ``missing_ok`` a null or NaN value is stored as NaN (a tree model sends it
     where its split sends missing values); a linear model refuses such a store.
+    A LibSVM or tag:value file (``fmt``, or a ``.libsvm``/``.svm`` name) makes a
+    store of sparse rows, for a sparse LR model (:mod:`fedps.serving.sparse`;
+    ``labelled``: its lines have a label after the id).
     """
+    from fedps.serving.sparse import sparse_kind
+
+    source, target = Path(source), Path(target)
+    if not source.exists():
+        raise DataError(f"{source} does not exist (the features to build the store from)")
+    kind = sparse_kind(source, fmt)
+    if kind is not None:
+        return _build_sparse(source, target, kind, id_column, key_of, id_hash, labelled)
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    source, target = Path(source), Path(target)
-    if not source.exists():
-        raise DataError(f"{source} does not exist (the Parquet features to build the store from)")
     dataset = ds.dataset(str(source), format="parquet")
     names = dataset.schema.names
     from_psi = "psi_hash" in names
@@ -123,16 +151,9 @@ def build_store(source: str | Path, target: str | Path, *, id_column: str, key_o
     missing = [n for n in chosen if n not in numeric]
     if missing or not chosen:
         raise DataError(f"{source}: no numeric feature column {', '.join(missing) or 'at all'} to store")
-    if target.exists():
-        raise ConfigError(f"{target} already exists; remove it or choose another --build-store path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    partial.unlink(missing_ok=True)
+    partial, conn = _create(target)
     started, rows = time.perf_counter(), 0
-    conn = sqlite3.connect(str(partial))
     try:
-        conn.executescript("CREATE TABLE meta(name TEXT PRIMARY KEY, value TEXT);"
-                           "CREATE TABLE rows(key BLOB PRIMARY KEY, x BLOB NOT NULL) WITHOUT ROWID;")
         key_column = "psi_hash" if from_psi else id_column
         for batch in dataset.to_batches(columns=[key_column, *chosen]):
             x = np.column_stack([pc.cast(batch.column(i + 1), pa.float64()).to_numpy(zero_copy_only=False)
@@ -154,7 +175,7 @@ def build_store(source: str | Path, target: str | Path, *, id_column: str, key_o
             except sqlite3.IntegrityError:
                 raise DataError(f"{source}: an id occurs twice (near row {rows}); ids must be unique") from None
             rows += len(keys)
-        meta = {"version": STORE_VERSION, "features": json.dumps(chosen), "rows": rows,
+        meta = {"version": STORE_VERSION, "sparse": 0, "features": json.dumps(chosen), "rows": rows,
                 "id_hash": "psi_hash" if from_psi else id_hash, "source": str(source),
                 "missing": int(missing_ok)}
         conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in meta.items()])
@@ -163,9 +184,44 @@ def build_store(source: str | Path, target: str | Path, *, id_column: str, key_o
         conn.close()
         partial.unlink(missing_ok=True)
         raise
-    conn.close()
-    partial.chmod(0o600)
-    partial.rename(target)
+    _finish(conn, partial, target)
     log.info("built %s: %d rows, %d features in %.1fs", target, rows, len(chosen), time.perf_counter() - started)
     return {"store": str(target), "rows": rows, "features": chosen, "keys": meta["id_hash"],
             "missing_ok": missing_ok}
+
+
+def _create(target: Path) -> tuple[Path, sqlite3.Connection]:
+    if target.exists():
+        raise ConfigError(f"{target} already exists; remove it or choose another --build-store path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    conn = sqlite3.connect(str(partial))
+    conn.executescript("CREATE TABLE meta(name TEXT PRIMARY KEY, value TEXT);"
+                       "CREATE TABLE rows(key BLOB PRIMARY KEY, x BLOB NOT NULL) WITHOUT ROWID;")
+    return partial, conn
+
+
+def _finish(conn: sqlite3.Connection, partial: Path, target: Path) -> None:
+    conn.close()
+    partial.chmod(0o600)
+    partial.rename(target)
+
+
+def _build_sparse(source: Path, target: Path, kind: str, id_column: str, key_of: Callable[[str], bytes],
+                  id_hash: str, labelled: bool) -> dict:
+    from fedps.serving.sparse import sparse_meta, sparse_rows, write_sparse_rows
+
+    partial, conn = _create(target)
+    try:
+        rows = write_sparse_rows(conn, sparse_rows(source, kind, id_column, labelled), key_of, source)
+        meta = {"version": STORE_VERSION, **sparse_meta(rows, id_hash, source)}
+        conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in meta.items()])
+        conn.commit()
+    except BaseException:
+        conn.close()
+        partial.unlink(missing_ok=True)
+        raise
+    _finish(conn, partial, target)
+    log.info("built %s: %d sparse rows (%s)", target, rows, kind)
+    return {"store": str(target), "rows": rows, "features": [], "keys": id_hash, "sparse": True}
