@@ -18,7 +18,7 @@ from fedps.errors import ConfigError
 _CHOICES = {
     "format": ("auto", "csv", "parquet", "libsvm", "tag_value"),
     "id_type": ("auto", "string", "integer"),
-    "protocol": ("ecdh", "rsa"),
+    "protocol": ("ecdh", "rsa", "ot"),
     "on_null": ("refuse", "drop"),
     "on_duplicate": ("refuse", "drop"),
     "result": ("both", "guest", "host"),
