@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .PHONY: install test demo bench dist clean
+.PHONY: ot-env
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,10 @@ bench: $(STAMP)
 # `make dist DIST_ARGS=--no-env` skips the packed virtualenv (minutes, ~1 GB download).
 dist: $(STAMP)
 	$(PY) scripts/dist.py $(DIST_ARGS)
+
+# The optional OT PSI library (job.params.protocol = "ot") in its own venv, .venv-ot (~1 GB; docs/operations.md, "OT PSI").
+ot-env:
+	scripts/ot_env.sh .venv-ot
 
 clean:
 	rm -rf out .pytest_cache .hypothesis
