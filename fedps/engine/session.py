@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from fedps.engine.config import RayConfig, SparkConfig
-from fedps.errors import ConfigError
+from fedps.errors import ConfigError, FedpsError
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -155,10 +155,36 @@ def start_ray(config: RayConfig | None = None) -> str:
             options["num_cpus"] = config.num_cpus
         _share_with_executors(None)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(**options)
+    _init_ray(ray, options, local=not config.address)
     address = ray.get_runtime_context().gcs_address
     log.info("ray connected at %s", address)
     return address
+
+
+#: A local Ray whose raylet does not register within Ray's fixed 30 s (an overloaded machine) is started again.
+LOCAL_RAY_ATTEMPTS = 3
+
+
+def _init_ray(ray, options: dict, local: bool) -> None:
+    """``ray.init``, with a local start retried on Ray's start-up timeout; any failure is a FedpsError."""
+    attempts = LOCAL_RAY_ATTEMPTS if local else 1
+    for attempt in range(1, attempts + 1):
+        started = _ray_processes() if local else []
+        try:
+            ray.init(**options)
+            return
+        except Exception as exc:   # Ray raises bare Exceptions (node start-up) and ConnectionErrors
+            ray.shutdown()
+            if local:
+                _reap([p for p in _ray_processes() if p not in started], 10.0)
+            busy = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+            if local and "timed out during startup" in str(exc) and attempt < attempts:
+                log.warning("the local Ray did not start in time (%s); starting it again (%d of %d)",
+                            busy, attempt + 1, attempts)
+                continue
+            where = "a local Ray" if local else f"Ray at {options.get('address')!r}"
+            raise FedpsError(f"could not start {where}: {str(exc).strip().splitlines()[0]} ({busy}; "
+                             f"{'tried ' + str(attempt) + ' times' if local else 'check [ray] address'})") from None
 
 
 def stop_ray(timeout_s: float = 10.0) -> None:
