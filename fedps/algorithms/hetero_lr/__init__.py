@@ -130,8 +130,8 @@ def run(context) -> None:
     records = JobRecords(context.output_dir / "checkpoint", context.config.job.id)
     records.check_owner()   # before any work: an output folder belongs to one job
     if psi_params is not None:
-        aligned = context.output_dir / str(psi_params.get("output", "psi"))
-        resuming = records.exists() and (aligned / "manifest.json").exists()
+        aligned = _psi_output(context, psi_params)
+        resuming = records.exists() and aligned.exists("manifest.json")
         # A resumed party trains on the PSI result it already has: its peers are past the PSI.
         params = dataclasses.replace(params, train=str(aligned if resuming else _run_psi(context, psi_params)))
     me = context.me
@@ -233,7 +233,15 @@ def _check_privacy(params: LRParams, job: VerticalJob, features: int) -> None:
                           "row's d to it, so set job.params.d_noise (for example 0.01) to blur it")
 
 
-def _run_psi(context, psi_params: dict) -> Path:
+def _psi_output(context, psi_params: dict) -> Any:
+    """Where the inline PSI writes its result: PSI's own rule (relative to output_dir, or absolute, or a URI)."""
+    from fedps.algorithms.psi.storage import Folder, is_uri
+
+    output = str(psi_params.get("output", "psi"))
+    return Folder.at(output if is_uri(output) or Path(output).is_absolute() else context.output_dir / output)
+
+
+def _run_psi(context, psi_params: dict) -> str:
     """Align the rows with PSI first (``job.params.psi`` holds its settings); returns its output."""
     from fedps.algorithms import psi
 
@@ -248,7 +256,7 @@ def _run_psi(context, psi_params: dict) -> Path:
         context.metrics["psi_seconds"] = round(time.perf_counter() - started, 3)
     finally:
         context.config = original
-    return context.output_dir / psi_params.get("output", "psi")
+    return str(_psi_output(context, psi_params))
 
 
 def _progress(me: str):
