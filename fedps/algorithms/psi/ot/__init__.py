@@ -79,13 +79,14 @@ def check_installed() -> Path:
         where = f"{PYTHON_ENV}={python}" if python else "no .venv-ot here and FEDPS_OT_PYTHON unset"
         raise ConfigError(f"job.params.protocol = \"ot\" needs SecretFlow's PSI library, which is not "
                           f"installed ({where}); {INSTALL_HINT}")
-    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('spu.libpsi') is None)"
+    probe = ("import importlib.util, os, sys; s = importlib.util.find_spec('spu'); "   # spu not imported
+             "sys.exit(not (s and os.path.exists(os.path.join(s.submodule_search_locations[0], 'libpsi.so'))))")
     try:
-        found = subprocess.run([str(python), "-c", probe], capture_output=True, timeout=60).returncode == 0
+        found = subprocess.run([str(python), "-I", "-c", probe], capture_output=True, timeout=60).returncode == 0
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ConfigError(f"job.params.protocol = \"ot\": {python} does not run ({exc}); {INSTALL_HINT}") from None
     if not found:
-        raise ConfigError(f"job.params.protocol = \"ot\": {python} has no spu.libpsi; {INSTALL_HINT}")
+        raise ConfigError(f"job.params.protocol = \"ot\": {python} has no spu (spu/libpsi.so); {INSTALL_HINT}")
     return python
 
 
@@ -130,7 +131,7 @@ def serve(role: str, peer_role: str, result: str, wait_s: float) -> Callable[[An
                    "token": token, "session": f"fedps-{io.scope.job}-{p}", "protocol": PROTOCOL,
                    "receiver_rank": receiver, "broadcast": result == "both",
                    "input": str(local / "ids.csv"), "output": str(local / "out.csv"),
-                   "recv_timeout_ms": int(wait_s * 1000)}
+                   "recv_timeout_ms": int(wait_s * 1000), "parent": os.getpid()}
             with relay:
                 job["transport"] = relay.address
                 counts = _run_library(python, job, local, relay, io, wait_s)          # 4
@@ -152,7 +153,8 @@ def _run_library(python: Path, job: dict, local: Path, relay: Any, io: Any, wait
     (local / "job.json").write_text(json.dumps(job))
     errors = (local / "library.log").open("wb")
     env = {**os.environ, "TMPDIR": str(local)}   # the library's scratch files and traces go with the bucket
-    process = subprocess.Popen([str(python), str(WORKER), str(local / "job.json")], cwd=local,
+    # -I: the OT venv's python ignores PYTHONPATH (a Spark worker's points at fedps's numpy 2)
+    process = subprocess.Popen([str(python), "-I", str(WORKER), str(local / "job.json")], cwd=local,
                                stdout=errors, stderr=errors, env=env)
     deadline = time.monotonic() + wait_s
     try:

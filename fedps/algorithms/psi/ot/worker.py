@@ -7,7 +7,8 @@ intersection goes, and the local relay (``transport``) that carries the
 library's messages to the peer over fedps's sealed link: the library's link
 is ``link_type = "blackbox"`` over HTTP, so it never opens a socket to the
 peer. Exit status 0 and ``<output>.json`` (the library's counts) when done;
-any failure is one line on stderr and status 2.
+any failure is one line on stderr and status 2; status 3 when the fedps
+process that started it is gone (a cancelled or killed task).
 """
 
 from __future__ import annotations
@@ -89,12 +90,26 @@ def run(job: dict) -> dict:
             "seconds": round(seconds, 3)}
 
 
+def watch_parent(parent: int) -> None:
+    """Exit when the fedps process that started this one is gone (a cancelled or killed task)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: worker.py <job.json>", file=sys.stderr)
         return 2
     with open(argv[1], encoding="utf-8") as handle:
         job = json.load(handle)
+    if job.get("parent"):
+        watch_parent(int(job["parent"]))
     try:
         result = run(job)
     except Exception as exc:  # noqa: BLE001 - reported as one line to the fedps side
