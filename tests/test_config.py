@@ -41,6 +41,14 @@ def test_loads_resolves_paths_and_applies_overrides(conf, tmp_path):
     assert options["security_protocol"] == "SASL_SSL" and options["sasl_mechanism"] == "SCRAM-SHA-512"
 
 
+def test_a_serving_section_is_left_to_fedps_serve_and_other_unknown_sections_are_refused(conf):
+    conf.write_text(BASE + '[serving]\nlisten = "127.0.0.1:7000"\n')
+    assert config.load(conf).job.id == "j1"   # `fedps run` and `fedps serve` read one party file
+    conf.write_text(BASE + '[servng]\nlisten = "127.0.0.1:7000"\n')
+    with pytest.raises(ConfigError, match="unknown key servng"):
+        config.load(conf)
+
+
 @pytest.mark.parametrize(
     "override, words",
     [

@@ -151,9 +151,14 @@ def load(path: str | Path, overrides: list[str] | None = None) -> FedpsConfig:
     return from_mapping(data, source=str(path), base=path.parent)
 
 
+#: Sections of the party's file that another command reads and validates (``fedps run`` leaves them alone).
+OTHER_COMMANDS = {"serving": "fedps serve"}
+
+
 def from_mapping(data: Mapping[str, Any], source: str = "<memory>", base: Path | None = None) -> FedpsConfig:
-    """Build a FedpsConfig from already-parsed TOML data."""
-    config = _build(FedpsConfig, dict(data), "", source, base or Path.cwd())
+    """Build a FedpsConfig from already-parsed TOML data (the sections of ``OTHER_COMMANDS`` aside)."""
+    data = {key: value for key, value in data.items() if key not in OTHER_COMMANDS}
+    config = _build(FedpsConfig, data, "", source, base or Path.cwd())
     return dataclasses.replace(config, source=source)
 
 
