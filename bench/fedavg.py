@@ -1,6 +1,6 @@
 """FedAvg: secure against plain aggregation, where one executor beats data-parallel, and quality.
 
-    .venv/bin/python bench/fedavg.py rounds [--parties 10] [--params 1000000] [--rounds 3]
+    .venv/bin/python bench/fedavg.py rounds [--parties 10] [--params 1000000] [--rounds 4] [--where]
     .venv/bin/python bench/fedavg.py switch [--copies 1 8 32]
     .venv/bin/python bench/fedavg.py quality
 
@@ -9,8 +9,13 @@ every message on sealed channels through one embedded broker; each party's
 "training" adds a random update to the model (so the figure is the
 aggregation protocol, not SGD). One plain job and one secure job in the same
 run; the median round time of each, their ratio, and the coordinator's peak
-traced memory (tracemalloc: every numpy buffer and Kafka record it allocates)
-against the model's size.
+memory against the model's size, two ways: tracemalloc's peak (every Python
+and numpy allocation of the coordinator process during the job) and the peak
+resident set size above the one when the job starts (sampled every 5 ms).
+``--where`` instead snapshots tracemalloc at each new peak and lists the
+largest allocation sites (the snapshots themselves inflate the figures).
+The same bench runs against the code before the one-topic broadcast (it
+passes ``broadcast`` only where the roles take one), for before/after runs.
 
 ``switch``: a party's local round (score + E epochs of LR) on local[2] Spark,
 single-executor against data-parallel, on default_credit's horizontal guest
@@ -25,6 +30,7 @@ model trained centrally on all rows.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import multiprocessing as mp
 import statistics
@@ -54,7 +60,11 @@ class MemoryStore:
         return self.round, self.theta
 
     def apply(self, round_: int, step: np.ndarray) -> np.ndarray:
-        self.theta = step.copy() if self.theta is None else self.theta + step
+        """In place, as a PS shard adds a step (the coordinator's PS is in its own processes in a job)."""
+        if self.theta is None:
+            self.theta = step.copy()
+        else:
+            self.theta += step
         self.round = round_
         return self.theta
 
@@ -81,9 +91,84 @@ def _channel_config(folder: Path, me: str, peers: list[str], servers: str):
                          state_dir=str(folder / "state" / me), recv_timeout_s=600)
 
 
+def _takes_broadcast(role: type) -> bool:
+    return "broadcast" in inspect.signature(role).parameters
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * 4096
+
+
+class _Peaks:
+    """Samples the resident set size every 5 ms (and, with ``where``, snapshots tracemalloc at new peaks)."""
+
+    def __init__(self, where: bool) -> None:
+        import tracemalloc
+
+        self.tracemalloc, self.where = tracemalloc, where
+        self.base = _rss()
+        self.peak = self.base
+        self.snapshot = None
+        self._best = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "_Peaks":
+        self.tracemalloc.start(8 if self.where else 1)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.traced_peak = self.tracemalloc.get_traced_memory()[1]
+        self.tracemalloc.stop()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+            if self.where:
+                current = self.tracemalloc.get_traced_memory()[0]
+                if current > self._best * 1.05:
+                    self._best = current
+                    self.snapshot = self.tracemalloc.take_snapshot()
+
+    def sites(self, count: int = 12) -> list[str]:
+        if self.snapshot is None:
+            return []
+        stats = self.snapshot.statistics("traceback")[:count]
+        return [f"{s.size / 2**20:.1f} MiB in {s.count} blocks: " + " <- ".join(
+            f"{Path(f.filename).name}:{f.lineno}" for f in list(s.traceback)[:4]) for s in stats]
+
+
+def _warm() -> None:
+    """A tiny secure job over the in-process transport, so the measured job imports nothing new."""
+    import pandas  # noqa: F401 - pyarrow's conversions import it on first use
+    import scipy.stats  # noqa: F401
+
+    from fedps.messaging import codec
+    from fedps.messaging.transport import in_process_mesh
+
+    codec.decode(codec.encode(np.zeros(3)))
+    mesh = in_process_mesh("w", ["coord", "a", "b"])
+    params = FedAvgParams(rounds=1, min_parties=2, deadline_s=30.0)
+    extra = {}
+    if _takes_broadcast(Coordinator):
+        from fedps.messaging.broadcast import InProcessBroadcast
+
+        extra["broadcast"] = InProcessBroadcast("w", "coord")
+    threads = [threading.Thread(target=Party("w", n, mesh[n]["coord"], params, RandomUpdates(i), **extra).run)
+               for i, n in enumerate(("a", "b"))]
+    for t in threads:
+        t.start()
+    Coordinator("w", mesh["coord"], params, MemoryStore(), initial=lambda f: np.zeros(10), **extra).run()
+    for t in threads:
+        t.join()
+
+
 def _coordinator_process(folder: str, servers: str, job: str, names: list[str], params: dict, size: int,
-                         out: mp.Queue) -> None:
-    import tracemalloc
+                         where: bool, out: mp.Queue) -> None:
     from contextlib import ExitStack
 
     from fedps.messaging.channel import Channel
@@ -91,21 +176,35 @@ def _coordinator_process(folder: str, servers: str, job: str, names: list[str], 
     config = _channel_config(Path(folder), "coord", names, servers)
     with ExitStack() as stack:
         channels = {n: stack.enter_context(Channel(job, "coord", n, config).open()) for n in names}
+        extra = {}
+        if _takes_broadcast(Coordinator):
+            from fedps.messaging.broadcast import BroadcastSender
+
+            extra["broadcast"] = stack.enter_context(BroadcastSender.beside(channels[names[0]]).open())
         coordinator = Coordinator(job, channels, FedAvgParams(**params), MemoryStore(),
-                                  initial=lambda features: np.zeros(size))
-        tracemalloc.start()
-        coordinator.run()
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    out.put({"round_s": [r.seconds for r in coordinator.results], "peak_bytes": peak})
+                                  initial=lambda features: np.zeros(size), **extra)
+        _warm()
+        with _Peaks(where) as peaks:
+            coordinator.run()
+    out.put({"round_s": [r.seconds for r in coordinator.results], "peak_bytes": peaks.traced_peak,
+             "rss_peak_bytes": peaks.peak - peaks.base, "rss_base_bytes": peaks.base, "sites": peaks.sites()})
 
 
 def _parties_process(folder: str, servers: str, job: str, names: list[str], params: dict) -> None:
+    from contextlib import ExitStack
+
     from fedps.messaging.channel import Channel
 
     def play(i: int, name: str) -> None:
-        with Channel(job, name, "coord", _channel_config(Path(folder), name, ["coord"], servers)).open() as link:
-            Party(job, name, link, FedAvgParams(**params), RandomUpdates(i)).run()
+        with ExitStack() as stack:
+            link = stack.enter_context(
+                Channel(job, name, "coord", _channel_config(Path(folder), name, ["coord"], servers)).open())
+            extra = {}
+            if _takes_broadcast(Party):
+                from fedps.messaging.broadcast import BroadcastReceiver
+
+                extra["broadcast"] = stack.enter_context(BroadcastReceiver.beside(link).open())
+            Party(job, name, link, FedAvgParams(**params), RandomUpdates(i), **extra).run()
 
     threads = [threading.Thread(target=play, args=(i, n)) for i, n in enumerate(names)]
     for t in threads:
@@ -131,7 +230,7 @@ def bench_rounds(args: argparse.Namespace) -> dict:
             params = dict(rounds=args.rounds, secure=secure, min_parties=args.parties // 2 + 1, deadline_s=300.0)
             out = ctx.Queue()
             coordinator = ctx.Process(target=_coordinator_process,
-                                      args=(tmp, broker.bootstrap_servers, job, names, params, size, out))
+                                      args=(tmp, broker.bootstrap_servers, job, names, params, size, args.where, out))
             parties = ctx.Process(target=_parties_process, args=(tmp, broker.bootstrap_servers, job, names, params))
             coordinator.start()
             parties.start()
@@ -143,11 +242,18 @@ def bench_rounds(args: argparse.Namespace) -> dict:
     # the first round of a job also creates the topics' readers and warms the clients: left out
     plain = statistics.median(results["plain"]["round_s"][1:] or results["plain"]["round_s"])
     secure = statistics.median(results["secure"]["round_s"][1:] or results["secure"]["round_s"])
-    return {"parties": args.parties, "parameters": args.params, "rounds": args.rounds,
+    masking_s, unmasking_s = _masking_costs(args.parties, args.params)
+    with open("/proc/loadavg") as handle:
+        load = handle.read().split()[:3]
+    return {"parties": args.parties, "parameters": args.params, "rounds": args.rounds, "load_average": load,
             "plain_round_s": round(plain, 2), "secure_round_s": round(secure, 2),
             "overhead": round(secure / plain, 2),
             "coordinator_peak_mb": {k: round(v["peak_bytes"] / 2**20, 1) for k, v in results.items()},
             "peak_over_model": {k: round(v["peak_bytes"] / model_bytes, 2) for k, v in results.items()},
+            "coordinator_rss_growth_mb": {k: round(v["rss_peak_bytes"] / 2**20, 1) for k, v in results.items()},
+            "rss_growth_over_model": {k: round(v["rss_peak_bytes"] / model_bytes, 2) for k, v in results.items()},
+            "coordinator_rss_at_start_mb": {k: round(v["rss_base_bytes"] / 2**20, 1) for k, v in results.items()},
+            "peak_sites": {k: v["sites"] for k, v in results.items() if v["sites"]},
             "all_round_s": {k: [round(s, 2) for s in v["round_s"]] for k, v in results.items()},
             "one_party_masking_s": round(masking_s, 3), "coordinator_unmasking_s": round(unmasking_s, 3)}
 
@@ -239,8 +345,12 @@ def _federated(datasets: list[FrameData], params: FedAvgParams) -> np.ndarray:
     names = [f"party{i}" for i in range(len(datasets))]
     mesh = in_process_mesh("q", ["coord", *names])
     spec = datasets[0].spec
-    coordinator = Coordinator("q", mesh["coord"], params, MemoryStore(), initial=lambda f: spec.initial(params.seed))
-    threads = [threading.Thread(target=Party("q", n, mesh[n]["coord"], params, d).run, daemon=True)
+    from fedps.messaging.broadcast import InProcessBroadcast
+
+    hub = InProcessBroadcast("q", "coord")
+    coordinator = Coordinator("q", mesh["coord"], params, MemoryStore(), initial=lambda f: spec.initial(params.seed),
+                              broadcast=hub)
+    threads = [threading.Thread(target=Party("q", n, mesh[n]["coord"], params, d, broadcast=hub).run, daemon=True)
                for n, d in zip(names, datasets)]
     for t in threads:
         t.start()
@@ -293,6 +403,7 @@ def main() -> int:
     rounds.add_argument("--parties", type=int, default=10)
     rounds.add_argument("--params", type=int, default=1_000_000)
     rounds.add_argument("--rounds", type=int, default=4)
+    rounds.add_argument("--where", action="store_true", help="list the largest allocation sites at the peak")
     switch = sub.add_parser("switch")
     switch.add_argument("--copies", type=int, nargs="+", default=[1, 8, 32])
     switch.add_argument("--repeats", type=int, default=2)

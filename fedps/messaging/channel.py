@@ -65,15 +65,42 @@ def topic_name(prefix: str, job: str, sender: str, receiver: str) -> str:
     return f"{prefix}.{job}.{sender}.{receiver}"
 
 
+#: Largest message body reassembled into one buffer sized from its first chunk; larger ones grow.
+_PREALLOCATE_BYTES = 256 << 20
+
+
 @dataclass
 class _Assembly:
-    """Chunks of one message being put back together."""
+    """Chunks of one message being put back together, copied once into one growing buffer.
+
+    Every chunk but the last has the size of the first, so the first sizes the
+    buffer; the value is decoded from the buffer itself (no join of the parts).
+    """
 
     tag: str
     first_offset: int
     last_id_before: tuple[int, int, int]
     chunks: int
-    parts: list[bytes] = field(default_factory=list)
+    received: int = 0
+    filled: int = 0
+    body: bytearray = field(default_factory=bytearray)
+
+    def add(self, plaintext: bytes) -> None:
+        if self.received == 0 and self.chunks > 1 and len(plaintext) * self.chunks <= _PREALLOCATE_BYTES:
+            self.body = bytearray(len(plaintext) * self.chunks)
+        end = self.filled + len(plaintext)
+        if end <= len(self.body):
+            self.body[self.filled:end] = plaintext
+        else:
+            del self.body[self.filled:]
+            self.body += plaintext
+        self.filled = end
+        self.received += 1
+
+    def value(self) -> bytearray:
+        del self.body[self.filled:]   # the last chunk is shorter: at most one chunk's room given back
+        body, self.body = self.body, bytearray()
+        return body
 
 
 @dataclass
@@ -156,7 +183,10 @@ class Channel:
             auto_offset_reset="earliest",
             fetch_max_wait_ms=self.config.kafka.fetch_max_wait_ms,
             fetch_min_bytes=1,
-            max_partition_fetch_bytes=max(8 << 20, 4 * self.config.chunk_bytes),
+            # One fetch brings at most about two chunks (a larger record still comes whole), so an
+            # idle channel's prefetched response holds little: ten channels, not ten 8 MiB buffers.
+            max_partition_fetch_bytes=2 * self.config.chunk_bytes + 64 * 1024,
+            fetch_max_bytes=2 * self.config.chunk_bytes + 64 * 1024,
         )
         self._consumer.assign([self._partition])
         saved = self._file.load()
@@ -272,9 +302,10 @@ class Channel:
         finally:
             self._aborts.discard(key)
 
-    def _check_aborts(self) -> None:
+    def _check_aborts(self, before: int | None = None) -> None:
+        """Raise the peer's stop or abort, if one is buffered (only one sent before offset ``before``)."""
         for key in self._aborts:
-            if self._ready.get(key):
+            if self._ready.get(key) and (before is None or self._ready[key][0].first_offset < before):
                 value = self._ready[key][0].value
                 stopped = control.stopped_error(self.peer, value)
                 if stopped is not None:
@@ -287,7 +318,10 @@ class Channel:
     def recv(self, tag: Tag, timeout: float | None = None) -> Any:
         """Return the value sent under ``tag``; PeerError if none comes within ``timeout`` s.
 
-        The error of a timeout says how many records were refused meanwhile, and why.
+        A value the peer sent before its ``stopped`` (or an abort watched with
+        :meth:`stop_on`) is still returned; only a receive that would otherwise
+        wait, or whose value came after the stop, fails at once with it. The
+        error of a timeout says how many records were refused meanwhile, and why.
         """
         self._require_open()
         key = tag.encode()
@@ -319,7 +353,9 @@ class Channel:
                 if got:
                     active = time.monotonic()
             if key not in self._aborts:
-                self._check_aborts()
+                # The peer's values sent before its stop (or abort) are still handed over; one it
+                # sent after that, or a receive that would have to wait, fails with the stop.
+                self._check_aborts(before=self._ready[key][0].first_offset)
             ready = self._ready[key].popleft()
             self._handed.append(ready)
             self._delivered.add(ready.message_id)
@@ -587,15 +623,16 @@ class Channel:
                 return
             assembly = _Assembly(frame.tag, offset, before, frame.chunks)
             self._assembly[frame.message_id] = assembly
-        if frame.chunk != len(assembly.parts) or frame.chunks != assembly.chunks or frame.tag != assembly.tag:
+        if frame.chunk != assembly.received or frame.chunks != assembly.chunks or frame.tag != assembly.tag:
             del self._assembly[frame.message_id]
             raise Refused("chunk-order", f"message {frame.message_id} from {self.peer!r} has chunks out of order")
-        assembly.parts.append(plaintext)
-        if len(assembly.parts) == assembly.chunks:
+        assembly.add(plaintext)
+        del plaintext
+        if assembly.received == assembly.chunks:
             del self._assembly[frame.message_id]
             try:
                 tag = Tag.decode(assembly.tag)
-                value = codec.decode(b"".join(assembly.parts))
+                value = codec.decode(assembly.value())
             except (ProtocolError, DataError) as exc:
                 raise Refused("undecodable", f"message {frame.message_id} from {self.peer!r}: {exc}") from None
             if self._drop is not None and self._drop(tag):

@@ -49,7 +49,7 @@ class Blob:
 def encode(value: Any) -> bytes:
     """Serialise a value for the wire; raises DataError for anything unsupported."""
     if isinstance(value, np.ndarray):
-        return _ARRAY + _encode_array(value)
+        return b"".join((_ARRAY, memoryview(_array_stream(value))))   # one copy of the Arrow stream
     if isinstance(value, Blob):
         kind = value.kind.encode()
         return b"".join((_BLOB, struct.pack(">H", len(kind)), kind, bytes(value.data)))
@@ -63,6 +63,13 @@ def encode(value: Any) -> bytes:
             "send bulk data as a numpy array or a Blob"
         )
     return _JSON + text
+
+
+def encode_parts(value: Any) -> list[memoryview]:
+    """:func:`encode` as buffers whose concatenation it is; an array's Arrow stream is not copied again."""
+    if isinstance(value, np.ndarray):
+        return [memoryview(_ARRAY), memoryview(_array_stream(value))]
+    return [memoryview(encode(value))]
 
 
 def decode(data: bytes) -> Any:
@@ -83,7 +90,7 @@ def decode(data: bytes) -> Any:
     raise ProtocolError(f"unknown value type byte {kind!r}")
 
 
-def _encode_array(array: np.ndarray) -> bytes:
+def _array_stream(array: np.ndarray) -> pa.Buffer:
     if array.dtype.kind not in _NUMERIC_KINDS:
         raise DataError(
             f"arrays of dtype {array.dtype} cannot be sent; use a numeric or bool dtype"
@@ -97,7 +104,7 @@ def _encode_array(array: np.ndarray) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, schema) as writer:
         writer.write_batch(batch)
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()
 
 
 def _decode_array(body: memoryview) -> np.ndarray:

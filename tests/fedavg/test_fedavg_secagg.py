@@ -14,6 +14,7 @@ from fedps.algorithms.fedavg import secagg, shamir
 from fedps.algorithms.fedavg.params import FedAvgParams
 from fedps.algorithms.fedavg.protocol import Coordinator, Party
 from fedps.errors import CryptoError, PeerError, ProtocolError
+from fedps.messaging.broadcast import InProcessBroadcast
 from fedps.messaging.transport import in_process_mesh
 
 SIZE = 40
@@ -61,9 +62,10 @@ class MemoryStore:
 def run_job(names, params, data, coordinator_params=None):
     mesh = in_process_mesh("job1", ["coord", *names])
     store = MemoryStore()
+    broadcast = InProcessBroadcast("job1", "coord")
     coordinator = Coordinator("job1", mesh["coord"], coordinator_params or params, store,
-                              initial=lambda features: np.zeros(SIZE))
-    parties = {n: Party("job1", n, mesh[n]["coord"], params, data[n]) for n in names}
+                              initial=lambda features: np.zeros(SIZE), broadcast=broadcast)
+    parties = {n: Party("job1", n, mesh[n]["coord"], params, data[n], broadcast=broadcast) for n in names}
     errors: dict[str, BaseException] = {}
 
     def play(name, role):
@@ -80,6 +82,7 @@ def run_job(names, params, data, coordinator_params=None):
         party.release.set()
     for t in threads:
         t.join(30)
+    coordinator.broadcast_records = broadcast.records
     return coordinator, store, parties, errors
 
 
@@ -103,6 +106,8 @@ def test_secure_sum_equals_plain_sum_to_the_stated_precision():
         assert np.max(np.abs(store.models[r + 1] - expected)) <= bound
     assert [r.participants for r in coordinator.results] == [NAMES, NAMES]
     assert all(np.array_equal(p.final_model, store.models[2]) for p in parties.values())
+    # one broadcast record per model (2 rounds and the final one), read by all five parties
+    assert len(coordinator.broadcast_records) == 3
     # sample-weighted validation metrics of theta_0 over the five parties
     assert coordinator.results[0].evaluation["rows"] == 50
 

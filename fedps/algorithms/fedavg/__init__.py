@@ -116,8 +116,11 @@ def _coordinate(context: Any, params: FedAvgParams) -> None:
         rounds.append(report.round_record(result))
         report.write_rounds(context.output_dir, rounds)
 
+    from fedps.messaging.broadcast import BroadcastSender
+
+    broadcast = BroadcastSender.beside(next(iter(context.channels.values()))).open()
     coordinator = Coordinator(job, context.channels, params, store, journal=journal, on_round=on_round,
-                              initial=initial)
+                              initial=initial, broadcast=broadcast)
     try:
         theta = coordinator.run()
         features = journal.features or []
@@ -126,6 +129,7 @@ def _coordinate(context: Any, params: FedAvgParams) -> None:
         context.metrics.update(rounds=rounds, final_validation=report.clean(coordinator.final_evaluation),
                                parameters=int(theta.size), secure=params.secure)
     finally:
+        broadcast.close()
         for server in servers:
             server.stop()
 
@@ -147,10 +151,13 @@ def _participate(context: Any, params: FedAvgParams) -> None:
     if first:
         log.info("fedavg %s: restarted; skipping round %d, waiting for round %d", context.me, first - 1, first)
         context.channels[coordinator].drop(lambda tag: tag.phase == "fedavg" and 0 <= tag.iteration < first)
-    party = Party(context.config.job.id, context.me, context.channels[coordinator], params, data,
-                  first_round=first, parties=state.parties,
-                  on_round_done=lambda started: state.save(started, party.parties))
-    theta = party.run()
+    from fedps.messaging.broadcast import BroadcastReceiver
+
+    with BroadcastReceiver.beside(context.channels[coordinator]) as broadcast:
+        party = Party(context.config.job.id, context.me, context.channels[coordinator], params, data,
+                      first_round=first, parties=state.parties,
+                      on_round_done=lambda started: state.save(started, party.parties), broadcast=broadcast)
+        theta = party.run()
     report.write_model(context.output_dir, params, list(data.features), theta)
     context.metrics.update(final_validation=report.clean(party.final_evaluation), dropped_rounds=party.dropped_rounds,
                            training_rows=data.train_rows, local_training=data.mode)

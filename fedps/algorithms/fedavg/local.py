@@ -5,6 +5,12 @@ partitions; a row is a validation row when ``row_key mod 1000`` falls below
 ``1000 * validation_fraction`` (``row_key`` is a keyed hash of the id, so the
 split is fixed and random). Each round runs two Spark jobs over the
 partitions: one scores the validation rows with the global model, one trains.
+A task never returns a validation row's score or label: it adds its rows to a
+:class:`~fedps.engine.vertical.scores.ScoreSummary` (2^16-bin histograms of
+the score per label, exact sums for accuracy and log loss), and the driver
+merges the tasks' summaries (DESIGN.md, "Executor runtime"). The AUC is
+therefore binned: it differs from the exact one only through ties inside a
+bin of width 2^-16 in probability.
 
 Training runs in one of two ways (``params.executor_mode``):
 
@@ -25,9 +31,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from fedps.algorithms.fedavg.model import ModelSpec, auc, log_loss, train
+from fedps.algorithms.fedavg.model import ModelSpec, train
 from fedps.algorithms.fedavg.params import FedAvgParams
 from fedps.engine.layout import Layout, read_partition
+from fedps.engine.vertical.scores import ScoreSummary
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +56,22 @@ def _rows(layout: Layout, partitions: Iterator[int], fraction: float, validation
 
 
 def _round_task(layout: Layout, spec: ModelSpec, theta: np.ndarray, params: FedAvgParams, seed: int | None,
-                index: int, partitions: Iterator[int]) -> Iterator[tuple[np.ndarray, np.ndarray, int, np.ndarray]]:
-    """Score the validation rows with the round's global model, then train E epochs from it."""
+                index: int, partitions: Iterator[int]) -> Iterator[tuple[ScoreSummary, int, np.ndarray]]:
+    """Summarise the validation rows' scores under the round's global model, then train E epochs from it."""
     partitions = list(partitions)
     vx, vy = _rows(layout, partitions, params.validation_fraction, validation=True)
-    scores = spec.scores(theta, vx) if len(vy) else np.zeros(0)
+    summary = ScoreSummary()
+    if len(vy):
+        summary.add(vy, spec.log_odds(theta, vx))
+    del vx, vy
     x, y = _rows(layout, partitions, params.validation_fraction, validation=False)
     if not len(y) or seed is None:   # no training rows, or the final evaluation
-        yield scores, vy, 0, theta
+        yield summary, 0, theta
         return
     trained = train(spec, theta, x, y, epochs=params.local_epochs, batch_size=params.batch_size,
                     learning_rate=params.learning_rate, l2=params.l2, mu=params.fedprox_mu,
                     seed=seed * 7919 + index)
-    yield scores, vy, len(y), trained
+    yield summary, len(y), trained
 
 
 class SparkData:
@@ -91,16 +101,18 @@ class SparkData:
         return rdd.mapPartitionsWithIndex(function).collect()
 
     def evaluate(self, theta: np.ndarray, round_: int | None = None) -> dict[str, float]:
-        """Scores of the validation rows; the same Spark job trains from ``theta`` for round ``round_``."""
+        """Metrics of the validation rows, merged from the tasks' summaries; the same Spark job trains
+        from ``theta`` for round ``round_``."""
         tasks = 1 if self.mode == "single" else self.tasks
         self._seed = self._round_seed(round_) if round_ is not None else None
         layout, spec, params, seed = self.layout, self.spec, self.params, self._seed
         results = self._run(tasks, lambda i, it: _round_task(layout, spec, theta, params, seed, i, it))
-        scores = np.concatenate([r[0] for r in results])
-        labels = np.concatenate([r[1] for r in results])
-        rows = sum(r[2] for r in results)
-        self._trained = (theta, rows, sum(r[2] * r[3] for r in results) / rows if rows else theta)
-        return evaluate_scores(scores, labels)
+        summary = ScoreSummary()
+        for part, _, _ in results:
+            summary.merge(part)
+        rows = sum(r[1] for r in results)
+        self._trained = (theta, rows, sum(r[1] * r[2] for r in results) / rows if rows else theta)
+        return summary_metrics(summary)
 
     def train(self, theta: np.ndarray, round_: int) -> tuple[int, np.ndarray]:
         """E local epochs from ``theta`` (run by the round's :meth:`evaluate`, which the protocol calls first)."""
@@ -114,7 +126,36 @@ class SparkData:
         return self.params.seed * 100_003 + round_
 
 
-def evaluate_scores(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    return {"rows": int(len(labels)), "auc": auc(scores, labels), "loss": log_loss(scores, labels),
-            "accuracy": float(np.mean((scores >= 0.5) == (labels == 1))) if len(labels) else float("nan")}
+#: Probabilities are clipped to [_EPS, 1 - _EPS] before the logit, so 0 and 1 stay finite.
+_EPS = 1e-15
+
+
+def probability_log_odds(p: np.ndarray) -> np.ndarray:
+    """``log(p / (1 - p))`` of clipped probabilities: finite for every p in [0, 1]."""
+    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def summary_metrics(summary: ScoreSummary) -> dict[str, float]:
+    """What a party reports of its validation rows: rows, binned AUC and KS, log loss, accuracy.
+
+    AUC and KS are NaN when one class is missing; everything is NaN without rows.
+    """
+    rows = summary.rows
+    if rows == 0:
+        return {"rows": 0, "auc": float("nan"), "ks": float("nan"), "loss": float("nan"),
+                "accuracy": float("nan")}
+    metrics = summary.metrics()
+    both = summary.positives.sum() > 0 and summary.negatives.sum() > 0
+    return {"rows": int(rows), "auc": metrics["auc"] if both else float("nan"),
+            "ks": metrics["ks"] if both else float("nan"), "loss": float(metrics["log_loss"]),
+            "accuracy": float(metrics["accuracy"])}
+
+
+def evaluate_scores(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """:func:`summary_metrics` of rows held in memory (probabilities of label 1)."""
+    summary = ScoreSummary()
+    if len(labels):
+        summary.add(np.asarray(labels), probability_log_odds(probabilities))
+    return summary_metrics(summary)
 

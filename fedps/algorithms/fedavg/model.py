@@ -39,12 +39,16 @@ class ModelSpec:
         return (theta[: d * h].reshape(d, h), theta[d * h: d * h + h], theta[d * h + h: d * h + 2 * h],
                 theta[d * h + 2 * h])
 
+    def log_odds(self, theta: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Log-odds of label 1 (what :class:`fedps.engine.vertical.scores.ScoreSummary` takes)."""
+        if self.kind == "lr":
+            return x @ theta[:-1] + theta[-1]
+        w1, b1, w2, b2 = self._unpack(theta)
+        return np.tanh(x @ w1 + b1) @ w2 + b2
+
     def scores(self, theta: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Probabilities of label 1."""
-        if self.kind == "lr":
-            return _sigmoid(x @ theta[:-1] + theta[-1])
-        w1, b1, w2, b2 = self._unpack(theta)
-        return _sigmoid(np.tanh(x @ w1 + b1) @ w2 + b2)
+        return _sigmoid(self.log_odds(theta, x))
 
     def gradient(self, theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Gradient of the mean log loss over the rows ``x``, ``y``."""

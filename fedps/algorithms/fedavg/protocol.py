@@ -5,7 +5,10 @@ coordinator (parties never talk to each other directly: what one party sends
 another is sealed for it and only forwarded). Round ``r`` (docs/protocols.md,
 "FedAvg"):
 
-1. coordinator -> all: ``start``, ``model`` (the global model theta_r).
+1. coordinator -> all: the global model theta_r, written once to its broadcast
+   topic (:mod:`fedps.messaging.broadcast`), and ``start`` on each pair channel
+   with the broadcast's ticket (its key and digest), so each party checks that
+   the model it reads is the coordinator's of this round.
 2. party -> coordinator: ``advertise``: its evaluation of theta_r on its own
    validation rows and two fresh X25519 public keys (shares, masks). U1 = those in
    by the deadline.
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 JOIN = Message("join", "party", "coordinator", dict)
 SETUP = Message("setup", "coordinator", "party", dict)
 START = Message("start", "coordinator", "party", dict)
+#: The global model: on the broadcast topic, announced by the ticket in ``start["model"]``.
 MODEL = Message("model", "coordinator", "party", np.ndarray)
 ADVERTISE = Message("advertise", "party", "coordinator", dict)
 KEYS = Message("keys", "coordinator", "party", dict)
@@ -67,6 +71,14 @@ class Link(Protocol):
     def flush(self) -> None: ...
 
 
+class Broadcast(Protocol):
+    """The coordinator's broadcast topic (fedps.messaging.broadcast): written once, read by every party."""
+
+    def publish(self, tag: Any, value: Any) -> dict: ...
+
+    def fetch(self, tag: Any, ticket: Any, timeout: float | None = None) -> Any: ...
+
+
 class LocalData(Protocol):
     """A party's side of training: its feature names, evaluation and E local epochs."""
 
@@ -82,7 +94,7 @@ def weighted_metrics(evals: dict[str, dict[str, float]]) -> dict[str, float]:
     """Sample-weighted averages of the parties' validation metrics (NaN ones left out)."""
     out: dict[str, float] = {"rows": float(sum(e.get("rows", 0) for e in evals.values())),
                              "parties": float(len(evals))}
-    for name in ("auc", "loss", "accuracy"):
+    for name in ("auc", "ks", "loss", "accuracy"):
         pairs = [(e["rows"], e[name]) for e in evals.values()
                  if isinstance(e.get(name), (int, float)) and np.isfinite(e[name]) and e.get("rows", 0) > 0]
         weight = sum(w for w, _ in pairs)
@@ -132,8 +144,10 @@ class Coordinator:
 
     def __init__(self, job: str, channels: dict[str, Link], params: FedAvgParams, store: ModelStore,
                  journal: Any = None, on_round: Callable[[RoundResult], None] | None = None,
-                 initial: Callable[[tuple[str, ...]], np.ndarray] | None = None) -> None:
+                 initial: Callable[[tuple[str, ...]], np.ndarray] | None = None, *,
+                 broadcast: Broadcast) -> None:
         self.job, self.channels, self.params, self.store = job, channels, params, store
+        self.broadcast = broadcast
         self.parties = sorted(channels)
         self.scope = Scope(job, "fedavg")
         self.journal = journal if journal is not None else MemoryJournal()
@@ -156,7 +170,12 @@ class Coordinator:
             theta = self._setup()
             first = 0
         for r in range(first, self.params.rounds):
-            theta = self._round(r, theta)
+            started = time.perf_counter()
+            self.journal.begin(r, self.channels)
+            self._broadcast(self.scope.at(iteration=r), {"status": "go", "round": r}, theta)
+            size = theta.size
+            del theta   # the store keeps the model; the coordinator holds the sum and one update at a time
+            theta = self._round(r, size, started)
         self._finish(theta)
         return theta
 
@@ -180,18 +199,16 @@ class Coordinator:
                 "secure": self.params.secure, "frac_bits": self.params.frac_bits})
         return theta
 
-    def _round(self, r: int, theta: np.ndarray) -> np.ndarray:
-        started = time.perf_counter()
+    def _round(self, r: int, size: int, started: float) -> np.ndarray:
+        """Steps 2-6 of round ``r`` (step 1, the model's broadcast, is done): returns theta_{r+1}."""
         scope = self.scope.at(iteration=r)
-        self.journal.begin(r, self.channels)
-        self._broadcast(scope, {"status": "go", "round": r}, theta)
         adverts = self._gather(ADVERTISE, scope, self.parties, "advertise")
         self.evaluations[r] = {p: a.get("evaluation", {}) for p, a in adverts.items()}
         active = self._require(scope, sorted(adverts), r, "advertise")
         if self.params.secure:
-            total, active, dropped = self._secure_sum(scope, r, adverts, active, theta.size + 1)
+            total, active, dropped = self._secure_sum(scope, r, adverts, active, size + 1)
         else:
-            total, active = self._plain_sum(scope, active, theta.size + 1)
+            total, active = self._plain_sum(scope, active, size + 1)
             dropped = sorted(set(self.parties) - set(active))
         samples = float(total[-1])
         if samples <= 0:
@@ -201,7 +218,6 @@ class Coordinator:
         step /= samples
         if self.params.server_learning_rate != 1.0:
             step *= self.params.server_learning_rate
-        del theta
         theta = self.store.apply(r + 1, step)
         del step
         result = RoundResult(r, active, dropped, int(round(samples)), time.perf_counter() - started,
@@ -281,10 +297,10 @@ class Coordinator:
 
     # ------------------------------------------------------------------ helpers
     def _broadcast(self, scope: Scope, start: dict, theta: np.ndarray) -> None:
-        """``start`` and the model to every party, one at a time (so one sealed copy is in flight)."""
+        """The model once on the broadcast topic, then ``start`` with its ticket to every party."""
+        ticket = self.broadcast.publish(scope.tag(MODEL.name), theta)
         for party in self.parties:
-            self.channels[party].send(scope.tag(START.name), start)
-            self.channels[party].send(scope.tag(MODEL.name), theta)
+            self.channels[party].send(scope.tag(START.name), {**start, "model": ticket})
             self.channels[party].flush()
 
     def _gather(self, message: Message, scope: Scope, parties: list[str], step: str,
@@ -373,8 +389,9 @@ class Party:
 
     def __init__(self, job: str, me: str, link: Link, params: FedAvgParams, data: LocalData,
                  first_round: int = 0, parties: list[str] | None = None,
-                 on_round_done: Callable[[int], None] | None = None) -> None:
+                 on_round_done: Callable[[int], None] | None = None, *, broadcast: Broadcast) -> None:
         self.job, self.me, self.link, self.params, self.data = job, me, link, params, data
+        self.broadcast = broadcast
         self.scope = Scope(job, "fedavg")
         self.round = first_round
         self.parties = list(parties or [])
@@ -393,7 +410,8 @@ class Party:
         while True:
             scope = self.scope.at(iteration=self.round)
             start = _abort_if(self._recv(START, scope), f"round {self.round}")
-            theta = self._recv(MODEL, scope)
+            theta = MODEL.check(self.broadcast.fetch(scope.tag(MODEL.name), start.get("model"),
+                                                     timeout=self.params.party_wait))
             if start.get("status") == "done":
                 self.final_evaluation = self.data.evaluate(theta)
                 self.link.send(scope.tag(FINAL.name), self.final_evaluation)

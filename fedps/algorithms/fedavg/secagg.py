@@ -78,7 +78,10 @@ def quantise(values: np.ndarray, frac_bits: int, bound: float) -> np.ndarray:
 
 
 def dequantise(values: np.ndarray, frac_bits: int) -> np.ndarray:
-    return values.view(np.int64).astype(np.float64) / float(1 << frac_bits)
+    """Inverse of :func:`quantise` (one new float64 array, divided in place)."""
+    out = values.view(np.int64).astype(np.float64)
+    out /= float(1 << frac_bits)
+    return out
 
 
 def public_bytes(key: X25519PrivateKey) -> bytes:
