@@ -7,7 +7,8 @@ host's features in its SQLite store of ``--rows`` rows, 20 features; the guest
 sends 10 features of its own with each request). Beside them an echo process
 answers the same serialized ScoreRequest with itself over plain gRPC (the
 floor: one loopback RPC with that payload, no work). Latency: ``--requests``
-sequential requests of 1 row, serve and echo alternating in blocks of 100, with a
+sequential requests of 1 row per path, the paths taking turns in blocks of
+``--block`` (10) in rotating order, so that each sees the same load; a
 relay beside them (a server that forwards each request to the echo: the floor of
 any application -> guest -> host design in Python gRPC).
 Throughput: 100-row requests for ``--seconds`` with ``--window`` in flight. For the
@@ -173,6 +174,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--block", type=int, default=10, help="latency requests per path in a row")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     import grpc
@@ -202,11 +204,14 @@ def main() -> None:
                         for i, k in enumerate(rng.integers(len(ids), size=64))]
             for call, request in ((serve, one[0]), (plain, one[0]), (relayed, one[0]), (part, part_one[0])):
                 latencies(call, request, 200)   # warm up: connections, TLS to the host, caches
-            lat = {"serve": [], "echo": [], "relay": [], "host_part": []}
-            for block in range(args.requests // 100):
-                for name, call, requests in (("serve", serve, one), ("echo", plain, one), ("relay", relayed, one),
-                                             ("host_part", part, part_one)):
-                    lat[name] += latencies(call, requests[block % len(requests)], 100)
+            lat: dict[str, list[float]] = {"serve": [], "echo": [], "relay": [], "host_part": []}
+            paths = [("serve", serve, one), ("echo", plain, one), ("relay", relayed, one),
+                     ("host_part", part, part_one)]
+            load_start = os.getloadavg()[0]
+            for block in range(args.requests // args.block):   # small blocks, rotating order: the same load for all
+                turn = block % len(paths)
+                for name, call, requests in paths[turn:] + paths[:turn]:
+                    lat[name] += latencies(call, requests[block % len(requests)], args.block)
             rates, cpu = {}, {}
             watched = {"serve": {"guest": procs[0].pid, "host": procs[1].pid, "client": os.getpid()},
                        "echo": {"echo": echo.pid, "client": os.getpid()}}
@@ -230,7 +235,8 @@ def main() -> None:
         "hundred_rows": {name: {"requests_per_s": round(r, 1), "rows_per_s": round(100 * r),
                                 "cpu_ms_per_request": cpu[name]} for name, (r, _) in rates.items()},
         "requests": args.requests, "seconds": args.seconds, "window": args.window, "store_rows": args.rows,
-        "load_average": os.getloadavg()[0], "cores": os.cpu_count(),
+        "block": args.block, "load_average_start": load_start, "load_average": os.getloadavg()[0],
+        "cores": os.cpu_count(),
     }
     print(json.dumps(result, indent=2))
     if args.json:

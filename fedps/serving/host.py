@@ -29,7 +29,7 @@ class HostService:
         self.me, self.guest, self.models, self.store, self.tls = me, guest, models, store, tls
         self.masker = masker
         self.metrics, self.unknown_score, self.max_rows = metrics, unknown_score, max_rows
-        self._columns: dict[str, np.ndarray] = {}
+        self._columns: dict[str, np.ndarray | None] = {}
 
     def check(self, model: LinearModel) -> None:
         """A model is served only if the store has every feature it needs."""
@@ -44,8 +44,10 @@ class HostService:
             raise ConfigError(f"the store {getattr(self.store, 'path', self.store)} may hold missing values "
                               f"(built with --missing-ok), which linear model {model.version} cannot score: "
                               "rebuild it without --missing-ok")
-        self._columns[model.digest] = model.columns(self.store.feature_names,
-                                                    f"the store {getattr(self.store, 'path', self.store)}")
+        columns = model.columns(self.store.feature_names, f"the store {getattr(self.store, 'path', self.store)}")
+        # None: the store's columns are the model's, in order (no per-request copy)
+        self._columns[model.digest] = None if np.array_equal(columns, np.arange(len(self.store.feature_names))) \
+            else columns
 
     def handlers(self) -> Any:
         return generic("fedps.serving.v1.Host", {"Part": handler(PART, self.part, self.metrics)})
@@ -76,11 +78,13 @@ class HostService:
             scores = model.score_sparse(ids, values, counts)
         else:
             x, found = self.store.lookup(keys)
-            x = x[:, self._columns[model.digest]]
+            columns = self._columns[model.digest]
+            if columns is not None:
+                x = x[:, columns]
             if model.kind == "tree":
-                return self._tree(model, x, found, int((~found).sum()))
+                return self._tree(model, x, found, len(keys) - int(np.count_nonzero(found)))
             scores = model.score(x)
-        unknown = int((~found).sum())
+        unknown = len(keys) - int(np.count_nonzero(found))
         if unknown:
             scores[~found] = self.unknown_score
             self.metrics.inc("unknown_ids_total", unknown)

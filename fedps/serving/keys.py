@@ -55,6 +55,8 @@ def split_keys(blob: bytes, what: str = "keys") -> list[bytes]:
     """Concatenated 32-byte row keys as a list; DataError if the length is not a multiple of 32."""
     if len(blob) % KEY_BYTES:
         raise DataError(f"{what} must be 32-byte row keys concatenated, got {len(blob)} bytes")
+    if len(blob) == KEY_BYTES:
+        return [blob]
     return [blob[i:i + KEY_BYTES] for i in range(0, len(blob), KEY_BYTES)]
 
 

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 STORE_VERSION = 1
 _CHUNK = 900  # keys per query, under SQLite's variable limit on old builds
 _SKIP = ("psi_hash", "psi_index")
+_FOUND, _NOT_FOUND = np.ones(1, dtype=bool), np.zeros(1, dtype=bool)
+_FOUND.flags.writeable = _NOT_FOUND.flags.writeable = False
 
 
 class FeatureStore(Protocol):
@@ -99,6 +101,11 @@ class SqliteStore:
         if self.sparse:
             raise DataError(f"serving.store {self.path} holds sparse rows (feature id, value), not dense ones")
         width = len(self.feature_names)
+        if len(keys) == 1:   # the online case, without the batch path's array work
+            row = self._connection().execute("SELECT x FROM rows WHERE key = ?", (keys[0],)).fetchone()
+            if row is None:
+                return np.zeros((1, width)), _NOT_FOUND
+            return np.frombuffer(row[0], dtype="<f8").reshape(1, width).copy(), _FOUND
         blobs = self._blobs(keys)
         found = np.fromiter((blob is not None for blob in blobs), dtype=bool, count=len(keys))
         x = np.zeros((len(keys), width))
