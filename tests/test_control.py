@@ -50,6 +50,22 @@ def test_peer_that_stops_is_named_with_its_reason_at_once(make_parties, job_id):
         channel.close()
 
 
+def test_values_sent_before_a_stop_are_still_received_then_the_stop_fails_at_once(make_parties, job_id):
+    channels, errors = open_pair(job_id, make_parties("a", "b", recv_timeout_s=60.0))
+    assert not errors
+    scope = Scope(job_id, "fedavg").at(iteration=0)
+    channels["a"].send(scope.tag("masked"), {"update": [1, 2, 3]})
+    assert send_stopped(channels["a"], "PeerError", "it finished its part of the job")
+    time.sleep(1.0)   # both are on the broker, so b's first fetch brings the value and the stop together
+    assert channels["b"].recv(scope.tag("masked")) == {"update": [1, 2, 3]}
+    started = time.monotonic()
+    with pytest.raises(PeerStopped, match="a stopped: PeerError: it finished its part of the job"):
+        channels["b"].recv(scope.tag("unmask"))
+    assert time.monotonic() - started < 30   # not the 60 s receive timeout
+    for channel in channels.values():
+        channel.close()
+
+
 def test_party_started_alone_says_whom_it_waits_for_and_until_when(make_parties, job_id, caplog):
     configs = make_parties("a", "b", handshake_timeout_s=4.0)
     caplog.set_level(logging.INFO, logger="fedps")
