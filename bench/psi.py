@@ -2,6 +2,13 @@
 
     .venv/bin/python bench/psi.py --ecdh 1000000 --rsa 100000
     .venv/bin/python bench/psi.py --small 2 --ecdh 0 --rsa 0
+    .venv/bin/python bench/psi.py --incremental 100000 --ecdh 0 --rsa 0
+
+``--incremental n``: incremental ECDH (``job.params.key_file``): a first run
+with ``n`` ids a party starts an epoch; then each party adds 1% new ids
+(half of them shared) and the same set is aligned from scratch (no key
+file) and incrementally (the epoch's key and cached sets), side by side in
+the same minutes; prints the ratio of the walls and the points blinded.
 
 ``--small k``: the demo's PSI (the breast data, 569 ids a side) as two
 ``fedps run`` processes, against an empty run of the same job
@@ -73,7 +80,8 @@ def run_pair(spark, folder: Path, servers: str, paths: dict[str, Path], job: str
                 recv_timeout_s=3600.0)
             out = folder / job / name
             config = config_module.from_mapping({
-                "job": {"id": job, "algorithm": "psi", "params": {"input": str(paths[name]), **params}},
+                "job": {"id": job, "algorithm": "psi",
+                        "params": {"input": str(paths[name]), **params.get(name, params)}},
                 "party": {"name": name, "role": name, "output_dir": str(out)}})
             with Channel(job, name, peer, channel_config).open() as channel:
                 context = PartyContext(config, {peer: channel}, out, _spark=spark)
@@ -136,6 +144,47 @@ def crypto_floor_s(protocol: str, n: int, rate: dict[str, float], cores: int = 2
     return work / cores
 
 
+def incremental_runs(spark, folder: Path, servers: str, n: int, buckets: int, local_below: int) -> dict:
+    """A first run that starts an epoch; then, with 1% new ids a party, from scratch against incremental."""
+    folder = folder / "incremental"
+    folder.mkdir()
+    paths = make_ids(folder, n, 0.5, seed=n + 1)
+    added = max(1, n // 100)
+    rng = np.random.default_rng(n + 2)
+    new = np.unique(rng.integers(10**12, 10**13, size=3 * added))[: 2 * added - added // 2]
+    shared, only = new[: added // 2], {"guest": new[added // 2:added], "host": new[added:]}
+    later = {}
+    for name, path in paths.items():
+        frame = pd.read_parquet(path)
+        more = np.concatenate([shared, only[name]])
+        frame = pd.concat([frame, pd.DataFrame({"id": more, "x0": np.zeros(len(more))})], ignore_index=True)
+        later[name] = folder / f"{name}_later.parquet"
+        frame.to_parquet(later[name])
+    base = {"protocol": "ecdh", "buckets": buckets, "local_below": local_below, "tasks": 1}
+    keys = {name: {"key_file": str(folder / "keys" / f"{name}.json")} for name in paths}
+
+    def pair(job: str, inputs: dict[str, Path], keep: bool) -> dict:
+        per_party = {name: {**base, **(keys[name] if keep else {})} for name in inputs}
+        return run_pair(spark, folder, servers, inputs, job, per_party)
+
+    first = pair(f"bench-incr-first-{n}", paths, True)
+    scratch = pair(f"bench-incr-scratch-{n}", later, False)
+    again = pair(f"bench-incr-again-{n}", later, True)
+    if scratch["guest"]["psi_intersection"] != again["guest"]["psi_intersection"]:
+        raise SystemExit("incremental: the incremental run found another intersection than from scratch")
+    return {"incremental_ids_per_party": n, "added_per_party": added,
+            "first_wall_s": round(first["wall_s"], 1), "scratch_wall_s": round(scratch["wall_s"], 1),
+            "incremental_wall_s": round(again["wall_s"], 1),
+            "ratio_incremental_to_scratch": round(again["wall_s"] / scratch["wall_s"], 3),
+            "intersection": again["guest"]["psi_intersection"],
+            "blinded_scratch_guest": scratch["guest"]["psi_blinded"],
+            "blinded_incremental_guest": again["guest"]["psi_blinded"],
+            "key": again["guest"]["psi_key"],
+            "incremental_guest_timings": again["guest"]["psi_timings"],
+            "scratch_guest_timings": scratch["guest"]["psi_timings"],
+            "load_average": os.getloadavg()}
+
+
 def small_runs(rounds: int) -> dict:
     """Wall of the demo's PSI and of an empty run of the same job, two processes each, alternated."""
     import subprocess
@@ -186,6 +235,8 @@ def main() -> int:
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--buckets", type=int, default=8)
     parser.add_argument("--small", type=int, default=0, help="rounds of the small-run ratio (0: skip)")
+    parser.add_argument("--incremental", type=int, default=0,
+                        help="ids per party of the incremental ECDH run, 1%% added (0: skip)")
     parser.add_argument("--local-below", type=int, default=0,
                         help="job.params.local_below for the large runs (0: executors always)")
     args = parser.parse_args()
@@ -195,6 +246,11 @@ def main() -> int:
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     if args.small:
         print(json.dumps(small_runs(args.small)), flush=True)
+    if args.incremental:
+        spark = start_spark(SparkConfig(master="local[2]", conf={"spark.sql.shuffle.partitions": "8"}))
+        with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
+            print(json.dumps(incremental_runs(spark, Path(tmp), broker.bootstrap_servers, args.incremental,
+                                              args.buckets, args.local_below)), flush=True)
     if not (args.ecdh or args.rsa):
         return 0
     rows = []

@@ -76,7 +76,8 @@ def psi_pair(spark, make_parties, job_id, tmp_path, monkeypatch):
     _tap_links(monkeypatch, link_logs)
 
     def run(guest_ids: list[Any], host_ids: list[Any], fmt: str = "csv",
-            inputs: dict[str, Path] | None = None, **params: Any) -> dict[str, Outcome]:
+            inputs: dict[str, Path] | None = None, party_params: dict[str, dict] | None = None,
+            **params: Any) -> dict[str, Outcome]:
         runs.append(len(runs))
         job = f"{job_id}r{len(runs)}"
         base = tmp_path / job
@@ -92,7 +93,7 @@ def psi_pair(spark, make_parties, job_id, tmp_path, monkeypatch):
             config = config_module.from_mapping({
                 "job": {"id": job, "algorithm": "psi",
                         "params": {"input": str(paths[name]), "batch_size": 100, "buckets": 4,
-                                   "rsa_bits": 1024, **params}},
+                                   "rsa_bits": 1024, **params, **(party_params or {}).get(name, {})}},
                 "party": {"name": name, "role": name, "output_dir": str(out)},
             })
             channel = Channel(job, name, peer, channels[name]).open()

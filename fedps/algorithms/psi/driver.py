@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from fedps.algorithms.psi import buckets, ids, output, params as params_module
+from fedps.algorithms.psi import buckets, ids, incremental, output, params as params_module
 from fedps.algorithms.psi.storage import Folder, is_uri
 from fedps.algorithms.psi.stream import IDS
 from fedps.algorithms.psi.tasks import BucketPlan, serve_watched
@@ -51,6 +51,8 @@ class PsiRun:
     peer_role: str
     wait_s: float
     timings: dict[str, float] = field(default_factory=dict)
+    #: Incremental PSI: this party's persistent key for the peer (``incremental.agree``), or None.
+    persistent: dict[str, Any] | None = None
 
     def step(self, name: str, started: float) -> None:
         self.timings[name] = round(time.perf_counter() - started, 3)
@@ -102,15 +104,17 @@ def run_psi(context: Any, params: params_module.PsiParams, channel: Any, scope: 
             return
         table = _load_and_compare(context.spark, params, channel, scope, peer)        # 2
         keys = buckets.agree_keys(channel, scope, context.me, peer)                   # 3
+        keys, persistent = incremental.agree(channel, scope, params, context.me, peer, keys)
     else:
         peer_role = str(saved["peer_role"])
+        persistent = None   # the resume state holds the protocol's secret (and its cache)
         table = ids.load_ids(context.spark, params)
         keys = buckets.PsiKeys(bytes.fromhex(saved["keys"]["bucket"]), bytes.fromhex(saved["keys"]["order"]))
         log.info("psi: %s resumes job %s from %s", context.me, job, work)
     timings["read_s"] = round(time.perf_counter() - started, 3)
     local = table.report["ids"] < params.local_below
     run = PsiRun(channel, scope.sub(params.protocol), params, context.role, peer, peer_role,
-                 float(params.wait_s), timings)
+                 float(params.wait_s), timings, persistent=persistent)
     protocol = protocol_module(params.protocol)
     rows = table.frame.toArrow() if local else None
     if saved is None:
@@ -118,7 +122,7 @@ def run_psi(context: Any, params: params_module.PsiParams, channel: Any, scope: 
         if local:
             _stage_local(rows, keys.bucket, params.buckets, work.child(IDS))
         else:
-            _stage_spark(table.frame, keys.bucket, params.buckets, work.child(IDS))
+            _stage_spark(table.distinct_ids(), keys.bucket, params.buckets, work.child(IDS))
         run.step("0_stage_ids", tick)
         state = {"version": STATE_VERSION, "job": job, "peer_role": peer_role,
                  "keys": {"bucket": keys.bucket.hex(), "order": keys.order.hex()},
@@ -145,7 +149,8 @@ def run_psi(context: Any, params: params_module.PsiParams, channel: Any, scope: 
             manifest = output.write_output_local(rows, found, keys.order, out, extra)
         else:
             matched = context.spark.read.schema("id string, bucket int").parquet(work.child("matched").spark_path)
-            manifest = output.write_output(context.spark, table.frame, matched.select("id"), keys.order, out, extra)
+            manifest = output.write_output(context.spark, table.frame, matched.select("id"), keys.order, out, extra,
+                                           repeated=table.repeated)
     timings["output_s"] = round(time.perf_counter() - tick, 3)
     if not params.keep_work:
         work.remove()
@@ -160,10 +165,15 @@ def run_psi(context: Any, params: params_module.PsiParams, channel: Any, scope: 
         "psi_mode": "driver" if local else "executors",
         "psi_learned": manifest is not None,
         "psi_intersection": manifest["count"] if manifest else None,
+        "psi_rows_written": manifest["row_count"] if manifest else None,
         "psi_digest": manifest["digest"] if manifest else None,
         "psi_input": table.report,
         "psi_peer_ids": totals.get("peer_ids", 0),
         "psi_buckets_reused": totals.pop("reused", 0),
+        # points this party blinded: its own ids, the peer's (an incremental run: only those new)
+        "psi_blinded": {"own": totals.get("blinded_own", 0), "peer": totals.get("blinded_peer", 0)},
+        # incremental PSI: "off", "new epoch" (fresh keys, kept for the next run) or "reused"
+        "psi_key": "off" if not persistent else ("reused" if persistent.get("reused") else "new epoch"),
         "psi_resumed": saved is not None,
         "psi_messages": totals,
         "psi_driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -203,7 +213,7 @@ def _plan(channel: Any, run: PsiRun, work: Folder, params: params_module.PsiPara
 def _stage_local(rows: pa.Table, bucket_key: bytes, count: int, folder: Folder) -> None:
     """The ids of a small run, bucketed and in a private order, written from this process."""
     private = os.urandom(32)
-    column = rows.column(ids.ID).to_pylist()
+    column = list(dict.fromkeys(rows.column(ids.ID).to_pylist()))   # each id once (on_duplicate = "keep")
     groups: dict[int, list[str]] = {}
     for value in column:
         groups.setdefault(buckets.bucket_of(bucket_key, value, count), []).append(value)

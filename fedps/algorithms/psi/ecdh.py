@@ -21,6 +21,11 @@ for a small run), over the bucket's partition of the PSI link:
 5. if the peer learns the result: send those back in the order received (stream ``ecdh_double``)
 6. if I learn the result: receive my ``H(x)^(ab)``, in my order
 7. my ids whose ``H(x)^(ab)`` is among the ``H(y)^(ab)`` (kept in ``matched``)
+
+Incremental PSI (:mod:`fedps.algorithms.psi.incremental`): with a persistent
+secret, steps 1 and 4 take the points of ids and of peer points seen in an
+earlier run of the epoch from its cache and compute only the others; the
+metric counts (``blinded_own``, ``blinded_peer``) say how many were computed.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 from nacl._sodium import ffi as _ffi, lib as _lib
 
+from fedps.algorithms.psi.storage import Folder
 from fedps.algorithms.psi.stream import BucketIO, Stream, from_matrix, is_in, to_matrix, with_seq
 from fedps.errors import CryptoError, ProtocolError
 
@@ -118,15 +124,27 @@ def blind_all(secret: bytes, points: Iterable[bytes], count: int) -> np.ndarray:
     return np.frombuffer(_ffi.buffer(out), dtype=np.uint8).reshape(count, POINT_BYTES).copy()
 
 
-def serve(secret: bytes, i_learn: bool, peer_learns: bool) -> Callable[[BucketIO], None]:
-    """The steps of one bucket, for :mod:`fedps.algorithms.psi.tasks`."""
+def serve(secret: bytes, i_learn: bool, peer_learns: bool,
+          cache: Folder | None = None) -> Callable[[BucketIO], None]:
+    """The steps of one bucket, for :mod:`fedps.algorithms.psi.tasks`.
+
+    ``cache`` (incremental PSI, :mod:`fedps.algorithms.psi.incremental`): the
+    folder of the sets blinded in earlier runs under the same ``secret``;
+    only ids and peer points not found there are blinded, and it is updated
+    with this run's sets (ids removed since are dropped).
+    """
     def run(io: BucketIO) -> None:
-        mine = io.kept("mine", lambda: _hash_and_blind(secret, io.ids()))      # 1
+        own = _cached(cache, "own", io.bucket)
+        mine = io.kept("mine", lambda: _hash_and_blind(secret, io.ids(), io.stats, own))  # 1
         io.send(SINGLE, mine.column("value"))                                   # 2
-        peer_single = to_matrix(io.recv(SINGLE), POINT_BYTES)                   # 3
+        peer_single = io.recv(SINGLE)                                           # 3
         io.stats["peer_ids"] = len(peer_single)
-        peer_double = from_matrix(blind_all(secret, peer_single.view(f"V{POINT_BYTES}").ravel().tolist(),
-                                            len(peer_single)))                # 4
+        peer_double = _raise(secret, peer_single, io.stats, _cached(cache, "peer", io.bucket))  # 4
+        if cache is not None:
+            cache.child("own", f"bucket={io.bucket}").write_table(
+                "part-0.parquet", mine.select(["id", "value"]))
+            cache.child("peer", f"bucket={io.bucket}").write_table(
+                "part-0.parquet", pa.table({"id": peer_single, "value": peer_double}))
         if peer_learns:
             io.send(DOUBLE, peer_double)                                        # 5
         if not i_learn:
@@ -140,17 +158,71 @@ def serve(secret: bytes, i_learn: bool, peer_learns: bool) -> Callable[[BucketIO
     return run
 
 
-def _hash_and_blind(secret: bytes, ids: pa.Table) -> pa.Table:
-    column = ids.column("id")
-    matrix = blind_all(secret, (encode_to_curve(i.encode()) for i in column.to_pylist()), len(column))
+def _cached(cache: Folder | None, name: str, bucket: int) -> pa.Table | None:
+    """``(id, value)`` kept by an earlier run: my ids and their points, or the peer's points and
+    their doubles."""
+    return None if cache is None else cache.child(name, f"bucket={bucket}").read_table(["id", "value"])
+
+
+def _reuse(keys: pa.Array, cached: pa.Table | None, width: int,
+           compute: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, int]:
+    """The value of each key: from ``cached`` where found, else ``compute(indices)``; and how many computed."""
+    out = np.empty((len(keys), width), dtype=np.uint8)
+    if cached is None or not cached.num_rows or not len(keys):
+        missing = np.arange(len(keys))
+    else:
+        import pyarrow.compute as pc
+
+        known = cached.column("id").combine_chunks()
+        at = pc.index_in(keys, value_set=known)
+        found = at.is_valid().to_numpy(zero_copy_only=False)
+        missing = np.flatnonzero(~found)
+        if found.any():
+            values = cached.column("value").combine_chunks().take(at.filter(at.is_valid()))
+            out[np.flatnonzero(found)] = to_matrix(values, width)
+    if len(missing):
+        out[missing] = compute(missing)
+    return out, len(missing)
+
+
+def _hash_and_blind(secret: bytes, ids: pa.Table, stats: dict[str, int], own: pa.Table | None = None) -> pa.Table:
+    column = ids.column("id").combine_chunks() if ids.num_rows else pa.array([], pa.string())
+    texts = column.to_pylist() if own is None or not own.num_rows else None
+
+    def compute(where: np.ndarray) -> np.ndarray:
+        values = texts if texts is not None and len(where) == len(column) else column.take(pa.array(where)).to_pylist()
+        return blind_all(secret, (encode_to_curve(i.encode()) for i in values), len(values))
+
+    matrix, blinded = _reuse(column, own, POINT_BYTES, compute)
+    stats["blinded_own"] = blinded
     return with_seq({"id": column, "value": from_matrix(matrix)})
 
 
+def _raise(secret: bytes, peer_single: pa.Array, stats: dict[str, int], seen: pa.Table | None) -> pa.Array:
+    """Step 4: the peer's points raised to my secret (those seen in an earlier run: kept)."""
+    singles = to_matrix(peer_single, POINT_BYTES)
+
+    def compute(where: np.ndarray) -> np.ndarray:
+        chosen = singles[where]
+        return blind_all(secret, chosen.view(f"V{POINT_BYTES}").ravel().tolist(), len(chosen))
+
+    keys = peer_single.combine_chunks() if isinstance(peer_single, pa.ChunkedArray) else peer_single
+    matrix, blinded = _reuse(keys, seen, POINT_BYTES, compute)
+    stats["blinded_peer"] = blinded
+    return from_matrix(matrix)
+
+
 def setup(run: Any, saved: dict[str, Any] | None) -> dict[str, Any]:
-    """The party's secret: fresh, or the one of the run this party resumes."""
-    return saved if saved else {"secret": new_secret().hex()}
+    """The party's secret: the one of the run this party resumes, its persistent key's, or fresh."""
+    if saved:
+        return saved
+    persistent = getattr(run, "persistent", None)
+    if persistent:   # incremental PSI: the epoch's secret and the folder of its cached sets
+        return {"secret": persistent["secret"], "cache": persistent["cache"]}
+    return {"secret": new_secret().hex()}
 
 
 def server(run: Any, state: dict[str, Any]) -> Callable[[BucketIO], None]:
+    cache = Folder.at(state["cache"]) if state.get("cache") else None
     return serve(bytes.fromhex(state["secret"]), run.params.learns(run.role),
-                 run.params.learns(run.peer_role))
+                 run.params.learns(run.peer_role), cache)

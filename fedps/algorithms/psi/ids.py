@@ -3,7 +3,10 @@
 Canonical ids (DESIGN.md, "Contracts"): strings trimmed, integers as decimal
 strings without leading zeros. A null or empty id and an id that occurs more
 than once are reported, then refused or dropped as ``job.params`` says; all
-of this happens before any cryptographic work.
+of this happens before any cryptographic work. ``on_duplicate = "keep"``
+keeps every row of a repeated id (one-to-many, as FATE's sample_id/match_id):
+the cryptography sees each id once (:meth:`IdTable.distinct_ids`), the
+output holds all its rows.
 """
 
 from __future__ import annotations
@@ -30,7 +33,13 @@ class IdTable:
 
     frame: Any  # pyspark DataFrame
     id_type: str  # "string" or "integer"
-    report: dict[str, int] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    #: Some ids name more than one row (``on_duplicate = "keep"``): stage ``distinct_ids``, write all rows.
+    repeated: bool = False
+
+    def distinct_ids(self) -> Any:
+        """One row per id (column ``_psi_id``): what the PSI's cryptography is given."""
+        return self.frame.select(ID).distinct() if self.repeated else self.frame
 
 
 #: Text formats whose rows a PSI keeps as they are, in a column ``<format>_line`` (fedps.engine.formats).
@@ -141,14 +150,25 @@ def load_ids(spark: Any, params: PsiParams) -> IdTable:
         example = per_id.where(repeated).limit(1).collect()[0][ID]
         raise DataError(f"{duplicate_ids} ids occur more than once in {where} (for example {example!r}, "
                         f"{duplicate_rows} rows in all); fix the data or set "
-                        f"job.params.on_duplicate = \"drop\" to drop every row of such ids")
-    if duplicate_ids:
+                        f"job.params.on_duplicate = \"drop\" to drop every row of such ids, or "
+                        f"\"keep\" to keep and match every row of such ids (one-to-many)")
+    keep = params.on_duplicate == "keep"
+    if duplicate_ids and not keep:
         frame = frame.join(per_id.where(repeated).select(ID), on=ID, how="left_anti")
+    removed = 0 if keep else duplicate_rows
+    kept_rows = rows - nulls - removed
     report = {"rows": rows, "null_ids": nulls, "duplicate_ids": duplicate_ids,
-              "dropped_rows": nulls + duplicate_rows, "ids": rows - nulls - duplicate_rows,
-              # rows each rule removed (on_null, on_duplicate)
-              "removed": {"on_null": nulls, "on_duplicate": duplicate_rows}}
+              "dropped_rows": nulls + removed,
+              # distinct ids, what the cryptography sees (a kept repeated id counts once)
+              "ids": kept_rows - (duplicate_rows - duplicate_ids if keep else 0),
+              "kept_rows": kept_rows,
+              # rows each rule removed (on_null, on_duplicate) and kept (on_duplicate = "keep")
+              "removed": {"on_null": nulls, "on_duplicate": removed},
+              "kept": {"on_duplicate": duplicate_rows if keep else 0}}
     if report["dropped_rows"]:
         log.warning("psi: dropped %d rows of %s (%d null ids, %d duplicated ids)",
-                    report["dropped_rows"], params.input, nulls, duplicate_ids)
-    return IdTable(frame, id_type, report)
+                    report["dropped_rows"], params.input, nulls, 0 if keep else duplicate_ids)
+    if keep and duplicate_ids:
+        log.info("psi: kept %d rows of %d repeated ids of %s (on_duplicate = \"keep\": one-to-many)",
+                 duplicate_rows, duplicate_ids, params.input)
+    return IdTable(frame, id_type, report, repeated=keep and duplicate_ids > 0)

@@ -20,7 +20,7 @@ _CHOICES = {
     "id_type": ("auto", "string", "integer"),
     "protocol": ("ecdh", "rsa", "ot"),
     "on_null": ("refuse", "drop"),
-    "on_duplicate": ("refuse", "drop"),
+    "on_duplicate": ("refuse", "drop", "keep"),
     "result": ("both", "guest", "host"),
     "rsa_key_holder": ("guest", "host"),
 }
@@ -60,6 +60,11 @@ class PsiParams:
     tasks: int = 0
     #: Longest wait, in seconds, for a step of the peer's (reading its ids, its cryptography).
     wait_s: int = 3600
+    #: Incremental PSI (ecdh): this party's persistent PSI key for this partner; "" runs from scratch.
+    #: Its blinded sets are kept beside it (``<key_file>.cache/``). Relative to the config file, or a URI.
+    key_file: str = ""
+    #: A key older than this is rotated (a new epoch: fresh keys, everything blinded again).
+    key_max_age_days: int = 30
 
     def __post_init__(self) -> None:
         for key, choices in _CHOICES.items():
@@ -83,6 +88,11 @@ class PsiParams:
         if self.rsa_bits < 1024 or self.rsa_bits % 256:
             raise ConfigError(f"job.params.rsa_bits must be a multiple of 256 and at least 1024, "
                               f"got {self.rsa_bits}")
+        if self.key_max_age_days < 1:
+            raise ConfigError(f"job.params.key_max_age_days must be 1 or more, got {self.key_max_age_days}")
+        if self.key_file and self.protocol != "ecdh":
+            raise ConfigError(f"job.params.key_file (incremental PSI) works with protocol ecdh only so far, "
+                              f"not {self.protocol!r}")
         if self.protocol == "rsa" and self.result == self.rsa_key_holder:
             raise ConfigError("job.params.result: with protocol rsa a one-sided result goes to the "
                               "party that does not hold the key (job.params.rsa_key_holder)")
@@ -112,9 +122,10 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> PsiParams:
         if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
             raise ConfigError(f"job.params.{name} must be {expected.__name__}, got {value!r}")
         values[name] = value
-    path = values["input"]
-    if "://" not in path and not Path(path).is_absolute():
-        values["input"] = str((base / path).resolve())
+    for name in ("input", "key_file"):
+        path = values.get(name, "")
+        if path and "://" not in path and not Path(path).is_absolute():
+            values[name] = str((base / path).resolve())
     return PsiParams(**values)
 
 

@@ -13,8 +13,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedps.algorithms.psi import params as params_module
-from fedps.engine.preflight import InputCheck, check_keys, renamed
+from fedps.engine.preflight import InputCheck, check_keys, renamed, with_public
 from fedps.errors import ConfigError
+
+
+#: Whether the training layout (fedps.engine.layout) takes a guest's repeated ids (one-to-many PSI
+#: output: rows sharing a psi_hash). Until it does, a training job refuses ``keep`` on the guest too.
+LAYOUT_TAKES_REPEATED_IDS = False
 
 
 def psi_settings(config: Any, raw: Mapping[str, Any], where: str = "job.params") -> params_module.PsiParams:
@@ -23,9 +28,34 @@ def psi_settings(config: Any, raw: Mapping[str, Any], where: str = "job.params")
     check_keys(raw, [f.name for f in dataclasses.fields(params_module.PsiParams)], where, source)
     base = Path(source).parent if source != "<memory>" else Path.cwd()
     try:
-        return params_module.from_mapping(raw, base)
+        params = params_module.from_mapping(raw, base)
     except ConfigError as exc:
         raise renamed(ConfigError(f"{exc} (in {source})"), where) from None
+    if where != "job.params":   # the PSI of a training job
+        check_one_to_many(params, config.party.role, where, source)
+    return params
+
+
+def check_one_to_many(params: params_module.PsiParams, role: str, where: str, source: str) -> None:
+    """In a training job only the guest may keep repeated ids (``on_duplicate = "keep"``).
+
+    The guest's rows are the samples (it holds the labels): its several rows of
+    one id each meet the host's one row of that id, which the host computes on
+    once. A host's repeated ids would need the guest to repeat its label for
+    each, so to learn each id's multiplicity; and repeats on both sides have no
+    one meaning (a cross product?). Both are refused here, before any work.
+    """
+    if params.on_duplicate == "keep" and role == "guest" and not LAYOUT_TAKES_REPEATED_IDS:
+        text = (f"{where}.on_duplicate = \"keep\" (one-to-many ids): the training layout does not take "
+                f"repeated ids yet (one row per id on each side); set it to \"refuse\" or \"drop\", or run "
+                f"the PSI as its own job (algorithm = \"psi\") to keep every row (in {source})")
+        raise with_public(ConfigError(text), f"{where}.on_duplicate = \"keep\" is not taken by training yet")
+    if params.on_duplicate == "keep" and role != "guest":
+        text = (f"{where}.on_duplicate = \"keep\" (one-to-many ids) is only for the guest in a training "
+                f"job: the vertical join needs one row per id on every host; set it to \"refuse\" or "
+                f"\"drop\" on {role} (in {source})")
+        raise with_public(ConfigError(text), f"{where}.on_duplicate = \"keep\" is only for the guest in a "
+                                             "training job (one row per id on every host)")
 
 
 def preflight(config: Any, output_dir: Path) -> list[InputCheck]:

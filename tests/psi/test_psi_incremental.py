@@ -1,0 +1,80 @@
+"""Incremental ECDH PSI: a persistent key per partner, the blinded sets of the last run reused.
+
+Real parts: two PSI parties as threads (psi_pair: the session's Spark, the
+embedded broker, real sealed channels), key files and caches on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+from conftest import random_sets
+
+from fedps.algorithms.psi import incremental
+from fedps.errors import ConfigError
+
+
+def _keys(tmp_path):
+    return {name: {"key_file": str(tmp_path / "keys" / f"{name}_psi_key.json")} for name in ("guest", "host")}
+
+
+def _found(outcome) -> set[str]:
+    return set(outcome.rows["id"].str.strip())
+
+
+def test_a_second_run_blinds_only_the_new_ids_and_equals_a_run_from_scratch(psi_pair, tmp_path):
+    guest, host, _ = random_sets(200, 150, 60, seed=11)
+    keys = _keys(tmp_path)
+    first = psi_pair(guest, host, party_params=keys)
+    for name, mine, theirs in (("guest", guest, host), ("host", host, guest)):
+        assert first[name].error is None, first[name].error
+        assert first[name].metrics["psi_key"] == "new epoch"
+        assert first[name].metrics["psi_blinded"] == {"own": len(mine), "peer": len(theirs)}
+    key = json.loads((tmp_path / "keys" / "guest_psi_key.json").read_text())
+    assert key["partner"] == "host" and (tmp_path / "keys" / "guest_psi_key.json").stat().st_mode & 0o077 == 0
+
+    # between the runs: the guest drops 20 ids (10 shared) and adds 15 (5 the host also adds); the host adds 8
+    extra = [f" new-{i} " for i in range(15)]
+    guest2 = guest[20:] + extra
+    host2 = host + extra[:5] + [f" host-only-{i} " for i in range(3)]
+    second = psi_pair(guest2, host2, party_params=keys)
+    plain = {i.strip() for i in guest2} & {i.strip() for i in host2}
+    new = {"guest": 15, "host": 8}
+    for name, peer in (("guest", "host"), ("host", "guest")):
+        o = second[name]
+        assert o.error is None, o.error
+        assert o.metrics["psi_key"] == "reused"
+        assert o.metrics["psi_blinded"] == {"own": new[name], "peer": new[peer]}   # only what is new
+        assert _found(o) == plain and o.manifest["count"] == len(plain)
+    assert second["guest"].manifest["digest"] == second["host"].manifest["digest"]
+
+    # the guest's key has expired: both start a new epoch, everything blinded again, the same intersection
+    path = tmp_path / "keys" / "guest_psi_key.json"
+    aged = json.loads(path.read_text())
+    aged["created"] = time.time() - 31 * 86400
+    path.write_text(json.dumps(aged))
+    third = psi_pair(guest2, host2, party_params=keys)
+    for name, mine, theirs in (("guest", guest2, host2), ("host", host2, guest2)):
+        o = third[name]
+        assert o.error is None, o.error
+        assert o.metrics["psi_key"] == "new epoch"
+        assert o.metrics["psi_blinded"] == {"own": len(mine), "peer": len(theirs)}
+        assert _found(o) == plain == _found(second[name])
+    assert json.loads(path.read_text())["epoch"] != key["epoch"]
+
+
+def test_a_key_file_names_its_partner_and_only_ecdh_keeps_keys(tmp_path):
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps({"version": 1, "partner": "bank", "epoch": "e", "secret": "00",
+                                "bucket_key": "00", "created": time.time()}))
+    params = SimpleNamespace(key_file=str(path), key_max_age_days=30, protocol="ecdh", buckets=4)
+    with pytest.raises(ConfigError, match="partner 'bank', not 'shop'"):
+        incremental.load_key(params, "shop")
+    from fedps.algorithms.psi.params import from_mapping
+
+    with pytest.raises(ConfigError, match=r"job\.params\.key_file"):
+        from_mapping({"input": "x.csv", "protocol": "rsa", "key_file": "k.json"}, tmp_path)
+    assert from_mapping({"input": "x.csv", "key_file": "k.json"}, tmp_path).key_file == str(path)
