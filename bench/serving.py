@@ -1,6 +1,7 @@
 """Online serving latency and throughput next to a plain gRPC echo, in one run.
 
-    .venv/bin/python bench/serving.py [--requests 2000] [--seconds 5] [--window 8] [--rows 20000]
+    .venv/bin/python bench/serving.py [--requests 4000] [--seconds 5] [--window 8] [--rows 20000]
+        [--model lr|secureboost] [--trees 20] [--depth 4] [--block 10] [--json FILE]
 
 A guest and one host run as separate ``fedps serve`` processes on loopback (the
 host's features in its SQLite store of ``--rows`` rows, 20 features; the guest
@@ -13,6 +14,8 @@ relay beside them (a server that forwards each request to the echo: the floor of
 any application -> guest -> host design in Python gRPC).
 Throughput: 100-row requests for ``--seconds`` with ``--window`` in flight. For the
 breakdown, the latency of the guest's own call to the host (mutual TLS, one row) too.
+``--model secureboost`` serves a forest instead (``--trees`` of ``--depth``, trained by
+the plaintext reference on synthetic rows): one host call per request answers every split.
 """
 
 from __future__ import annotations
@@ -93,14 +96,49 @@ def _start(args: list[str], ports: Path) -> tuple[subprocess.Popen, int]:
     return proc, json.loads(ports.read_text())["listen"]
 
 
-def deploy(folder: Path, rows: int) -> tuple[list[subprocess.Popen], int, int, dict[str, str], list[str]]:
+def _forest(folder: Path, rng, rows: int, trees: int, depth: int) -> dict:
+    """A SecureBoost model of ``trees`` trees of ``depth``, trained by the plaintext reference (the
+    federated trainer's trees, split for split) on synthetic rows; both parties' model.json folders."""
+    from fedps.algorithms.secureboost import objective, reference
+    from fedps.algorithms.secureboost.binning import merge, sketch
+    from fedps.algorithms.secureboost.params import SBParams
+
+    n = min(rows, 5000)
+    xg, xh = rng.normal(size=(n, GUEST_FEATURES)), rng.normal(size=(n, HOST_FEATURES))
+    y = ((xg[:, :3].sum(axis=1) + xh[:, :5].sum(axis=1) + rng.normal(size=n)) > 0).astype(np.float64)
+    params = SBParams(trees=trees, max_depth=depth, max_bin=16, validation_fraction=0.0)
+    names = {"guest": [f"g{i}" for i in range(GUEST_FEATURES)], "host": [f"h{i}" for i in range(HOST_FEATURES)]}
+    bins = {p: merge([sketch(x)], tuple(names[p]), 16, n) for p, x in (("guest", xg), ("host", xh))}
+    keys = np.arange(n, dtype=np.int64)
+    model = reference.train({"guest": (bins["guest"], xg), "host": (bins["host"], xh)}, y, keys, params)
+    saved = {"guest": {"party": "guest", "algorithm": "secureboost", "features": names["guest"],
+                       "splits": model.tables["guest"].to_json(), "objective": params.objective, "num_class": 1,
+                       "base_margin": objective.base_margin(params.objective, y, 1), "hosts": ["host"],
+                       "trees": [{"class": t["class"], "nodes": {str(k): v for k, v in t["nodes"].items()}}
+                                 for t in model.trees]},
+             "host": {"party": "host", "algorithm": "secureboost", "features": names["host"],
+                      "splits": model.tables["host"].to_json()}}
+    for party, body in saved.items():
+        (folder / f"{party}-model" / "checkpoint").mkdir(parents=True)
+        (folder / f"{party}-model" / "checkpoint" / "setup.json").write_text(json.dumps({"job": "bench"}))
+        (folder / f"{party}-model" / "model.json").write_text(json.dumps(body))
+    return {"trees": len(model.trees), "guest_splits": len(saved["guest"]["splits"]),
+            "host_splits": len(saved["host"]["splits"])}
+
+
+def deploy(folder: Path, rows: int, model: str = "lr", trees: int = 20,
+           depth: int = 4) -> tuple[list[subprocess.Popen], int, int, dict[str, str], list[str], dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(0)
     keys = {n: generate_identity(folder / f"{n}.key") for n in ("guest", "host")}
-    _model(folder / "guest-model", "bench", "guest", GUEST_FEATURES, 0.1, rng)
-    _model(folder / "host-model", "bench", "host", HOST_FEATURES, None, rng)
+    if model == "secureboost":
+        shape = _forest(folder, rng, rows, trees, depth)
+    else:
+        _model(folder / "guest-model", "bench", "guest", GUEST_FEATURES, 0.1, rng)
+        _model(folder / "host-model", "bench", "host", HOST_FEATURES, None, rng)
+        shape = {}
     ids = [str(100_000 + i) for i in range(rows)]
     x = rng.normal(size=(rows, HOST_FEATURES))
     pq.write_table(pa.table({"id": ids, **{f"h{i}": x[:, i] for i in range(HOST_FEATURES)}}),
@@ -115,7 +153,7 @@ def deploy(folder: Path, rows: int) -> tuple[list[subprocess.Popen], int, int, d
                        'host_timeout_s = 2.0')
     guest, guest_port = _start(["--conf", str(guest_conf), "--model", str(folder / "guest-model")],
                                folder / "guest.json")
-    return [guest, host], guest_port, host_port, keys, ids
+    return [guest, host], guest_port, host_port, keys, ids, shape
 
 
 def host_call(folder: Path, keys: dict[str, str], port: int):
@@ -174,6 +212,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--model", choices=("lr", "secureboost"), default="lr",
+                        help="the served model: vertical LR, or a SecureBoost forest (--trees of --depth)")
+    parser.add_argument("--trees", type=int, default=20)
+    parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--block", type=int, default=10, help="latency requests per path in a row")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
@@ -181,7 +223,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        procs, guest_port, host_port, keys, ids = deploy(folder, args.rows)
+        procs, guest_port, host_port, keys, ids, shape = deploy(folder, args.rows, args.model, args.trees,
+                                                                args.depth)
         echo = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
         echo_port = int(echo.stdout.readline())
         relay = subprocess.Popen([sys.executable, "-c", RELAY, str(echo_port)], stdout=subprocess.PIPE, text=True)
@@ -235,6 +278,7 @@ def main() -> None:
         "hundred_rows": {name: {"requests_per_s": round(r, 1), "rows_per_s": round(100 * r),
                                 "cpu_ms_per_request": cpu[name]} for name, (r, _) in rates.items()},
         "requests": args.requests, "seconds": args.seconds, "window": args.window, "store_rows": args.rows,
+        "model": args.model, **({"forest": shape} if shape else {}),
         "block": args.block, "load_average_start": load_start, "load_average": os.getloadavg()[0],
         "cores": os.cpu_count(),
     }

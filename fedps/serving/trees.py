@@ -122,6 +122,7 @@ class TreeModel:
     needs: dict[str, np.ndarray] = field(default_factory=dict)   # host -> wire ids its trees use
     forest: Forest | None = None
     kind: str = "tree"
+    _picks: dict = field(default_factory=dict, repr=False, compare=False)   # host's wire ids -> pick
 
     def columns(self, available: tuple[str, ...], where: str) -> np.ndarray:
         index = {name: i for i, name in enumerate(available)}
@@ -136,35 +137,45 @@ class TreeModel:
         ``(wire ids, (nodes, rows) right bits)``."""
         forest, rows = self.forest, len(x)
         assert forest is not None
-        blocks, offsets = [self.rules.right(x)], {}
-        start = len(self.rules.ids)
+        blocks = [self.rules.right(x)]
         for host in self.hosts:
             wire, bits = hosts[host]
+            blocks.append(bits[self._pick(host, wire)])
+        right = np.vstack(blocks)    # (columns, rows): the guest's splits, then each host's the trees use
+        trees, heap = forest.column.shape
+        base = (np.arange(trees, dtype=np.int64) * heap)[:, None]
+        node = np.zeros((trees, rows), dtype=np.int64)
+        row = np.arange(rows)[None, :]
+        column = forest.column.ravel()
+        for _ in range(forest.depth):
+            col = column[node + base]
+            split = col >= 0
+            if not split.any():
+                break
+            node = np.where(split, 2 * node + 1 + right[np.where(split, col, 0), row], node)
+        values = forest.leaf.ravel()[node + base]          # (trees, rows): each tree's leaf value
+        margins = np.empty((rows, self.classes))
+        for k in range(self.classes):   # base + the class's trees in order, added one by one (cumsum),
+            # as the batch prediction adds them
+            mine = values[forest.klass == k]
+            margins[:, k] = np.cumsum(np.vstack([np.full((1, rows), self.base_margin), mine]), axis=0)[-1]
+        return margins
+
+    def _pick(self, host: str, wire: np.ndarray) -> np.ndarray:
+        """Rows of ``host``'s bits (in the order it sent ``wire``) that the trees use, in their order."""
+        key = (host, wire.tobytes())
+        pick = self._picks.get(key)
+        if pick is None:
             at = {int(w): i for i, w in enumerate(wire)}
             try:
                 pick = np.array([at[int(w)] for w in self.needs[host]], dtype=np.int64)
             except KeyError as exc:
                 raise DataError(f"host {host} sent no direction for node {int(exc.args[0]) >> 32}."
                                 f"{int(exc.args[0]) & 0xFFFFFFFF} of model {self.version}") from None
-            blocks.append(bits[pick])
-            offsets[host] = start
-            start += len(pick)
-        right = np.vstack(blocks) if blocks else np.zeros((0, rows), bool)    # (columns, rows)
-        trees = len(forest.klass)
-        node = np.zeros((trees, rows), dtype=np.int64)
-        row = np.arange(rows)
-        for _ in range(forest.depth):
-            col = np.take_along_axis(forest.column, node, axis=1)
-            split = col >= 0
-            if not split.any():
-                break
-            goes = right[np.where(split, col, 0), row[None, :]] if len(right) else np.zeros_like(split)
-            node = np.where(split, 2 * node + 1 + goes, node)
-        values = np.take_along_axis(forest.leaf, node, axis=1)
-        margins = np.full((rows, self.classes), self.base_margin)
-        for t in range(trees):   # tree order, as the batch prediction adds them
-            margins[:, forest.klass[t]] += values[t]
-        return margins
+            if len(self._picks) > 16:
+                self._picks.clear()
+            self._picks[key] = pick
+        return pick
 
 
 def load_tree_model(saved: dict, path: Path, me: str, version: str, text: str) -> TreeModel:
