@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from fedps.algorithms.secureboost.cipher import (  # noqa: E402
-    BinPermutation, EncryptedHistograms, GHPacker, SealedHistograms, build_histograms, open_histograms,
+    BinPermutation, BinSums, EncryptedHistograms, GHPacker, SealedHistograms, build_histograms, open_histograms,
 )
 from fedps.engine.crypto import CipherVector, Decryptor, generate_keypair  # noqa: E402
 
@@ -100,6 +100,8 @@ def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
 
 class FedpsTree:
     """One party pair's histogram crypto on Spark, level by level (see the module docstring)."""
+
+    guest_siblings = True   # below the roots seal the smaller children only; the guest subtracts (--siblings)
 
     def __init__(self, sc: Any, keys: tuple[Any, Any], bins: np.ndarray, n_bins: list[int],
                  partitions: int, rng: np.random.Generator) -> None:
@@ -180,11 +182,21 @@ class FedpsTree:
             timer.add("host: histograms (tasks), add, subtract", time.perf_counter() - t)
             # 2. host seals the level's nodes; 3. the guest opens them (per-node work: in the drivers)
             t = time.perf_counter()
-            perm = BinPermutation.draw(level_hist.nodes, n_bins, self.rng)
-            sealed = level_hist.seal(perm).to_bytes()
+            if self.guest_siblings:   # the trainer's way: one shuffle per tree, the smaller children only
+                if level == 0:
+                    tree_perm = BinPermutation.draw([0], n_bins, self.rng)
+                perm = BinPermutation({n: tree_perm.orders[0] for n in level_hist.nodes})
+                sealed = (small if pairs else level_hist).seal(perm).to_bytes()
+            else:
+                perm = BinPermutation.draw(level_hist.nodes, n_bins, self.rng)
+                sealed = level_hist.seal(perm).to_bytes()
             timer.add("host: seal", time.perf_counter() - t)
             t = time.perf_counter()
             opened = open_histograms(self.decryptor, SealedHistograms.from_bytes(sealed, pub), packer, quantized=True)
+            if self.guest_siblings and pairs:
+                for parent, smaller, larger in pairs:
+                    opened[larger] = [BinSums(a.G - b.G, a.H - b.H) for a, b in zip(previous[parent], opened[smaller])]
+            previous = opened
             timer.add("guest: open", time.perf_counter() - t)
             if self.first_root is None:
                 self.first_root = (opened[0], perm, gq, hq)
@@ -250,10 +262,11 @@ def logistic(y: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_fedps(sc: Any, keys: Any, bins: np.ndarray, n_bins: list[int], y: np.ndarray, trees: int, depth: int,
-              partitions: int, cores: int) -> dict[str, Any]:
+              partitions: int, cores: int, guest_siblings: bool = True) -> dict[str, Any]:
     """Grow ``trees`` trees; per-tree wall seconds, phase totals and node sizes."""
     load = os.getloadavg()[0]
     model = FedpsTree(sc, keys, bins, n_bins, partitions, np.random.default_rng(5))
+    model.guest_siblings = guest_siblings
     model.warm()
     pred = np.zeros(len(y))
     per_tree, cpu, critical, node_rows, timer_all = [], [], [], [], Timer()
@@ -409,6 +422,54 @@ def run_e2e(spark: Any, name: str, cfg: dict[str, int], bits: int, partitions: i
             "metrics": results["guest"].state.metrics[-1] if results["guest"].state else None}
 
 
+def run_multi_output(bits: int, rounds: int = 10, depth: int = 3, max_bin: int = 32) -> list[str]:
+    """vehicle_scale, 70/30 split (seed 0) as bench/secureboost_quality.py: both softmax tree shapes."""
+    import dataclasses
+
+    import pandas as pd
+
+    from fedps.algorithms.secureboost import multi_output, reference
+    from fedps.algorithms.secureboost.binning import merge, sketch
+    from fedps.algorithms.secureboost.cipher import units_per_ciphertext
+    from fedps.algorithms.secureboost.params import SBParams
+
+    guest = pd.read_csv(DATA / "vehicle_scale_hetero_guest.csv")
+    host = pd.read_csv(DATA / "vehicle_scale_hetero_host.csv").set_index("id").loc[guest["id"]]
+    x = {"guest": guest.drop(columns=["id", "y"]).to_numpy(float), "host": host.to_numpy(float)}
+    y = guest["y"].to_numpy(float)
+    test = np.random.default_rng(0).random(len(y)) < 0.3
+    params = SBParams(objective="multi:softmax", num_class=4, trees=rounds, max_depth=depth, max_bin=max_bin,
+                      key_bits=2048)
+    parties = {n: (merge([sketch(v[~test])], tuple(f"{n}{j}" for j in range(v.shape[1])), max_bin,
+                         int((~test).sum()), n), v[~test]) for n, v in x.items()}
+    keys = np.arange(int((~test).sum()))
+    binned = {n: b.apply(v) for n, (b, v) in parties.items()}
+    hb = parties["host"][0]
+    n_bins = [hb.present_bins(j) + 1 for j in range(len(hb.cuts))]
+    packer = GHPacker(generate_keypair(bits)[0], int((~test).sum()), params.precision_bits, 4)
+    per_ct = units_per_ciphertext(packer.public_key, packer.layout)
+    per_node = int(np.ceil(sum(n_bins) * packer.plains_per_row / per_ct))
+    out = [f"vehicle_scale ({len(y)} rows, {x['host'].shape[1]} host features, 4 classes), {rounds} rounds x depth"
+           f" {depth}, {max_bin} bins, {bits}-bit key: {packer.plains_per_row} plaintext(s) per row for the 4"
+           f" classes' (g, h), {per_ct} packed sums per sealed ciphertext, {per_node} sealed ciphertexts per node;"
+           f" load average {os.getloadavg()[0]:.0f}", "",
+           "| trees | test accuracy | train s | split nodes / round | sealed nodes / round |"
+           " sealed ciphertexts / round | histogram additions / round | routed bits / round |", "|---" * 8 + "|"]
+    test_x = {n: v[test] for n, v in x.items()}
+    for label, train, predict, times in (
+            ("one per class (fedps)", reference.train, lambda m: reference.predict(m, test_x, 0.0, 4), 1),
+            ("multi-output", multi_output.train, lambda m: multi_output.predict(m, test_x, 4), 1),
+            ("multi-output, 4x the rounds", multi_output.train, lambda m: multi_output.predict(m, test_x, 4), 4)):
+        started = time.process_time()
+        model = train(parties, y[~test], keys, dataclasses.replace(params, trees=rounds * times))
+        seconds = time.process_time() - started
+        accuracy = float(np.mean(predict(model).argmax(axis=1) == y[test]))
+        c = multi_output.costs(model, binned, "host", n_bins, depth, per_node, rounds * times)
+        out.append(f"| {label}: {rounds * times} rounds | {accuracy:.4f} | {seconds:.1f} | {c['split_nodes']:.1f} | {c['sealed_nodes']:.1f} |"
+                   f" {c['sealed_ciphertexts']:.0f} | {c['histogram_additions']:.0f} | {c['routed_bits']:.0f} |")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, default=2048)
@@ -422,7 +483,16 @@ def main() -> None:
     parser.add_argument("--json", default="")
     parser.add_argument("--e2e", action="store_true",
                         help="only SB-core's federated trainer end to end (seconds per tree), no crypto race")
+    parser.add_argument("--siblings", action="store_true",
+                        help="only fedps, twice per data set: the host seals every node of a level, or (the"
+                             " trainer's way) the roots and then the smaller children, the guest subtracting")
+    parser.add_argument("--multi-output", action="store_true",
+                        help="only softmax: one tree per class against multi-output trees (plaintext; quality and"
+                             " the protocol's work per round), on vehicle_scale")
     args = parser.parse_args()
+    if args.multi_output:
+        print("\n".join(run_multi_output(args.bits)))
+        return
     from fedps.engine.config import SparkConfig
     from fedps.engine.session import start_spark
 
@@ -444,7 +514,22 @@ def main() -> None:
                    f" {res['first_tree_end_s'] or 0:.1f} s after the start (setup included);"
                    f" whole run {res['total_s']:.1f} s; load average {os.getloadavg()[0]:.0f};"
                    f" errors {res['errors'] or 'none'}; last metrics {res['metrics']}")
-    for name in [d for d in args.data.split(",") if d] if not args.e2e else []:
+    for name in [d for d in args.data.split(",") if d] if args.siblings else []:
+        cfg = dict(CONFIGS[name])
+        cfg["trees"] = overrides.get(name, cfg["trees"])
+        x, y = load(name)
+        bins, n_bins = quantile_bins(x, cfg["bins"])
+        out += [f"{name}: {cfg['trees']} trees, depth {cfg['depth']}, {args.bits} bits, seconds per tree", "",
+                "| host seals | seal (wall) | open (wall) | CPU of tasks and drivers | critical path | load |",
+                "|---|---|---|---|---|---|"]
+        for label, on in (("every node", False), ("roots, then smaller children (trainer)", True)):
+            res = run_fedps(sc, keys, bins, n_bins, y, cfg["trees"], cfg["depth"], args.partitions, args.cores, on)
+            ph = res["phases"]
+            out.append(f"| {label} | {ph['host: seal']:.2f} | {ph['guest: open']:.2f} |"
+                       f" {np.mean(res['task_cpu']):.2f} | {np.mean(res['critical']):.2f} | {res['load']:.0f} |")
+            print("\n".join(out), flush=True)
+        out.append("")
+    for name in [d for d in args.data.split(",") if d] if not (args.e2e or args.siblings) else []:
         cfg = dict(CONFIGS[name])
         cfg["trees"] = overrides.get(name, cfg["trees"])
         x, y = load(name)

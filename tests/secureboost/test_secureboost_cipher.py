@@ -180,3 +180,49 @@ def test_sealing_shuffles_and_rerandomises(keys):
         perm_a.true_bin(0, 0, 8)
     with pytest.raises(DataError, match="no bin permutation"):
         hist.seal(BinPermutation.draw([5], n_bins, rng))
+
+
+def test_a_categorical_feature_is_sealed_as_its_bins_own_sums(keys):
+    pub, priv = keys
+    rng = np.random.default_rng(5)
+    n_bins = [6, 5]
+    g, h, bins = random_problem(rng, 70, n_bins)
+    packer = GHPacker(pub, rows_max=70, precision_bits=PRECISION, private_key=priv)
+    hist = build_histograms(packer.encrypt(g, h), bins, np.zeros(70, dtype=np.int64), [0], n_bins)
+    perm = BinPermutation.draw([0], n_bins, np.random.default_rng(12))
+    opened = open_histograms(Decryptor(priv), hist.seal(perm, [True, False]), packer, quantized=True)[0]
+    gq, hq = packer.quantize(g, h)
+    own = [hq[bins[:, 1] == k].sum() for k in range(5)]
+    for pos in range(4):   # feature 1: a category's own sum (not a prefix sum), shuffled; then missing
+        assert opened[1].H[pos] == own[perm.true_bin(0, 1, pos)]
+    assert opened[1].H[4] == own[4]
+    cum = np.cumsum([hq[bins[:, 0] == k].sum() for k in range(5)])
+    assert all(opened[0].H[pos] == cum[perm.true_bin(0, 0, pos)] for pos in range(5))
+
+
+def test_the_guest_derives_the_larger_sibling_from_the_parent_and_the_smaller_one(keys):
+    from fedps.algorithms.secureboost.protocol import Nodes, derive_siblings
+    from fedps.errors import ProtocolError
+
+    pub, priv = keys
+    rng = np.random.default_rng(6)
+    n_bins = [5, 4]
+    g, h, bins = random_problem(rng, 50, n_bins)
+    node_of_row = np.where(bins[:, 0] <= 1, 1, 2)
+    packer = GHPacker(pub, rows_max=50, precision_bits=PRECISION, private_key=priv)
+    cts = packer.encrypt(g, h)
+    tree = BinPermutation.draw([0], n_bins, np.random.default_rng(13))   # one shuffle for every node of the tree
+    perm = BinPermutation({n: tree.orders[0] for n in (0, 1, 2)})
+    dec = Decryptor(priv)
+    root = open_histograms(dec, build_histograms(cts, bins, np.zeros(50, np.int64), [0], n_bins).seal(perm),
+                           packer, quantized=True)
+    both = build_histograms(cts, bins, node_of_row, [1, 2], n_bins)
+    small = open_histograms(dec, both.select([1]).seal(perm), packer, quantized=True)
+    derived = derive_siblings(small, root, [1, 2], Nodes(2, 1), "host")
+    direct = open_histograms(dec, both.seal(perm), packer, quantized=True)
+    for node in (1, 2):
+        for f in range(2):
+            np.testing.assert_array_equal(np.asarray(derived[node][f].G), np.asarray(direct[node][f].G))
+            np.testing.assert_array_equal(np.asarray(derived[node][f].H), np.asarray(direct[node][f].H))
+    with pytest.raises(ProtocolError, match="exactly one of the children 1, 2"):
+        derive_siblings(direct, root, [1, 2], Nodes(2, 1), "host")

@@ -55,6 +55,7 @@ def assert_same_trees(results: dict, model: reference.ReferenceModel, names: lis
         assert results[name].model["splits"] == model.tables[name].to_json()
 
 
+@pytest.mark.timeout(600)   # training, two broker reads and a joint prediction: minutes on a loaded machine
 def test_federated_trees_equal_the_reference(tmp_path, spark, ray_address, make_parties, job_id):
     files = {"guest": DATA / "breast_hetero_guest.csv", "host": DATA / "breast_hetero_host.csv"}
     layouts = lay_out(spark, tmp_path, files)
@@ -230,15 +231,112 @@ def test_multi_class_and_regression_equal_the_reference(tmp_path, spark, ray_add
         assert final["valid_rmse"] < np.std(y)
 
 
-def test_a_constant_host_feature_stops_both_parties_at_setup(tmp_path, spark, ray_address, make_parties, job_id):
+@pytest.mark.parametrize("case", ["constant", "all missing", "one class", "more bins than rows"])
+def test_data_that_cannot_train_stops_both_parties_at_setup(tmp_path, spark, ray_address, make_parties, job_id,
+                                                            case):
+    guest = pd.read_csv(DATA / "breast_hetero_guest.csv")
     host = pd.read_csv(DATA / "breast_hetero_host.csv")
-    host["x3"] = 7.0
+    max_bin, at_fault = 16, "host"
+    if case == "constant":
+        host["x3"], expected = 7.0, "feature 'x3' of host is constant (7) in every row"
+    elif case == "all missing":
+        host["x3"], expected = np.nan, "feature 'x3' of host is missing in every row"
+    elif case == "one class":
+        guest["y"], expected, at_fault = 1, "the label column holds one class only", "guest"
+    else:
+        guest, host = guest.head(20), host[host["id"].isin(guest.head(20)["id"])]
+        max_bin, expected = 32, "max_bin = 32 is more bins than the 20 training rows"
+    guest.to_csv(tmp_path / "guest.csv", index=False)
     host.to_csv(tmp_path / "host.csv", index=False)
-    files = {"guest": DATA / "breast_hetero_guest.csv", "host": tmp_path / "host.csv"}
+    files = {"guest": tmp_path / "guest.csv", "host": tmp_path / "host.csv"}
     layouts = lay_out(spark, tmp_path, files)
-    params = SBParams(trees=1, max_bin=16, key_bits=512, partitions=PARTITIONS, tasks=1)
+    params = SBParams(trees=1, max_bin=max_bin, key_bits=512, partitions=PARTITIONS, tasks=1)
     configs = make_parties("guest", "host", recv_timeout_s=60)
     results = run_in_threads(job_id, configs, layouts, {"guest": params, "host": params}, tmp_path / "out", spark)
-    assert "feature 'x3' of host is constant (7) in every row" in str(results["host"].error)
-    guest_error = str(results["guest"].error)
-    assert "host stopped the job before training" in guest_error and "x3" not in guest_error
+    assert expected in str(results[at_fault].error), results[at_fault].error
+    other = "guest" if at_fault == "host" else "host"
+    if case == "more bins than rows":   # both parties have 20 rows: each names its own problem
+        assert expected in str(results[other].error)
+    else:
+        other_error = str(results[other].error)
+        assert f"{at_fault} stopped the job before training" in other_error and "x3" not in other_error
+
+
+@pytest.mark.timeout(600)   # four trees: minutes when the shared machine is loaded
+def test_early_stopping_stops_both_parties_at_the_same_tree(tmp_path, spark, ray_address, make_parties, job_id):
+    import dataclasses
+
+    files = {"guest": DATA / "breast_hetero_guest.csv", "host": DATA / "breast_hetero_host.csv"}
+    layouts = lay_out(spark, tmp_path, files)
+    # validation loss on this split: 0.288, 0.188, 0.179 (best), 0.211 -> stop after round 4, keep 3
+    params = SBParams(trees=8, max_depth=2, max_bin=16, key_bits=512, partitions=PARTITIONS, tasks=1,
+                      learning_rate=1.0, reg_lambda=0.1, validation_fraction=0.3, early_stopping_rounds=1)
+    configs = make_parties("guest", "host", recv_timeout_s=120)
+    results = run_in_threads(job_id, configs, layouts, {"guest": params, "host": params}, tmp_path / "out", spark)
+    errors = {n: r.error for n, r in results.items() if r.error is not None}
+    assert not errors, errors
+    guest, host = results["guest"].state, results["host"].state
+    assert (guest.tree, guest.done, guest.keep) == (host.tree, host.done, host.keep) == (4, True, 3)
+    assert len(guest.metrics) == 4 and guest.best == 2
+    assert len(results["guest"].model["trees"]) == 3
+    x, y, keys = joined(layouts)
+    bins = {name: results[name].trainer.plan.bins for name in layouts}
+    model = reference.train({name: (bins[name], x[name]) for name in layouts}, y, keys,
+                            dataclasses.replace(params, trees=3))
+    assert_same_trees(results, model, ["guest", "host"])     # the host dropped the splits of round 4
+    assert all(int(sid.split(".")[0]) < 3 for sid in results["host"].model["splits"])
+
+
+@pytest.mark.timeout(600)
+def test_goss_trees_equal_the_reference(tmp_path, spark, ray_address, make_parties, job_id):
+    import dataclasses
+
+    files = {"guest": DATA / "breast_hetero_guest.csv", "host": DATA / "breast_hetero_host.csv"}
+    layouts = lay_out(spark, tmp_path, files)
+    params = SBParams(trees=3, max_depth=2, max_bin=16, key_bits=512, partitions=PARTITIONS, tasks=1,
+                      validation_fraction=0.2, goss_top_rate=0.2, goss_other_rate=0.3)
+    configs = make_parties("guest", "host", recv_timeout_s=120)
+    results = run_in_threads(job_id, configs, layouts, {"guest": params, "host": params}, tmp_path / "out", spark)
+    errors = {n: r.error for n, r in results.items() if r.error is not None}
+    assert not errors, errors
+    x, y, keys = joined(layouts)
+    bins = {name: results[name].trainer.plan.bins for name in layouts}
+    parties = {name: (bins[name], x[name]) for name in layouts}
+    model = reference.train(parties, y, keys, params)
+    assert_same_trees(results, model, ["guest", "host"])
+    plain = reference.train(parties, y, keys, dataclasses.replace(params, goss_top_rate=0.0, goss_other_rate=0.0))
+    assert plain.trees[1:] != model.trees[1:]        # from the second tree on, GOSS grows other trees
+    assert results["guest"].state.metrics[-1]["valid_auc"] > 0.9
+
+
+@pytest.mark.timeout(600)
+def test_categorical_columns_split_one_against_the_rest_as_the_reference(tmp_path, spark, ray_address,
+                                                                         make_parties, job_id):
+    import dataclasses
+
+    host = pd.read_csv(DATA / "breast_hetero_host.csv")
+    codes = np.array([17.0, 42.0, 23.0, 57.0, 31.0])    # five categories from x0's quintiles, unordered codes
+    host["x0"] = codes[pd.qcut(host["x0"], 5, labels=False)]
+    host.loc[host.index % 13 == 0, "x0"] = np.nan
+    guest = pd.read_csv(DATA / "breast_hetero_guest.csv")
+    guest = guest[["id", "y", "x0", "x1"]]                # a weak guest: the host's features must win splits
+    host.to_csv(tmp_path / "host.csv", index=False)
+    guest.to_csv(tmp_path / "guest.csv", index=False)
+    files = {"guest": tmp_path / "guest.csv", "host": tmp_path / "host.csv"}
+    layouts = lay_out(spark, tmp_path, files)
+    params = SBParams(trees=2, max_depth=3, max_bin=16, key_bits=512, partitions=PARTITIONS, tasks=1,
+                      validation_fraction=0.2)
+    mine = {"guest": params, "host": dataclasses.replace(params, categorical=("x0",))}
+    configs = make_parties("guest", "host", recv_timeout_s=120)
+    channels: dict = {}
+    results = run_in_threads(job_id, configs, layouts, mine, tmp_path / "out", spark, channels_out=channels)
+    errors = {n: r.error for n, r in results.items() if r.error is not None}
+    assert not errors, errors
+    check_what_crossed(results, channels, configs["guest"].kafka.bootstrap_servers)   # no category code either
+    bins = {name: results[name].trainer.plan.bins for name in layouts}
+    assert bins["host"].categorical[0] and bins["host"].cuts[0].tolist() == sorted(codes)
+    x, y, keys = joined(layouts)
+    model = reference.train({name: (bins[name], x[name]) for name in layouts}, y, keys, params)
+    assert_same_trees(results, model, ["guest", "host"])
+    chosen = [s for s in results["host"].model["splits"].values() if s.get("categorical")]
+    assert chosen and all(s["category"] in codes and s["threshold"] is None for s in chosen)

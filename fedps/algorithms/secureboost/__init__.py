@@ -9,6 +9,16 @@ host/id placeholders and its own split table; a host's split table only),
 ``metrics.json``, ``importance.png`` (this party's own features) and, on the
 guest, ``loss.png`` and ``roc.png``. ``mode = "predict"`` scores new aligned
 rows with a trained model (:mod:`.predict`).
+
+A split table (``model.json["splits"]``) maps a split id ``"<round>.<node key>"``
+to ``{"feature": name, "index": column of this party's features, "bin": b,
+"threshold": t, "default_left": bool}``: a present value goes left when
+``value <= t`` (``t`` null: every present value goes left), a missing one
+(NaN) goes left when ``default_left``. A split on a column declared in
+``job.params.categorical`` adds ``"categorical": true`` and ``"category": c``
+and has ``"threshold": null``: a present value goes left when ``value == c``
+(any other value, including one never seen in training, goes right). Tables
+without categorical splits are unchanged. See :func:`.tree.go_left_raw`.
 """
 
 from __future__ import annotations
@@ -86,7 +96,7 @@ def _inspect(spark, layout, params: SBParams, is_guest: bool, name: str):
     from fedps.algorithms.secureboost.binning import compute_bins
 
     try:
-        bins = compute_bins(spark, layout, params.max_bin, name)
+        bins = compute_bins(spark, layout, params.max_bin, name, categorical=params.categorical)
         labels = _labels(spark, layout) if is_guest else None
         if labels is not None:
             objective.check_labels(params.objective, labels["values"], params.classes)

@@ -7,7 +7,10 @@ at most ``max_bin - 1`` cut points per feature (:func:`merge`). Bin ``b`` of a
 feature holds the values ``cuts[b-1] < x <= cuts[b]``; values above the last
 cut are in bin ``len(cuts)``; a missing value (NaN) is in bin ``max_bin``,
 the same last bin for every feature, whose rows go to a side learned per split.
-The cut points never leave the party.
+A feature declared categorical (``job.params.categorical``) has one bin per
+category instead: ``cuts`` lists its categories in increasing order and bin
+``b`` holds the value ``cuts[b]`` (at most ``max_bin`` categories). The cut
+points and categories never leave the party.
 """
 
 from __future__ import annotations
@@ -30,10 +33,18 @@ class Bins:
     cuts: tuple[np.ndarray, ...]       # per feature, increasing cut points
     has_missing: tuple[bool, ...]      # per feature: a missing value seen in the training rows
     max_bin: int
+    categorical: tuple[bool, ...] = ()  # per feature: one bin per category (empty: none)
 
     @property
     def missing_bin(self) -> int:
         return self.max_bin
+
+    def is_categorical(self, j: int) -> bool:
+        return bool(self.categorical) and self.categorical[j]
+
+    def present_bins(self, j: int) -> int:
+        """Bins of feature ``j``'s present values: one per category, or one more than its cut points."""
+        return len(self.cuts[j]) + (0 if self.is_categorical(j) else 1)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Bin index of every value (rows x features, uint8); missing values in bin ``max_bin``."""
@@ -41,18 +52,24 @@ class Bins:
         for j, cuts in enumerate(self.cuts):
             column = x[:, j]
             b = np.searchsorted(cuts, column, side="left")
+            if self.is_categorical(j):   # a value that is no category of the training rows counts as missing
+                b = np.where((b < len(cuts)) & (cuts[np.minimum(b, len(cuts) - 1)] == column), b, self.max_bin)
             b[np.isnan(column)] = self.max_bin
             out[:, j] = b
         return out
 
     def to_json(self) -> dict:
-        return {"names": list(self.names), "cuts": [c.tolist() for c in self.cuts],
-                "has_missing": list(self.has_missing), "max_bin": self.max_bin}
+        out = {"names": list(self.names), "cuts": [c.tolist() for c in self.cuts],
+               "has_missing": list(self.has_missing), "max_bin": self.max_bin}
+        if any(self.categorical):
+            out["categorical"] = list(self.categorical)
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> Bins:
         return cls(tuple(data["names"]), tuple(np.asarray(c, dtype=np.float64) for c in data["cuts"]),
-                   tuple(bool(m) for m in data["has_missing"]), int(data["max_bin"]))
+                   tuple(bool(m) for m in data["has_missing"]), int(data["max_bin"]),
+                   tuple(bool(c) for c in data.get("categorical", ())))
 
 
 def sketch(x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, int]]:
@@ -72,11 +89,15 @@ def sketch(x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, int]]:
 
 
 def merge(parts: list[list[tuple[np.ndarray, np.ndarray, int]]], names: tuple[str, ...], max_bin: int,
-          rows: int, party: str = "") -> Bins:
-    """Cut points of every feature from the partitions' sketches; DataError for useless features."""
+          rows: int, party: str = "", categorical: tuple[str, ...] = ()) -> Bins:
+    """Cut points (categories) of every feature from the partitions' sketches; DataError for useless features."""
     if max_bin > rows:
         raise ConfigError(f"job.params.max_bin = {max_bin} is more bins than the {rows} training rows; "
                           "lower max_bin")
+    unknown = sorted(set(categorical) - set(names))
+    if unknown:
+        raise ConfigError(f"job.params.categorical names {unknown[0]!r}, which is not a feature of this party's "
+                          f"data ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})")
     cuts, has_missing = [], []
     who = f" of {party}" if party else ""
     for j, name in enumerate(names):
@@ -91,7 +112,12 @@ def merge(parts: list[list[tuple[np.ndarray, np.ndarray, int]]], names: tuple[st
         if len(distinct) == 1:
             raise DataError(f"feature {name!r}{who} is constant ({distinct[0]:g}) in every row; "
                             "drop it (job.params.feature_columns)")
-        if len(distinct) <= max_bin:
+        if name in categorical:
+            if len(distinct) > max_bin:
+                raise DataError(f"categorical feature {name!r}{who} has more than max_bin = {max_bin} categories; "
+                                "raise job.params.max_bin or merge rare categories")
+            feature_cuts = distinct
+        elif len(distinct) <= max_bin:
             feature_cuts = distinct[:-1]
         else:
             cumulative = np.cumsum(weights)
@@ -101,10 +127,12 @@ def merge(parts: list[list[tuple[np.ndarray, np.ndarray, int]]], names: tuple[st
             feature_cuts = feature_cuts[feature_cuts < distinct[-1]]
         cuts.append(np.ascontiguousarray(feature_cuts, dtype=np.float64))
         has_missing.append(bool(missing))
-    return Bins(tuple(names), tuple(cuts), tuple(has_missing), max_bin)
+    flags = tuple(name in categorical for name in names) if categorical else ()
+    return Bins(tuple(names), tuple(cuts), tuple(has_missing), max_bin, flags)
 
 
-def compute_bins(spark, layout, max_bin: int, party: str = "", rows: np.ndarray | None = None) -> Bins:
+def compute_bins(spark, layout, max_bin: int, party: str = "", rows: np.ndarray | None = None,
+                 categorical: tuple[str, ...] = ()) -> Bins:
     """The bins of ``layout``'s features, sketched by one Spark task per partition."""
     from fedps.engine.layout import read_partition
 
@@ -116,4 +144,4 @@ def compute_bins(spark, layout, max_bin: int, party: str = "", rows: np.ndarray 
 
     n = layout.partitions
     parts = spark.sparkContext.parallelize(range(n), n).map(one).collect()
-    return merge(parts, tuple(layout.feature_names), max_bin, layout.rows, party)
+    return merge(parts, tuple(layout.feature_names), max_bin, layout.rows, party, categorical)

@@ -402,7 +402,7 @@ class EncryptedHistograms:
                    _int(head, "frac_bits", what, 0), _int(head, "plains", what), _int(head, "row_bound", what),
                    tuple(_ints(head, "rows", what)), cts)
 
-    def seal(self, permutation: BinPermutation) -> SealedHistograms:
+    def seal(self, permutation: BinPermutation, cumulative: Sequence[bool] | None = None) -> SealedHistograms:
         """What goes to the guest: shuffled prefix sums, packed, re-randomised.
 
         Per node and feature of ``B`` bins: the ``B - 1`` cumulative sums of the
@@ -410,6 +410,8 @@ class EncryptedHistograms:
         (position ``k`` holds cumulative entry ``permutation.true_bin(node, f, k)``),
         then the missing bin's sum. As many entries per ciphertext as the key
         holds (shift-and-add under encryption); each ciphertext re-randomised.
+        A feature whose ``cumulative`` flag is False (a categorical one) shows its
+        bins' own sums instead of prefix sums, shuffled alike.
         """
         permutation.check(self.nodes, self.n_bins)
         nsq = mpz(self.public_key.nsquare)
@@ -422,10 +424,11 @@ class EncryptedHistograms:
             units: list[mpz] = []
             start = 0
             for f, B in enumerate(self.n_bins):
+                prefix = cumulative is None or cumulative[f]
                 for p in range(P):
                     cum, acc = [], _ONE
                     for b in range(B - 1):
-                        acc = acc * block[(start + b) * P + p] % nsq
+                        acc = acc * block[(start + b) * P + p] % nsq if prefix else block[(start + b) * P + p]
                         cum.append(acc)
                     shown = [cum[j] for j in permutation.order(node, f)] + [block[(start + B - 1) * P + p]]
                     units.append(shown)

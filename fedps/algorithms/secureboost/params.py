@@ -26,6 +26,7 @@ class SBParams:
     id_column: str = "id"
     label_column: str = "y"           # guest only
     feature_columns: tuple[str, ...] = ()
+    categorical: tuple[str, ...] = ()  # this party's features split by category (one against the rest)
     # boosting (shared)
     objective: str = "binary:logistic"
     num_class: int = 0                # multi:softmax only
@@ -38,6 +39,8 @@ class SBParams:
     max_bin: int = 32
     subsample: float = 1.0            # rows per tree (the guest zeroes g and h of the others)
     colsample_bytree: float = 1.0     # each party samples its own features per tree
+    goss_top_rate: float = 0.0        # GOSS (0: off): the rows of largest gradient kept per tree ...
+    goss_other_rate: float = 0.0      # ... and the share of the others sampled, amplified (goss.py)
     early_stopping_rounds: int = 0    # 0: never; else stop when validation loss has not improved
     validation_fraction: float = 0.0
     seed: int = 0
@@ -72,6 +75,13 @@ class SBParams:
         for key in ("subsample", "colsample_bytree"):
             if not 0.0 < getattr(self, key) <= 1.0:
                 raise ConfigError(f"job.params.{key} must be in (0, 1]")
+        if self.goss_top_rate or self.goss_other_rate:
+            if not (0.0 < self.goss_top_rate < 1.0 and 0.0 < self.goss_other_rate <= 1.0 - self.goss_top_rate):
+                raise ConfigError("GOSS needs 0 < job.params.goss_top_rate < 1 and "
+                                  "0 < job.params.goss_other_rate <= 1 - goss_top_rate, got "
+                                  f"{self.goss_top_rate!r} and {self.goss_other_rate!r}")
+            if self.subsample < 1.0:
+                raise ConfigError("job.params.goss_top_rate (GOSS) replaces subsample; set one of them only")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError("job.params.validation_fraction must be in [0, 1)")
         if self.early_stopping_rounds < 0 or self.tasks < 0:
@@ -95,7 +105,8 @@ class SBParams:
     def shared(self) -> dict[str, Any]:
         """The settings every party must agree on, compared at the start of a job."""
         names = ("objective", "num_class", "trees", "max_depth", "max_bin", "subsample", "colsample_bytree",
-                 "validation_fraction", "seed", "partitions", "precision_bits", "early_stopping_rounds")
+                 "validation_fraction", "seed", "partitions", "precision_bits", "early_stopping_rounds",
+                 "goss_top_rate", "goss_other_rate")
         return {name: getattr(self, name) for name in names}
 
     @classmethod
@@ -105,7 +116,7 @@ class SBParams:
         if unknown:
             raise ConfigError(f"unknown key job.params.{unknown[0]}; known: {', '.join(sorted(known))}")
         values = dict(params)
-        for name in ("feature_columns", "hosts"):
+        for name in ("feature_columns", "hosts", "categorical"):
             if name in values:
                 if not isinstance(values[name], (list, tuple)):
                     raise ConfigError(f"job.params.{name} must be a list of names")

@@ -12,8 +12,10 @@ Per level, for the nodes of the level (the *frontier*):
    rows, for the smaller child of each split pair; the host adds the
    partitions' partials inside its accumulator and derives the sibling as
    parent minus child (all under encryption).
-2. (host driver) shuffled prefix sums (a permutation only the host knows),
-   packed and re-randomised → guest (``SEALED``).
+2. (host driver) shuffled prefix sums (a permutation only the host knows,
+   one per class tree and feature), packed and re-randomised → guest
+   (``SEALED``): of the roots, then of the smaller child of each split pair
+   only; the guest derives the larger one as its parent minus the smaller.
 3. (guest driver) decrypts, computes the gains of every party's candidates
    (its own in plaintext) and tells each host which of its candidates won
    (``SPLITS``: the split nodes of the level, and for the host's own wins the
@@ -122,6 +124,30 @@ def permutation_rng(secret: bytes, tree: int, level: int) -> np.random.Generator
     """The host's bin shuffle of a level, from its secret: a replayed level shuffles alike."""
     digest = hashlib.sha256(secret + f"sb-permutation/{tree}/{level}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest, "big"))
+
+
+# --------------------------------------------------------------------------- guest: step 2
+def derive_siblings(got: dict, parents: dict, frontier: list[int], nodes: Nodes, host: str) -> dict:
+    """A level's opened sums of every frontier node from the built children's: sibling = parent - built.
+
+    The host seals, below the roots, only the smaller child of each split pair, shuffled like its parent
+    (one shuffle per class tree and feature), so shown entries subtract position by position.
+    """
+    from fedps.algorithms.secureboost.cipher import BinSums
+    from fedps.errors import ProtocolError
+
+    if set(got) - set(frontier):
+        raise ProtocolError(f"{host} sealed nodes {sorted(set(got) - set(frontier))} that are not being split")
+    out = {}
+    for i in range(0, len(frontier), 2):
+        left, right = frontier[i], frontier[i + 1]
+        if (left in got) == (right in got):
+            raise ProtocolError(f"{host} must seal exactly one of the children {left}, {right}")
+        built, other = (left, right) if left in got else (right, left)
+        parent = nodes.klass(left) * nodes.span + (nodes.local(left) - 1) // 2
+        out[built] = got[built]
+        out[other] = [BinSums(p.G - b.G, p.H - b.H) for p, b in zip(parents[parent], got[built])]
+    return out
 
 
 # --------------------------------------------------------------------------- guest: step 3

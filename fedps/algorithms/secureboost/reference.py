@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedps.algorithms.secureboost import objective
+from fedps.algorithms.secureboost import goss, objective
 from fedps.algorithms.secureboost.binning import Bins
 from fedps.algorithms.secureboost.params import SBParams
 from fedps.algorithms.secureboost.tree import (Rules, SplitTable, candidates, feature_mask, histogram,
@@ -35,9 +35,16 @@ def training_rows(row_keys: np.ndarray, params: SBParams) -> np.ndarray:
     return ~validation_rows(row_keys, params.validation_fraction, params.seed)
 
 
-def round_gradients(params: SBParams, margins: np.ndarray, y: np.ndarray, use: np.ndarray) -> np.ndarray:
-    """Fixed-point (g, h) per row and class, zero for rows outside the tree's sample: (rows, classes, 2)."""
+def round_gradients(params: SBParams, margins: np.ndarray, y: np.ndarray, use: np.ndarray,
+                    weight: np.ndarray | None = None) -> np.ndarray:
+    """Fixed-point (g, h) per row and class, zero for rows outside the tree's sample: (rows, classes, 2).
+
+    ``weight`` (GOSS): each row's g and h are multiplied by it before rounding; 0 leaves a row out.
+    """
     g, h = objective.gradients(params.objective, margins, y)
+    if weight is not None:
+        g, h = g * weight[:, None], h * weight[:, None]
+        use = use & (weight > 0)
     gh = np.stack([objective.quantize(g, params.precision_bits), objective.quantize(h, params.precision_bits)],
                   axis=2)
     gh[~use] = 0
@@ -63,7 +70,13 @@ def train(parties: dict[str, tuple[Bins, np.ndarray]], y: np.ndarray, row_keys: 
     base = objective.base_margin(params.objective, y[train_rows], classes)
     margins = np.full((len(y), classes), base)
     for t in range(params.trees):
-        gh = round_gradients(params, margins, y, train_rows & row_sample(row_keys, params, t))
+        use = train_rows & row_sample(row_keys, params, t)
+        weight = None
+        if goss.enabled(params):
+            size = goss.sizes(params, margins, y, use)
+            threshold = goss.kth_largest(size, goss.top_count(params, int(use.sum())))
+            weight = goss.weights(params, size, threshold, row_keys, t)
+        gh = round_gradients(params, margins, y, use, weight)
         masks = {name: feature_mask(len(parties[name][0].cuts), params.colsample_bytree, params.seed, t, name)
                  for name in names}
         cands = {name: candidates(parties[name][0], masks[name]) for name in names}

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedps.algorithms.secureboost import objective
+from fedps.algorithms.secureboost import goss, objective
 from fedps.algorithms.secureboost.binning import Bins
 from fedps.algorithms.secureboost.params import SBParams
 from fedps.algorithms.secureboost.protocol import (HIST_KIND, HOST_LEFT, REDUCE_HIST, ROUTE, ROW_GH, Nodes,
@@ -81,8 +81,9 @@ def packer_for(plan: Plan):
 
     public = PublicKey(plan.guest_n)
     private = PrivateKey(public, *plan.own) if plan.own else None
+    scale = max(1.0, goss.amplification(plan.params)) if goss.enabled(plan.params) else 1.0
     return GHPacker(public, plan.rows_max, plan.params.precision_bits, plan.params.classes,
-                    g_bound=plan.g_bound, h_bound=plan.h_bound, private_key=private)
+                    g_bound=plan.g_bound * scale, h_bound=plan.h_bound * scale, private_key=private)
 
 
 # --------------------------------------------------------------------------- margins (guest)
@@ -112,12 +113,16 @@ def guest_tree(env: TaskEnv, plan: Plan) -> dict[str, Any]:
     params, nodes, acc = plan.params, plan.nodes, env.accumulator
     _start(env, plan)
     packer = packer_for(plan)
-    parts = {}
-    for p in env.partitions:   # 0. [[g, h]] of every row to every host task p
+    parts, start = {}, {}
+    for p in env.partitions:
         rows = env.rows(p)
         margins = load_margins(plan, p, len(rows.y))
         use = training_rows(rows.row_keys, params) & row_sample(rows.row_keys, params, plan.tree)
-        gh = round_gradients(params, margins, rows.y, use)
+        start[p] = (rows, margins, use)
+    weights = goss_weights(env, plan, start) if goss.enabled(params) else {}
+    for p in env.partitions:   # 0. [[g, h]] of every row to every host task p
+        rows, margins, use = start.pop(p)
+        gh = round_gradients(params, margins, rows.y, use, weights.get(p))
         blob = Blob(HIST_KIND, packer.encrypt(gh[:, :, 0], gh[:, :, 1], quantized=True).to_bytes())
         for host in plan.hosts:
             env.links[host].send(p, _tag(plan, 0, ROW_GH.name, p), ROW_GH.check(blob))
@@ -168,6 +173,21 @@ def guest_tree(env: TaskEnv, plan: Plan) -> dict[str, Any]:
     return _finish_guest(env, plan, parts, leaves)
 
 
+def goss_weights(env: TaskEnv, plan: Plan, start: dict) -> dict[int, np.ndarray]:
+    """GOSS: the rows' weights of this tree, from the K-th largest gradient size over all partitions."""
+    acc, params = env.accumulator, plan.params
+    size = {p: goss.sizes(params, margins, rows.y, use) for p, (rows, margins, use) in start.items()}
+    n_rounds, prefix = goss.rounds(goss.size_bits(params, plan.g_bound)), 0
+    for r in range(n_rounds):   # radix selection: the guest's driver picks each digit (trainer.goss_threshold)
+        for p in env.partitions:
+            value = {"counts": goss.digit_counts(size[p], prefix, r, n_rounds)}
+            if r == 0:
+                value["rows"] = np.array([int(np.sum(size[p] >= 0))], dtype=np.int64)
+            acc.put(plan.tree, f"goss{r}", p, PLAIN, value)
+        prefix = int(acc.fetch(plan.tree, f"goss{r}", FETCH_S)["prefix"])
+    return {p: goss.weights(params, size[p], prefix, start[p][0].row_keys, plan.tree) for p in start}
+
+
 def decision_frontier(acc: Any, plan: Plan, level: int) -> list[int]:
     if level == 0:
         return plan.nodes.roots()
@@ -207,7 +227,7 @@ def _finish_guest(env: TaskEnv, plan: Plan, parts: dict, leaves: dict[int, float
 def host_bins(plan: Plan, x: np.ndarray, selected: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """All bins (for the split rules) and the selected features' bins with each feature's missing bin last."""
     full = plan.bins.apply(x)
-    n_bins = [len(plan.bins.cuts[j]) + 2 for j in selected]
+    n_bins = [plan.bins.present_bins(j) + 1 for j in selected]
     chosen = full[:, selected].astype(np.int64)
     for i, j in enumerate(selected):
         chosen[chosen[:, i] == plan.bins.missing_bin, i] = n_bins[i] - 1

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fedps.algorithms.secureboost import protocol
+from fedps.algorithms.secureboost import goss, protocol
 from fedps.algorithms.secureboost.params import SBParams
 from fedps.algorithms.secureboost.protocol import NEXT, SEALED, SPLITS, Nodes, scope, split_id
 from fedps.algorithms.secureboost.reference import rules
@@ -98,7 +98,9 @@ class Trainer:
         own = candidates(plan.bins, feature_mask(len(plan.bins.cuts), params.colsample_bytree, params.seed, t,
                                                  job.me))
         trees = [{"class": k, "nodes": {}} for k in range(params.classes)]
-        frontier, leaves = nodes.roots(), {}
+        if goss.enabled(params):
+            self._goss_threshold(plan)
+        frontier, leaves, previous = nodes.roots(), {}, {}
         for level in range(params.max_depth + 1):
             may_split = level < params.max_depth
             mine = job.total(t, f"hist{level}")
@@ -107,8 +109,11 @@ class Trainer:
             if may_split:
                 for host in job.hosts:
                     blob = SEALED.check(job.channels[host].recv(port.tag(SEALED.name)))
-                    opened[host] = open_histograms(decryptor, SealedHistograms.from_bytes(blob.data, key),
-                                                   packer, quantized=True)
+                    got = open_histograms(decryptor, SealedHistograms.from_bytes(blob.data, key), packer,
+                                          quantized=True)
+                    opened[host] = got if level == 0 else protocol.derive_siblings(got, previous[host], frontier,
+                                                                                   nodes, host)
+                previous = opened
             decisions = []
             for i, node in enumerate(frontier):
                 k = nodes.klass(node) if params.classes > 1 else None
@@ -139,6 +144,18 @@ class Trainer:
         job.publish(t, "leaves", leaves)
         self.state.trees.extend(trees)
 
+    def _goss_threshold(self, plan: Plan) -> int:
+        """GOSS: pick the K-th largest gradient size digit by digit from the tasks' counts (goss.py)."""
+        job, params, t = self.job, self.params, plan.tree
+        n_rounds, prefix, k_left = goss.rounds(goss.size_bits(params, plan.g_bound)), 0, 0
+        for r in range(n_rounds):
+            total = job.total(t, f"goss{r}")
+            if r == 0:
+                k_left = goss.top_count(params, int(total["rows"][0]))
+            prefix, k_left = goss.choose_digit(np.asarray(total["counts"]), prefix, k_left)
+            job.publish(t, f"goss{r}", {"prefix": prefix})
+        return prefix
+
     # ------------------------------------------------------------------ host
     def _host_tree(self, plan: Plan) -> None:
         from fedps.algorithms.secureboost.cipher import BinPermutation, EncryptedHistograms
@@ -151,8 +168,11 @@ class Trainer:
         cands = candidates(plan.bins, feature_mask(len(plan.bins.cuts), params.colsample_bytree, params.seed, t,
                                                    job.me))
         index = protocol.candidate_index(cands)
-        n_bins = [len(plan.bins.cuts[j]) + 2 for j in selected]
+        n_bins = [plan.bins.present_bins(j) + 1 for j in selected]
+        cumulative = [not plan.bins.is_categorical(j) for j in selected]   # categorical: each category's own sums
         frontier, parents = nodes.roots(), None
+        # one shuffle per class tree and feature, for all its nodes: the guest subtracts shown entries in place
+        shuffle = BinPermutation.draw(nodes.roots(), n_bins, protocol.permutation_rng(self.secret, t, 0))
         for level in range(params.max_depth):
             port = scope(job.job, t, level)
             if level == 0:
@@ -171,9 +191,11 @@ class Trainer:
                     parent = (nodes.klass(left) * nodes.span) + (nodes.local(left) - 1) // 2
                     pieces.append(parents.select([parent]).subtract(built.select([done]), nodes=[other]))
             full = EncryptedHistograms.concat(pieces).select(frontier)
-            permutation = BinPermutation.draw(frontier, n_bins, protocol.permutation_rng(self.secret, t, level))
+            permutation = BinPermutation({n: shuffle.orders[nodes.klass(n) * nodes.span] for n in frontier})
+            shown = full if level == 0 else built   # below the roots the guest derives each larger sibling
             job.channels[job.guest].send(port.tag(SEALED.name),
-                                         SEALED.check(Blob(protocol.SEALED_KIND, full.seal(permutation).to_bytes())))
+                                         SEALED.check(Blob(protocol.SEALED_KIND,
+                                                         shown.seal(permutation, cumulative).to_bytes())))
             answer = SPLITS.check(job.channels[job.guest].recv(port.tag(SPLITS.name)))
             split = sorted(int(k) for k in answer["split"])
             mine = {}

@@ -6,7 +6,10 @@ compute the same gains bit for bit. A party's split *candidates* are listed
 in a canonical order (:func:`candidates`); for feature ``f`` with ``n`` cut
 points: ``(b, missing right)`` for ``b < n``, then, if the feature had missing
 values, ``(n, missing right)`` (missing apart) and ``(b, missing left)`` for
-``b < n``. A candidate's *left sum* is the (G, H) of the rows it sends left.
+``b < n``. A categorical feature of ``n`` categories splits one category
+against the rest: ``(b, missing right)`` for ``b < n``, then, if it had missing
+values, ``(b, missing left)``; its left sum is the category's own bin (plus
+the missing bin). A candidate's *left sum* is the (G, H) of the rows it sends left.
 Ties between equal gains go to the earlier party (guest, then the hosts in
 order) and, inside a party, to the earlier candidate in canonical order.
 Nodes are numbered as a heap: root 0, children ``2i+1`` (left) and ``2i+2``.
@@ -28,6 +31,7 @@ class Candidates:
     feature: np.ndarray        # index into the party's features
     bin: np.ndarray            # left: bins <= bin (non-missing)
     default_left: np.ndarray   # missing values go left
+    categorical: np.ndarray | None = None   # left: the bin ``bin`` alone (one category against the rest)
 
     def __len__(self) -> int:
         return len(self.feature)
@@ -38,18 +42,23 @@ def candidates(bins: Bins, selected: np.ndarray | None = None) -> Candidates:
     feature, bin_, left = [], [], []
     chosen = range(len(bins.cuts)) if selected is None else np.flatnonzero(selected)
     for j in chosen:
-        n = len(bins.cuts[j])
+        n, cat = len(bins.cuts[j]), bins.is_categorical(j)
         feature.append(np.full(n, j))
         bin_.append(np.arange(n))
         left.append(np.zeros(n, dtype=bool))
-        if bins.has_missing[j]:
+        if bins.has_missing[j] and cat:
+            feature.append(np.full(n, j))
+            bin_.append(np.arange(n))
+            left.append(np.ones(n, dtype=bool))
+        elif bins.has_missing[j]:
             feature.append(np.full(n + 1, j))
             bin_.append(np.r_[n, np.arange(n)])
             left.append(np.r_[False, np.ones(n, dtype=bool)])
     if not feature:
-        return Candidates(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool))
-    return Candidates(np.concatenate(feature).astype(np.int64), np.concatenate(bin_).astype(np.int64),
-                      np.concatenate(left))
+        return Candidates(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool))
+    features = np.concatenate(feature).astype(np.int64)
+    flags = np.array([bins.is_categorical(int(j)) for j in features], dtype=bool)
+    return Candidates(features, np.concatenate(bin_).astype(np.int64), np.concatenate(left), flags)
 
 
 def feature_mask(features: int, fraction: float, seed: int, tree: int, party: str) -> np.ndarray:
@@ -85,6 +94,9 @@ def left_sums(hist: np.ndarray, cands: Candidates, max_bin: int) -> np.ndarray:
     """(G, H) sent left by every candidate, from a node's histogram: shape (candidates, 2)."""
     cumulative = np.cumsum(hist[:, :max_bin, :], axis=1)
     out = cumulative[cands.feature, cands.bin]
+    if cands.categorical is not None and cands.categorical.any():
+        cat = cands.categorical
+        out[cat] = hist[cands.feature[cat], cands.bin[cat]]
     out[cands.default_left] += hist[cands.feature[cands.default_left], max_bin]
     return out
 
@@ -143,6 +155,11 @@ class SplitTable:
     def record(self, cands: Candidates, index: int, sid: str) -> dict:
         j, b, left = int(cands.feature[index]), int(cands.bin[index]), bool(cands.default_left[index])
         cuts = self.bins.cuts[j]
+        if self.bins.is_categorical(j):   # one category left, the others right
+            spec = {"feature": self.bins.names[j], "index": j, "bin": b, "threshold": None,
+                    "categorical": True, "category": float(cuts[b]), "default_left": left}
+            self.splits[sid] = spec
+            return spec
         threshold = float(cuts[b]) if b < len(cuts) else None   # None: every present value goes left
         spec = {"feature": self.bins.names[j], "index": j, "bin": b, "threshold": threshold, "default_left": left}
         self.splits[sid] = spec
@@ -162,10 +179,16 @@ class SplitTable:
 
 def go_left_bins(spec: dict, bins: np.ndarray, missing_bin: int) -> np.ndarray:
     column = bins[:, spec["index"]]
-    return np.where(column == missing_bin, spec["default_left"], column <= spec["bin"])
+    present = column == spec["bin"] if spec.get("categorical") else column <= spec["bin"]
+    return np.where(column == missing_bin, spec["default_left"], present)
 
 
 def go_left_raw(spec: dict, x: np.ndarray) -> np.ndarray:
+    """Split ``spec``'s direction of raw values: ``value <= threshold`` (None: every present value), or for a
+    categorical split ``value == category``; a missing value (NaN) goes to ``default_left``'s side."""
     column = x[:, spec["index"]]
-    present = np.ones(len(column), bool) if spec["threshold"] is None else column <= spec["threshold"]
+    if spec.get("categorical"):
+        present = column == spec["category"]
+    else:
+        present = np.ones(len(column), bool) if spec["threshold"] is None else column <= spec["threshold"]
     return np.where(np.isnan(column), spec["default_left"], present)
