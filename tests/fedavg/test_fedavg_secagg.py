@@ -14,7 +14,7 @@ from fedps.algorithms.fedavg import secagg, shamir
 from fedps.algorithms.fedavg.params import FedAvgParams
 from fedps.algorithms.fedavg.protocol import Coordinator, Party
 from fedps.errors import CryptoError, PeerError, ProtocolError
-from fedps.messaging.broadcast import InProcessBroadcast
+from fedps.messaging.broadcast import BroadcastRefused, InProcessBroadcast
 from fedps.messaging.transport import in_process_mesh
 
 SIZE = 40
@@ -59,10 +59,10 @@ class MemoryStore:
         return self.models[round_].copy()
 
 
-def run_job(names, params, data, coordinator_params=None):
+def run_job(names, params, data, coordinator_params=None, broadcast=None):
     mesh = in_process_mesh("job1", ["coord", *names])
     store = MemoryStore()
-    broadcast = InProcessBroadcast("job1", "coord")
+    broadcast = broadcast or InProcessBroadcast("job1", "coord")
     coordinator = Coordinator("job1", mesh["coord"], coordinator_params or params, store,
                               initial=lambda features: np.zeros(SIZE), broadcast=broadcast)
     parties = {n: Party("job1", n, mesh[n]["coord"], params, data[n], broadcast=broadcast) for n in names}
@@ -167,3 +167,27 @@ def test_shamir_any_threshold_shares_recover_and_fewer_do_not():
 def test_an_update_beyond_the_fixed_point_range_is_refused():
     with pytest.raises(Exception, match="fixed-point bound"):
         secagg.quantise(np.array([1.0, 2.0 ** 40]), 24, 2.0 ** 30)
+
+
+class TamperedBroadcast(InProcessBroadcast):
+    """The broker alters the model of round 1 on the broadcast topic."""
+
+    def publish(self, tag, value):
+        ticket = super().publish(tag, value)
+        if tag.iteration == 1:
+            record = bytearray(self.records[ticket["offset"]])
+            record[-5] ^= 1
+            self.records[ticket["offset"]] = bytes(record)
+        return ticket
+
+
+def test_a_tampered_model_broadcast_is_refused_by_every_party_by_name():
+    params = FedAvgParams(rounds=2, min_parties=3, deadline_s=2, grace_s=0.2)
+    data = {n: FixedUpdates(n, rows=50, seed=i) for i, n in enumerate(NAMES)}
+    coordinator, store, parties, errors = run_job(NAMES, params, data, broadcast=TamperedBroadcast("job1", "coord"))
+    assert [r.round for r in coordinator.results] == [0]
+    for name in NAMES:
+        assert isinstance(errors[name], BroadcastRefused), errors.get(name)
+        assert "job1/fedavg/it1/b-1/model from coord" in str(errors[name])
+        assert "seal does not verify" in str(errors[name])
+    assert "fewer than params.min_parties = 3" in str(errors["coord"])
