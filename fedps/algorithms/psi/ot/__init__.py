@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from fedps.errors import ConfigError, PeerError, ProtocolError
@@ -119,7 +120,7 @@ def serve(role: str, peer_role: str, result: str, wait_s: float) -> Callable[[An
         python = check_installed()
         local = Path(tempfile.mkdtemp(prefix=f"fedps-ot-{io.bucket}-"))
         try:
-            ids = io.ids().column("id")
+            ids = pc.unique(io.ids().column("id"))   # the library wants unique keys (kept repeats: once)
             _write_ids(ids, local / "ids.csv")                                     # 2
             token = secrets.token_hex(16)
             p = io.bucket
@@ -135,7 +136,10 @@ def serve(role: str, peer_role: str, result: str, wait_s: float) -> Callable[[An
             with relay:
                 job["transport"] = relay.address
                 counts = _run_library(python, job, local, relay, io, wait_s)          # 4
-            io.stats.update({"peer_ids": 0, "ot_ids": len(ids), **relay.stats})
+            io.stats.update({"peer_ids": 0, "ot_ids": len(ids), **relay.stats,
+                             "ot_library_ms": int(1000 * counts.get("seconds", 0)),
+                             "ot_process_ms": int(1000 * counts.get("process_s", 0)),
+                             "ot_load_ms": int(1000 * counts.get("load_s", 0))})
             found = _read_ids(local / "out.csv") if i_learn else pa.array([], pa.string())   # 5
             if i_learn:
                 if len(found) != counts.get("intersection", len(found)):
@@ -154,6 +158,7 @@ def _run_library(python: Path, job: dict, local: Path, relay: Any, io: Any, wait
     errors = (local / "library.log").open("wb")
     env = {**os.environ, "TMPDIR": str(local)}   # the library's scratch files and traces go with the bucket
     # -I: the OT venv's python ignores PYTHONPATH (a Spark worker's points at fedps's numpy 2)
+    started = time.perf_counter()
     process = subprocess.Popen([str(python), "-I", str(WORKER), str(local / "job.json")], cwd=local,
                                stdout=errors, stderr=errors, env=env)
     deadline = time.monotonic() + wait_s
@@ -177,7 +182,7 @@ def _run_library(python: Path, job: dict, local: Path, relay: Any, io: Any, wait
         said = next((line for line in reversed(lines) if line.startswith("OT PSI failed")),
                     lines[-1] if lines else f"exit status {process.returncode}")
         raise ProtocolError(f"OT PSI bucket {io.bucket}: {said}")
-    return json.loads((local / "out.csv.json").read_text())
+    return {**json.loads((local / "out.csv.json").read_text()), "process_s": time.perf_counter() - started}
 
 
 def _write_ids(ids: pa.ChunkedArray | pa.Array, path: Path) -> None:

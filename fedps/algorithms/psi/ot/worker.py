@@ -49,7 +49,9 @@ def load_library() -> tuple:
 
 
 def run(job: dict) -> dict:
+    loading = time.perf_counter()
     libspu, libpsi = load_library()
+    loaded = time.perf_counter() - loading
 
     ids = job["parties"]            # [rank 0 id, rank 1 id]
     rank = int(job["rank"])
@@ -87,7 +89,7 @@ def run(job: dict) -> dict:
     seconds = time.perf_counter() - started
     link.stop_link()
     return {"original": report.original_count, "intersection": report.intersection_count,
-            "seconds": round(seconds, 3)}
+            "seconds": round(seconds, 3), "load_s": round(loaded, 3)}
 
 
 def watch_parent(parent: int) -> None:
