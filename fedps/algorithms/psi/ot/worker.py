@@ -65,10 +65,14 @@ def run(job: dict) -> dict:
 
     desc = libspu.link.Desc()
     desc.id = job["session"]
-    for party in ids:
-        desc.add_party(party, job["transport"])   # the blackbox link reaches every party through the relay
-    desc.link_type = "blackbox"
-    desc.brpc_channel_protocol = "http"
+    if job.get("direct"):   # bench/psi_ot.py's baseline only: the library's own sockets on loopback
+        for party, address in zip(ids, job["direct"]):
+            desc.add_party(party, address)
+    else:
+        for party in ids:
+            desc.add_party(party, job["transport"])   # the blackbox link reaches every party through the relay
+        desc.link_type = "blackbox"
+        desc.brpc_channel_protocol = "http"
     desc.recv_timeout_ms = int(job["recv_timeout_ms"])
     desc.http_timeout_ms = int(job.get("http_timeout_ms", 120_000))
     desc.http_max_payload_size = int(job.get("payload_bytes", 4 << 20))
