@@ -1,7 +1,8 @@
 """Online serving latency and throughput next to a plain gRPC echo, in one run.
 
-    .venv/bin/python bench/serving.py [--requests 4000] [--seconds 5] [--window 8] [--rows 20000]
+    .venv/bin/python bench/serving.py [--requests 2000] [--seconds 5] [--window 8] [--rows 20000]
         [--model lr|secureboost] [--trees 20] [--depth 4] [--block 10] [--json FILE]
+    .venv/bin/python bench/serving.py --profile [--model ...] [--profile-rows 1]
 
 A guest and one host run as separate ``fedps serve`` processes on loopback (the
 host's features in its SQLite store of ``--rows`` rows, 20 features; the guest
@@ -16,6 +17,10 @@ Throughput: 100-row requests for ``--seconds`` with ``--window`` in flight. For 
 breakdown, the latency of the guest's own call to the host (mutual TLS, one row) too.
 ``--model secureboost`` serves a forest instead (``--trees`` of ``--depth``, trained by
 the plaintext reference on synthetic rows): one host call per request answers every split.
+``--profile``: no network and no other process: the guest's and the host's services in this
+process, the guest's call to the host replaced by a direct call of the host's handler; prints
+the CPU time of fedps' own code per request (best of 5 rounds) and, when pyinstrument is
+importable, where it goes.
 """
 
 from __future__ import annotations
@@ -206,6 +211,76 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values) * 1e3, q))
 
 
+def profile(args: argparse.Namespace) -> None:
+    """CPU of the guest's and the host's own code per request, in one thread (see the module doc)."""
+    from fedps.serving import config as serving_config
+    from fedps.serving.keys import hasher
+    from fedps.serving.server import start
+    from fedps.serving.store import build_store
+
+    class Caller:   # what the services ask of a gRPC context
+        def time_remaining(self) -> float:
+            return 5.0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        rng = np.random.default_rng(0)
+        keys = {n: generate_identity(folder / f"{n}.key") for n in ("guest", "host")}
+        if args.model == "secureboost":
+            _forest(folder, rng, args.rows, args.trees, args.depth)
+        else:
+            _model(folder / "guest-model", "bench", "guest", GUEST_FEATURES, 0.1, rng)
+            _model(folder / "host-model", "bench", "host", HOST_FEATURES, None, rng)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        ids = [str(100_000 + i) for i in range(args.rows)]
+        x = rng.normal(size=(args.rows, HOST_FEATURES))
+        pq.write_table(pa.table({"id": ids, **{f"h{i}": x[:, i] for i in range(HOST_FEATURES)}}),
+                       folder / "host.parquet")
+        build_store(folder / "host.parquet", folder / "host.sqlite", id_column="id", key_of=hasher("sha256"),
+                    id_hash="sha256")
+        host = start(*serving_config.load(_conf(folder, "host", "guest", keys["guest"], 'store = "host.sqlite"')),
+                     folder / "host-model")
+        guest = start(*serving_config.load(_conf(folder, "guest", "host", keys["host"],
+                                                 f'hosts = {{ host = "127.0.0.1:{host.port}" }}')),
+                      folder / "guest-model")
+        try:
+            host.service.tls.caller = lambda context: "guest"   # no TLS here: the caller is the guest
+            part = host.service.part
+            guest.service.calls = {"host": lambda data, timeout: part(data, Caller())}
+            rows = args.profile_rows
+            requests = [score_request([ids[int(k)] for k in rng.integers(len(ids), size=rows)],
+                                      rng.normal(size=(rows, GUEST_FEATURES))) for _ in range(64)]
+            n = max(200, args.requests // rows)
+
+            def drive() -> None:
+                for i in range(n):
+                    guest.service.score(requests[i % 64], Caller())
+
+            drive()
+            rounds = []
+            for _ in range(5):
+                started = time.thread_time()
+                drive()
+                rounds.append(1e6 * (time.thread_time() - started) / n)
+            print(json.dumps({"model": args.model, "rows": rows, "requests": n,
+                              "cpu_us_per_request": [round(r, 1) for r in rounds], "best": round(min(rounds), 1),
+                              "load_average": os.getloadavg()[0]}))
+            try:
+                from pyinstrument import Profiler
+            except ImportError:
+                return
+            profiler = Profiler(interval=0.0001)
+            profiler.start()
+            drive()
+            profiler.stop()
+            print(profiler.output_text(unicode=False, color=False))
+        finally:
+            guest.stop()
+            host.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000)
@@ -218,7 +293,12 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--block", type=int, default=10, help="latency requests per path in a row")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--profile", action="store_true", help="in-process CPU profile of fedps' own code")
+    parser.add_argument("--profile-rows", type=int, default=1, help="--profile: rows a request")
     args = parser.parse_args()
+    if args.profile:
+        profile(args)
+        return
     import grpc
 
     with tempfile.TemporaryDirectory() as tmp:
