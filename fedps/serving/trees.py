@@ -50,36 +50,46 @@ class SplitRules:
     column: np.ndarray        # index into the party's features
     threshold: np.ndarray     # left: value <= threshold (+inf: every present value goes left)
     default_left: np.ndarray  # where missing values go
+    category: np.ndarray      # a categorical split: left when value == category (NaN: not categorical)
 
     @classmethod
     def of(cls, splits: dict, features: int, path: Path) -> "SplitRules":
         ids = tuple(sorted(splits))
-        column, threshold, left = [], [], []
+        column, threshold, left, category = [], [], [], []
         for sid in ids:
             spec = splits[sid]
             if not isinstance(spec, dict):
                 raise DataError(f"{path}: split {sid} is not a split record")
-            if spec.get("categorical") or "categories" in spec:
-                raise ConfigError(f"{path}: split {sid} is categorical (on {spec.get('feature')!r}); serving "
-                                  "categorical splits is not supported yet: serve a model trained without "
-                                  "categorical features (docs/operations.md, 'Online serving')")
+            if "categories" in spec:   # a form secureboost does not write (one category against the rest)
+                raise ConfigError(f"{path}: split {sid} sends a set of categories one way, which serving does not "
+                                  "know; it serves one-category splits (\"categorical\" with \"category\")")
             try:
                 j, t, d = int(spec["index"]), spec["threshold"], bool(spec["default_left"])
+                c = float(spec["category"]) if spec.get("categorical") else np.nan
             except (KeyError, TypeError, ValueError) as exc:
-                raise DataError(f"{path}: split {sid} is unreadable: {exc}") from None
+                raise DataError(f"{path}: split {sid} is unreadable: {type(exc).__name__}: {exc}") from None
             if not 0 <= j < features:
                 raise DataError(f"{path}: split {sid} uses feature {j}, but the model has {features}")
+            if spec.get("categorical") and not np.isfinite(c):
+                raise DataError(f"{path}: categorical split {sid} has no finite category")
             column.append(j)
             threshold.append(np.inf if t is None else float(t))
             left.append(d)
+            category.append(c)
         return cls(ids, np.array([node_id(s) for s in ids], dtype=np.uint64), np.array(column, dtype=np.int64),
-                   np.array(threshold, dtype=np.float64), np.array(left, dtype=bool))
+                   np.array(threshold, dtype=np.float64), np.array(left, dtype=bool),
+                   np.array(category, dtype=np.float64))
 
     def right(self, x: np.ndarray) -> np.ndarray:
-        """(splits, rows) bools: True where the row goes to the right child (``tree.go_left_raw``'s rule)."""
+        """(splits, rows) bools: True where the row goes to the right child (``tree.go_left_raw``'s rule:
+        ``value <= threshold``, or ``value == category`` for a categorical split; NaN to its default side)."""
         values = x[:, self.column].T
         with np.errstate(invalid="ignore"):
-            left = np.where(np.isnan(values), self.default_left[:, None], values <= self.threshold[:, None])
+            present = values <= self.threshold[:, None]
+            categorical = ~np.isnan(self.category)
+            if categorical.any():
+                present[categorical] = values[categorical] == self.category[categorical, None]
+            left = np.where(np.isnan(values), self.default_left[:, None], present)
         return ~left
 
 

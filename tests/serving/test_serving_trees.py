@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from fedps.errors import ConfigError
+from fedps.errors import ConfigError, DataError
 from fedps.serving import config as serving_config
 from fedps.serving.client import GuestClient
 from fedps.serving.server import start
@@ -154,11 +154,26 @@ def test_tree_models_refuse_what_they_cannot_serve(identities, in_process):
                       {"store": "trees-refused.sqlite", "guest": "guest", "mask_with": ["host", "host2"]})
     with pytest.raises(ConfigError, match="mask_with does not apply"):
         start(*serving_config.load(conf), case.host)
-    categorical = json.loads(json.dumps(case.models["host"]))
-    sid = next(iter(categorical["splits"]))
-    categorical["splits"][sid] = {**categorical["splits"][sid], "categorical": True}
-    write(folder / "categorical" / "host", case.job, categorical)
+    broken = json.loads(json.dumps(case.models["host"]))
+    sid = next(iter(broken["splits"]))
+    broken["splits"][sid] = {**broken["splits"][sid], "categorical": True}   # and no category
+    write(folder / "broken" / "host", case.job, broken)
     conf = party_toml(folder, case.job, "host", "host", {"guest": keys["guest"]},
                       {"store": "trees-refused.sqlite", "guest": "guest"})
-    with pytest.raises(ConfigError, match=f"split {sid} is categorical"):
-        start(*serving_config.load(conf), folder / "categorical" / "host")
+    with pytest.raises(DataError, match=f"split {sid} is unreadable: KeyError"):
+        start(*serving_config.load(conf), folder / "broken" / "host")
+
+
+def test_categorical_splits_equal_the_batch_federated_prediction(in_process):
+    folder, pair = in_process
+    case = train(folder, "trees-categorical", "student", objective="reg:squarederror", max_bin=8,
+                 categorical={"guest": ("x1", "x3"), "host": ("x0", "x1", "x2")})
+    splits = [s for m in case.models.values() for s in m["splits"].values()]
+    assert any(s.get("categorical") for s in case.models["host"]["splits"].values())
+    assert any(s.get("categorical") for s in splits) and not all(s.get("categorical") for s in splits)
+    build_store(folder, case, "trees-categorical")
+    _, _, client = pair(case, "trees-categorical")
+    xg = case.xg.copy()
+    xg[::5, 1] = 99.0   # a category never seen in training goes right, as in the batch prediction
+    want = batch_predict(case, xg, case.xh, folder / "trees-predict-categorical")
+    np.testing.assert_allclose(client.score(case.ids, xg).scores, want["value"], rtol=0, atol=1e-9)

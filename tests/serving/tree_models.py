@@ -49,15 +49,17 @@ def load(data: str, missing_every: int = 0) -> tuple[list[str], pd.DataFrame, pd
     return [str(i) for i in guest["id"]], guest, host
 
 
-def train(folder: Path, job: str, data: str = "breast", missing_every: int = 0, **settings) -> TreeCase:
+def train(folder: Path, job: str, data: str = "breast", missing_every: int = 0,
+          categorical: dict[str, tuple[str, ...]] | None = None, **settings) -> TreeCase:
     ids, guest, host = load(data, missing_every)
     gf = [c for c in guest.columns if c not in ("id", "y")]
     hf = [c for c in host.columns if c != "id"]
     xg, xh = guest[gf].to_numpy(np.float64), host[hf].to_numpy(np.float64)
     y = guest["y"].to_numpy(np.float64)
     params = SBParams(**{"trees": 3, "max_depth": 3, "max_bin": 16, "validation_fraction": 0.2, **settings})
-    bins = {"guest": merge([sketch(xg)], tuple(gf), params.max_bin, len(xg)),
-            "host": merge([sketch(xh)], tuple(hf), params.max_bin, len(xh))}
+    categorical = categorical or {}
+    bins = {"guest": merge([sketch(xg)], tuple(gf), params.max_bin, len(xg), "guest", categorical.get("guest", ())),
+            "host": merge([sketch(xh)], tuple(hf), params.max_bin, len(xh), "host", categorical.get("host", ()))}
     keys = np.array([int(i) for i in ids], dtype=np.int64)
     model = reference.train({"guest": (bins["guest"], xg), "host": (bins["host"], xh)}, y, keys, params)
     base = objective.base_margin(params.objective, y[reference.training_rows(keys, params)], params.classes)
