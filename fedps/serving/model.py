@@ -1,8 +1,9 @@
 """A party's part of a trained model, as served, and its hot reload.
 
 The model is the party's output folder of a training job: ``model.json``
-(its own weights only, written by ``hetero_lr``) and the job's id from the
-folder's setup record (``checkpoint/setup.json``, the record that ties an
+(its own weights only, written by ``hetero_lr``: dense, or sparse over feature
+ids, :mod:`fedps.serving.sparse`; or its part of a ``secureboost`` model,
+:mod:`fedps.serving.trees`) and the job's id from the folder's setup record (``checkpoint/setup.json``, the record that ties an
 output folder to one job). The job id is the **model version**: every party's
 part of one trained model carries it, and a guest scores with the parts of one
 version only.
