@@ -5,7 +5,7 @@ partner starts an *epoch*: each party draws a persistent ECDH secret, and
 both keep the bucket key they agreed (so an id stays in its bucket from run
 to run). Each party writes its key file (mode 0600 where local)::
 
-    {"version": 1, "partner": <peer>, "protocol": "ecdh", "buckets": N,
+    {"version": 1, "partner": <peer>, "protocol": "ecdh" | "rsa", "buckets": N,
      "created": <unix time>, "epoch": <hex>, "bucket_key": <hex>, "secret": <hex>}
 
 and, per bucket, beside it in ``<key_file>.cache/<epoch>/``: ``own/`` (its
@@ -19,6 +19,10 @@ an id removed since is simply not sent, and the result equals a run from
 scratch. Any difference (a party without a key file or with another epoch,
 an expired key, other ``buckets`` or ``protocol``) starts a new epoch on both
 sides: fresh secrets, the fresh bucket key, the old cache deleted.
+
+RSA (:mod:`fedps.algorithms.psi.rsa`): the signer adds the epoch's RSA key
+to its key file (``"rsa"``), the requester the public half; ``own/`` holds
+each party's tags, and the requester sends only ids without one.
 
 What reusing a key reveals is in docs/protocols.md ("Incremental PSI").
 """
@@ -89,6 +93,15 @@ def load_key(params: Any, peer: str, now: float | None = None) -> dict[str, Any]
     return stored
 
 
+def save_key(persistent: dict[str, Any], more: dict[str, Any]) -> None:
+    """Add ``more`` to this party's key file (the RSA key of the epoch)."""
+    folder, name = key_location(persistent["key_file"])
+    stored = folder.read_json(name) or {}
+    stored.update(more)
+    folder.write_json(name, stored, private=True)
+    persistent.update(more)
+
+
 def agree(channel: Any, scope: Scope, params: Any, me: str, peer: str,
           fresh: PsiKeys) -> tuple[PsiKeys, dict[str, Any] | None]:
     """Decide with the peer whether this run reuses an epoch; returns the keys and this party's key
@@ -106,7 +119,8 @@ def agree(channel: Any, scope: Scope, params: Any, me: str, peer: str,
         log.warning("psi: %s keeps no PSI key (job.params.key_file): this run is from scratch", peer)
         return fresh, None
     if offer is not None and theirs["epoch"] == offer:
-        key = {**stored, "cache": str(cache_root(params.key_file).child(offer)), "reused": True}
+        key = {**stored, "cache": str(cache_root(params.key_file).child(offer)), "reused": True,
+               "key_file": params.key_file}
         log.info("psi: reusing the PSI key of epoch %s with %s (incremental run)", offer[:12], peer)
         return PsiKeys(bytes.fromhex(stored["bucket_key"]), fresh.order), key
     epoch = epoch_of(fresh.bucket, params.protocol, params.buckets, [me, peer])
@@ -117,4 +131,5 @@ def agree(channel: Any, scope: Scope, params: Any, me: str, peer: str,
     folder, name = key_location(params.key_file)
     folder.write_json(name, key, private=True)
     log.info("psi: a new PSI key epoch %s with %s in %s", epoch[:12], peer, params.key_file)
-    return fresh, {**key, "cache": str(cache_root(params.key_file).child(epoch)), "reused": False}
+    return fresh, {**key, "cache": str(cache_root(params.key_file).child(epoch)), "reused": False,
+                   "key_file": params.key_file}

@@ -60,7 +60,7 @@ class PsiParams:
     tasks: int = 0
     #: Longest wait, in seconds, for a step of the peer's (reading its ids, its cryptography).
     wait_s: int = 3600
-    #: Incremental PSI (ecdh): this party's persistent PSI key for this partner; "" runs from scratch.
+    #: Incremental PSI (ecdh, rsa): this party's persistent PSI key for this partner; "" runs from scratch.
     #: Its blinded sets are kept beside it (``<key_file>.cache/``). Relative to the config file, or a URI.
     key_file: str = ""
     #: A key older than this is rotated (a new epoch: fresh keys, everything blinded again).
@@ -90,8 +90,8 @@ class PsiParams:
                               f"got {self.rsa_bits}")
         if self.key_max_age_days < 1:
             raise ConfigError(f"job.params.key_max_age_days must be 1 or more, got {self.key_max_age_days}")
-        if self.key_file and self.protocol != "ecdh":
-            raise ConfigError(f"job.params.key_file (incremental PSI) works with protocol ecdh only so far, "
+        if self.key_file and self.protocol not in ("ecdh", "rsa"):
+            raise ConfigError(f"job.params.key_file (incremental PSI) works with protocols ecdh and rsa, "
                               f"not {self.protocol!r}")
         if self.protocol == "rsa" and self.result == self.rsa_key_holder:
             raise ConfigError("job.params.result: with protocol rsa a one-sided result goes to the "

@@ -21,6 +21,11 @@ process serving the bucket, over the bucket's partition of the PSI link:
 6. requester: unblind, check ``s^e = FDH(x)``, tag, and match within the bucket
 7. if the signer learns the result: requester -> signer: the matched tags (stream
    ``rsa_matched``), which the signer maps to its own ids
+
+Incremental PSI (:mod:`fedps.algorithms.psi.incremental`): the signer keeps
+its key for the epoch (in its key file) and the tags of its ids; the
+requester keeps its ids' unblinded tags and blinds and sends only ids
+without one (so the signer signs only new ids of either side).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric import rsa as rsa_keys
 
+from fedps.algorithms.psi.storage import Folder
 from fedps.algorithms.psi.stream import BucketIO, Stream, from_matrix, is_in, to_matrix, with_seq
 from fedps.errors import CryptoError, ProtocolError
 from fedps.messaging.tags import Message
@@ -128,17 +134,32 @@ def _sign(key: PrivateKey, blinded: pa.Array) -> pa.Array:
     return _matrix(signed, w)
 
 
-def _own_tags(key: PrivateKey, ids: pa.Table) -> pa.Table:
-    """Signer, step 2: ``T(FDH(y)^d)`` for my ids in private order."""
+def _own_tags(key: PrivateKey, ids: pa.Table, stats: dict[str, int] | None = None,
+              cached: pa.Table | None = None) -> pa.Table:
+    """Signer, step 2: ``T(FDH(y)^d)`` for my ids in private order (those in ``cached``: kept)."""
     w = key.public.width
-    column = ids.column("id")
-    tags = [tag(key.sign(key.public.fdh(i)), w) for i in column.to_pylist()]
+    column = ids.column("id").combine_chunks() if ids.num_rows else pa.array([], pa.string())
+    known = _known(cached, column)
+    tags, signed = [], 0
+    for i, found in zip(column.to_pylist(), known):
+        if found is None:
+            found, signed = tag(key.sign(key.public.fdh(i)), w), signed + 1
+        tags.append(found)
+    if stats is not None:
+        stats["blinded_own"] = signed
     return with_seq({"id": column, "value": _matrix(tags, TAG_BYTES)})
 
 
-def _unblind_and_match(key: PublicKey, mine: pa.Table, signed: pa.Array, peer_tags: pa.Array) -> pa.Table:
-    """Requester, step 6: unblind, check and tag my signatures; keep those the signer's tags
-    include, as ``(id, value)`` sorted by tag so the order says nothing."""
+def _known(cached: pa.Table | None, column: pa.Array) -> list[bytes | None]:
+    """The cached tag of each id of ``column`` (incremental PSI), or None."""
+    if cached is None or not cached.num_rows:
+        return [None] * len(column)
+    table = dict(zip(cached.column("id").to_pylist(), cached.column("value").to_pylist()))
+    return [table.get(i) for i in column.to_pylist()]
+
+
+def _unblind(key: PublicKey, mine: pa.Table, signed: pa.Array) -> pa.Array:
+    """Requester, step 6: unblind and check my signatures; their tags, in ``mine``'s order."""
     n, w = gmpy2.mpz(key.n), key.width
     inverses = to_matrix(mine.column("r_inv"), w)
     tags = []
@@ -147,18 +168,38 @@ def _unblind_and_match(key: PublicKey, mine: pa.Table, signed: pa.Array, peer_ta
         if gmpy2.powmod(s, key.e, n) != key.fdh(canonical_id):
             raise ProtocolError("the key holder returned a wrong signature")
         tags.append(tag(s, w))
-    values = _matrix(tags, TAG_BYTES)
+    return _matrix(tags, TAG_BYTES)
+
+
+def _match(ids: pa.Array, values: pa.Array, peer_tags: pa.Array) -> pa.Table:
+    """My ``(id, tag)`` whose tag the signer's tags include, sorted by tag so the order says nothing."""
     keep = pa.array(is_in(values, peer_tags, TAG_BYTES))
-    return pa.table({"id": mine.column("id").filter(keep), "value": values.filter(keep)}).sort_by("value")
+    return pa.table({"id": ids.filter(keep), "value": values.filter(keep)}).sort_by("value")
 
 
-def serve_signer(key: PrivateKey, i_learn: bool) -> Callable[[BucketIO], None]:
+def _unblind_and_match(key: PublicKey, mine: pa.Table, signed: pa.Array, peer_tags: pa.Array) -> pa.Table:
+    return _match(mine.column("id").combine_chunks(), _unblind(key, mine, signed), peer_tags)
+
+
+def _cached(cache: Folder | None, bucket: int) -> pa.Table | None:
+    return None if cache is None else cache.child("own", f"bucket={bucket}").read_table(["id", "value"])
+
+
+def _keep(cache: Folder | None, bucket: int, ids: pa.Array, tags: pa.Array) -> None:
+    if cache is not None:
+        cache.child("own", f"bucket={bucket}").write_table("part-0.parquet", pa.table({"id": ids, "value": tags}))
+
+
+def serve_signer(key: PrivateKey, i_learn: bool, cache: Folder | None = None) -> Callable[[BucketIO], None]:
+    """``cache`` (incremental PSI): my ids' tags under this same key from earlier runs."""
     def run(io: BucketIO) -> None:
         w = key.public.width
-        mine = io.kept("mine", lambda: _own_tags(key, io.ids()))               # 2
+        mine = io.kept("mine", lambda: _own_tags(key, io.ids(), io.stats, _cached(cache, io.bucket)))  # 2
+        _keep(cache, io.bucket, mine.column("id"), mine.column("value"))
         io.send(TAGS, mine.column("value"))
         blinded = io.recv(blinded_stream(w))                                    # 3
-        io.stats["peer_ids"] = len(blinded)
+        io.stats["peer_ids"] = len(blinded)    # an incremental requester sends only its new ids
+        io.stats["blinded_peer"] = len(blinded)
         io.send(signed_stream(w), _sign(key, blinded))                          # 4
         if i_learn:
             matched = io.recv(MATCHED)                                          # 7
@@ -167,9 +208,20 @@ def serve_signer(key: PrivateKey, i_learn: bool) -> Callable[[BucketIO], None]:
     return run
 
 
-def serve_requester(key: PublicKey, signer_learns: bool) -> Callable[[BucketIO], None]:
+def serve_requester(key: PublicKey, signer_learns: bool, cache: Folder | None = None) -> Callable[[BucketIO], None]:
+    """``cache`` (incremental PSI): my ids' unblinded tags under this same key from earlier runs;
+    only ids without one are blinded and sent to be signed."""
     def run(io: BucketIO) -> None:
-        mine = io.kept("mine", lambda: _blind(key, io.ids()))                   # 2, r kept
+        ids = io.ids()
+        column = ids.column("id").combine_chunks() if ids.num_rows else pa.array([], pa.string())
+        known = _known(_cached(cache, io.bucket), column)
+
+        def fresh() -> pa.Table:
+            new = [i for i, found in zip(column.to_pylist(), known) if found is None]
+            return _blind(key, pa.table({"id": pa.array(new, pa.string())}))
+
+        mine = io.kept("mine", fresh)                                           # 2, r kept
+        io.stats["blinded_own"] = mine.num_rows
         io.send(blinded_stream(key.width), mine.column("value"))                # 3
         signed = io.recv(signed_stream(key.width))                              # 4
         if len(signed) != mine.num_rows:
@@ -177,7 +229,11 @@ def serve_requester(key: PublicKey, signer_learns: bool) -> Callable[[BucketIO],
                                 f"{io.bucket}, where {mine.num_rows} values were sent")
         peer_tags = io.recv(TAGS)                                               # 5
         io.stats["peer_ids"] = len(peer_tags)
-        matched = _unblind_and_match(key, mine, signed, peer_tags)              # 6
+        signed_now = dict(zip(mine.column("id").to_pylist(), _unblind(key, mine, signed).to_pylist()))  # 6
+        tags = [signed_now[i] if i in signed_now else found for i, found in zip(column.to_pylist(), known)]
+        values = pa.array(tags, pa.binary()) if tags else pa.array([], pa.binary())
+        _keep(cache, io.bucket, column, values)
+        matched = _match(column, values, peer_tags)
         if signer_learns:
             io.send(MATCHED, matched.column("value"))                           # 7
         io.save("matched", matched.select(["id"]))
@@ -185,26 +241,46 @@ def serve_requester(key: PublicKey, signer_learns: bool) -> Callable[[BucketIO],
 
 
 def setup(run: Any, saved: dict[str, Any] | None) -> dict[str, Any]:
-    """Step 1, in the driver: the signer's key (fresh, or the one of the run it resumes)."""
+    """Step 1, in the driver: the signer's key (fresh, the one of the run it resumes, or, in an
+    incremental PSI, the epoch's: kept in the signer's key file, its public half in the requester's)."""
     if saved:
         return saved
+    persistent = getattr(run, "persistent", None)
+    extra = {"cache": persistent["cache"]} if persistent else {}
     if run.role == run.params.rsa_key_holder:
-        key = PrivateKey.generate(run.params.rsa_bits)
-        run.channel.send(run.scope.tag(PUBLIC_KEY.name),
-                         PUBLIC_KEY.check({"n": format(key.public.n, "x"), "e": key.public.e}))
-        return {"private": {name: format(getattr(key, name), "x") for name in ("p", "q", "dp", "dq", "q_inv")},
-                "n": format(key.public.n, "x"), "e": key.public.e}
+        kept = (persistent or {}).get("rsa")
+        if kept and int(kept["n"], 16).bit_length() == run.params.rsa_bits:
+            state = {**kept, "private": dict(kept["private"])}
+        else:
+            key = PrivateKey.generate(run.params.rsa_bits)
+            state = {"private": {name: format(getattr(key, name), "x") for name in ("p", "q", "dp", "dq", "q_inv")},
+                     "n": format(key.public.n, "x"), "e": key.public.e}
+            if persistent:   # a new key: what was signed under another is of no use
+                _new_rsa_key(persistent, state)
+        run.channel.send(run.scope.tag(PUBLIC_KEY.name), PUBLIC_KEY.check({"n": state["n"], "e": state["e"]}))
+        return {**state, **extra}
     raw = PUBLIC_KEY.check(run.channel.recv(run.scope.tag(PUBLIC_KEY.name), timeout=run.wait_s))
     key = _check_public(raw, run.params.rsa_bits)
-    return {"n": format(key.n, "x"), "e": key.e}
+    state = {"n": format(key.n, "x"), "e": key.e}
+    if persistent and (persistent.get("rsa") or {}).get("n") != state["n"]:
+        _new_rsa_key(persistent, state)   # the signer's key changed: my cached tags are void
+    return {**state, **extra}
+
+
+def _new_rsa_key(persistent: dict[str, Any], state: dict[str, Any]) -> None:
+    from fedps.algorithms.psi import incremental
+
+    Folder.at(persistent["cache"]).remove()
+    incremental.save_key(persistent, {"rsa": state})
 
 
 def server(run: Any, state: dict[str, Any]) -> Callable[[BucketIO], None]:
     public = PublicKey(int(state["n"], 16), int(state["e"]))
+    cache = Folder.at(state["cache"]) if state.get("cache") else None
     if "private" in state:
         values = {name: int(v, 16) for name, v in state["private"].items()}
-        return serve_signer(PrivateKey(public, **values), run.params.learns(run.role))
-    return serve_requester(public, run.params.learns(run.peer_role))
+        return serve_signer(PrivateKey(public, **values), run.params.learns(run.role), cache)
+    return serve_requester(public, run.params.learns(run.peer_role), cache)
 
 
 def _check_public(raw: dict, bits: int) -> PublicKey:
