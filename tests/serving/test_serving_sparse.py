@@ -16,7 +16,9 @@ from fedps.engine.formats import tag_id
 from fedps.errors import ConfigError
 from fedps.serving import config as serving_config
 from fedps.serving.client import GuestClient
+from fedps.serving.keys import hasher
 from fedps.serving.server import start
+from fedps.serving.store import build_store
 from serving_helpers import counter, party_toml, serve, write_model
 
 JOB = "sparse-a"
@@ -159,7 +161,8 @@ def test_a_sparse_guest_reads_its_tag_value_rows_and_mismatched_stores_are_refus
     wh, bh = sparse_model(job_dir / "host", "host", sorted({k for p in hpairs for k in p[0]}), 6, None)
     host_conf = party_toml(folder, JOB, "host", "host", {"guest": keys["guest"]},
                            {"store": "both-host.sqlite", "guest": "guest"})
-    build(host_conf, write_libsvm(folder / "both-host.txt", parts.ids, hpairs), "--format", "libsvm")
+    build_store(write_libsvm(folder / "both-host.txt", parts.ids, hpairs), folder / "both-host.sqlite",
+                id_column="id", key_of=hasher("sha256"), id_hash="sha256", fmt="libsvm")   # the command's function
     host = start(*serving_config.load(host_conf), job_dir / "host")
     try:
         guest_conf = party_toml(folder, JOB, "guest", "guest", {"host": keys["host"]},

@@ -3,6 +3,7 @@ federated prediction (secureboost/predict.py) of the same model on the same rows
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 
 from fedps.errors import ConfigError, DataError
 from fedps.serving import config as serving_config
+from fedps.serving import store
 from fedps.serving.client import GuestClient
 from fedps.serving.server import start
 from serving_helpers import counter, party_toml, serve
@@ -21,9 +23,13 @@ from tree_models import batch_predict, host_parquet, train, write
 UNKNOWN = 3   # the host's store lacks the last rows' ids
 
 
-def build_store(folder, case, name: str, drop_last: int = 0):
-    conf = party_toml(folder, case.job, "host", "host", {}, {"store": f"{name}.sqlite"})
+def build_store(folder, case, name: str, drop_last: int = 0, cli: bool = False):
     source = host_parquet(case, folder / f"{name}.parquet", drop_last)
+    if not cli:   # the function the command runs, without a process's start-up
+        store.build_store(source, folder / f"{name}.sqlite", id_column="id", id_hash="sha256", missing_ok=True,
+                          key_of=lambda i: hashlib.sha256(i.encode()).digest())
+        return
+    conf = party_toml(folder, case.job, "host", "host", {}, {"store": f"{name}.sqlite"})
     built = subprocess.run([sys.executable, "-m", "fedps.engine.cli", "serve", "--conf", str(conf),
                             "--build-store", str(source), "--missing-ok"], capture_output=True, text=True, timeout=60)
     assert built.returncode == 0, built.stderr
@@ -34,7 +40,7 @@ def build_store(folder, case, name: str, drop_last: int = 0):
 def binary(identities):
     folder, keys = identities
     case = train(folder, "trees-a", "breast", missing_every=7)
-    build_store(folder, case, "trees-host", drop_last=UNKNOWN)
+    build_store(folder, case, "trees-host", drop_last=UNKNOWN, cli=True)
     host_conf = party_toml(folder, case.job, "host", "host", {"guest": keys["guest"]},
                            {"store": "trees-host.sqlite", "port_file": "trees-host.ports.json"})
     host = serve(host_conf, case.host, folder / "trees-host.ports.json")
