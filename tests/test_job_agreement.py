@@ -9,14 +9,11 @@ neither ran a PSI; `fedps jobs` shows the job as failed on both.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from fedps.engine import jobs
+from processes import start, stopped
 from test_first_hour import DATA, write_job
 
 
@@ -27,20 +24,14 @@ def test_different_settings_stop_both_parties_with_the_same_sentence(tmp_path, b
     confs["guest"].write_text(confs["guest"].read_text().replace('id_column = "id",', 'id_column = "id", epochs = 5,'))
     confs["host"].write_text(confs["host"].read_text().replace('id_column = "id",', 'id_column = "id", epochs = 3,')
                              .replace("buckets = 2", "buckets = 3"))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "fedps.engine.cli", "run", "--conf", str(conf)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for name, conf in confs.items()}
     sentences = {}
-    for name, proc in procs.items():
-        _, stderr = proc.communicate(timeout=360)
-        assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
+    for name, stderr in stopped({name: start(conf) for name, conf in confs.items()}, timeout=360).items():
         (line,) = [ln for ln in stderr.splitlines() if "the parties configured different jobs" in ln]
         sentences[name] = line[line.index("the parties"):]
     assert sentences["guest"] == sentences["host"]
     assert "job.params.epochs: guest has 5, host has 3" in sentences["guest"]
     assert "job.params.psi.buckets: guest has 2, host has 3" in sentences["guest"]
-    for name in procs:
+    for name in confs:
         metrics = json.loads((tmp_path / "out" / name / "metrics.json").read_text())
         assert not [key for key in metrics if key.startswith("psi")], metrics   # no PSI ran
         entry = jobs.read(name, job_id)
