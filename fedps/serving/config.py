@@ -2,8 +2,8 @@
 
 ``fedps serve --conf party.toml`` takes the party's identity, pinned peers and
 job from the usual sections and its serving settings from ``[serving]``
-(which ``fedps run`` does not know: keep the serving settings in a copy of the
-party's file, or give them with ``--set serving.key=value``).
+(which ``fedps run`` leaves alone: one party file serves both commands; or give
+them with ``--set serving.key=value``).
 """
 
 from __future__ import annotations
