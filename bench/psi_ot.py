@@ -7,7 +7,9 @@
 ``--relay``: the library alone (no Spark, no fedps job), its own loopback
 sockets against its blackbox link through two relays over a real sealed
 PSI link on the embedded broker; prints the library's own PSI time
-(``library_s``, without process start and library load) for each.
+(``library_s``, without process start and library load) for each, and
+ECDH's ceiling measured just before and after (one hash to curve and two
+X25519 per id on one core, no transport: no ECDH PSI can beat it).
 
 Needs the OT venv (``make ot-env``). Both parties run the whole PSI job
 (``fedps.algorithms.psi.run``: read, stage, buckets, output) as threads of
@@ -176,6 +178,20 @@ def library_pair(folder: Path, n: int, transport: str, servers: str = "") -> dic
             "frames": relays["guest"].stats if relays else None}
 
 
+def ecdh_floor_per_core(count: int = 2000) -> float:
+    """ECDH's ceiling, ids/s on one core: one hash to curve and two X25519 per id, nothing else."""
+    from fedps.algorithms.psi import ecdh
+
+    secret = ecdh.new_secret()
+    started = time.perf_counter()
+    points = [ecdh.encode_to_curve(str(i).encode()) for i in range(count)]
+    hashed = time.perf_counter() - started
+    started = time.perf_counter()
+    ecdh.blind_all(secret, points, count)
+    multiplied = time.perf_counter() - started
+    return count / (hashed + 2 * multiplied)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, nargs="+", default=[100_000], help="ids per party (several: one each)")
@@ -194,8 +210,13 @@ def main() -> int:
             for n in args.relay:
                 for round_ in range(args.rounds):
                     for transport in (("direct", "relay") if round_ % 2 == 0 else ("relay", "direct")):
-                        print(json.dumps({"round": round_, **library_pair(Path(tmp), n, transport,
-                                                                          broker.bootstrap_servers)}), flush=True)
+                        floor = ecdh_floor_per_core()
+                        row = library_pair(Path(tmp), n, transport, broker.bootstrap_servers)
+                        floor = (floor + ecdh_floor_per_core()) / 2   # before and after, averaged
+                        rate = n / row["library_s"]   # 2n ids on 2 cores
+                        print(json.dumps({"round": round_, **row, "library_ids_per_s_per_core": round(rate),
+                                          "ecdh_floor_ids_per_s_per_core": round(floor),
+                                          "library_over_ecdh_floor": round(rate / floor, 1)}), flush=True)
         return 0
     spark = start_spark(SparkConfig(master="local[2]", conf={"spark.sql.shuffle.partitions": "8"}))
     rows = []

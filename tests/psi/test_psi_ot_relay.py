@@ -109,6 +109,17 @@ def test_pushed_messages_come_out_of_the_peers_pops_in_order_over_the_sealed_lin
     assert guest_relay.error() is None and host_relay.error() is None
 
 
+def test_a_pop_whose_answer_was_not_written_keeps_its_message_for_the_next_pop(relays):
+    _, _, guest = relays[0]["guest"]
+    host_relay, _, host = relays[0]["host"]
+    assert guest.push(b"first")["code"] == OK and guest.push(b"second")["code"] == OK
+    reply = host_relay.pop("guest-host", 30)            # taken, but the library never got the answer
+    assert parse_outbound(reply)["payload"] == b"first"
+    host_relay.unpop(reply)
+    assert host.pop_all(2) == [b"first", b"second"]
+    assert host_relay.stats["ot_popped"] == 2 and host_relay.stats["ot_pop_retries"] == 1
+
+
 def test_wrong_token_or_topic_is_refused_and_nothing_passes(relays):
     relay, _, guest = relays[0]["guest"]
     _, _, host = relays[0]["host"]

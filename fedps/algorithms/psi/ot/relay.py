@@ -33,6 +33,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
@@ -105,7 +106,8 @@ class Relay:
         self._send, self._recv = send, recv
         self.frame_bytes, self.wait_s = frame_bytes, wait_s
         self._out: queue.Queue[bytes | None] = queue.Queue()
-        self._in: queue.Queue[bytes] = queue.Queue()
+        self._in: deque[bytes] = deque()
+        self._arrived = threading.Condition()
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
         self.stats = {"ot_pushed": 0, "ot_popped": 0, "ot_frames_sent": 0, "ot_frames_received": 0,
@@ -161,12 +163,24 @@ class Relay:
         if topic != f"{self.peer}-{self.me}":
             return outbound(code=BAD_REQUEST, message=f"pop of topic {topic!r}; this relay receives "
                                                       f"{self.peer}-{self.me} only")
-        try:
-            message = self._in.get(timeout=max(0.0, min(timeout_s, MAX_POP_S)))
-        except queue.Empty:
-            return outbound()     # empty payload: the library asks again
+        with self._arrived:
+            self._arrived.wait_for(lambda: self._in, timeout=max(0.0, min(timeout_s, MAX_POP_S)))
+            if not self._in:
+                return outbound()     # empty payload: the library asks again
+            message = self._in.popleft()
         self.stats["ot_popped"] += 1
         return outbound(payload=message)
+
+    def unpop(self, reply: bytes) -> None:
+        """A pop's answer that could not be written (the library dropped the connection): keep its
+        message first in line for the next pop, so that no message is lost."""
+        message = parse_outbound(reply)["payload"]
+        if message:
+            with self._arrived:
+                self._in.appendleft(message)
+                self._arrived.notify()
+            self.stats["ot_popped"] -= 1
+            self.stats["ot_pop_retries"] = self.stats.get("ot_pop_retries", 0) + 1
 
     # --------------------------------------------------------------- link side
     def _sender(self) -> None:
@@ -210,8 +224,9 @@ class Relay:
                 blob = FRAMES.check(value)
                 if blob.kind != BLOB_KIND:
                     raise ProtocolError(f"an OT frame of kind {blob.kind!r}, expected {BLOB_KIND!r}")
-                for message in unpack(bytes(blob.data)):
-                    self._in.put(message)
+                with self._arrived:
+                    self._in.extend(unpack(bytes(blob.data)))
+                    self._arrived.notify_all()
                 batch += 1
                 deadline = time.monotonic() + self.wait_s
                 self.stats["ot_frames_received"] += 1
@@ -244,8 +259,20 @@ def _handler(relay: Relay) -> type[BaseHTTPRequestHandler]:
                 reply = outbound(code=NOT_FOUND, message=f"no such path {url.path}")
             head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\n"
                     f"Content-Length: {len(reply)}\r\n\r\n").encode()
-            self.wfile.write(head + reply)     # one write: no Nagle wait between head and body
-            self.wfile.flush()
+            try:
+                self.wfile.write(head + reply)     # one write: no Nagle wait between head and body
+                self.wfile.flush()
+            except OSError as exc:                 # the library closed the connection (it stops, or gave up)
+                log.debug("ot relay: could not answer %s: %s", url.path, exc)
+                if url.path == PREFIX + "pop":
+                    relay.unpop(reply)
+                self.close_connection = True
+
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except OSError as exc:                 # reset while reading a request: the library stopped
+                log.debug("ot relay: connection ended: %s", exc)
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the http.server name
             log.debug("ot relay: " + format, *args)
