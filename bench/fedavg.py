@@ -115,7 +115,7 @@ class _Peaks:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def __enter__(self) -> "_Peaks":
-        self.tracemalloc.start(8 if self.where else 1)
+        self.tracemalloc.start(16 if self.where else 1)
         self._thread.start()
         return self
 
@@ -139,7 +139,7 @@ class _Peaks:
             return []
         stats = self.snapshot.statistics("traceback")[:count]
         return [f"{s.size / 2**20:.1f} MiB in {s.count} blocks: " + " <- ".join(
-            f"{Path(f.filename).name}:{f.lineno}" for f in list(s.traceback)[:4]) for s in stats]
+            f"{Path(f.filename).name}:{f.lineno}" for f in list(s.traceback)[::-1][:6]) for s in stats]
 
 
 def _warm() -> None:
@@ -225,7 +225,7 @@ def bench_rounds(args: argparse.Namespace) -> dict:
         folder = Path(tmp)
         publics = {name: generate_identity(folder / f"{name}.key") for name in ["coord", *names]}
         (folder / "publics.json").write_text(json.dumps(publics))
-        for secure in (False, True):
+        for secure in {"both": (False, True), "plain": (False,), "secure": (True,)}[args.modes]:
             job = f"b{uuid.uuid4().hex[:10]}"
             params = dict(rounds=args.rounds, secure=secure, min_parties=args.parties // 2 + 1, deadline_s=300.0)
             out = ctx.Queue()
@@ -240,8 +240,8 @@ def bench_rounds(args: argparse.Namespace) -> dict:
             results["secure" if secure else "plain"] = got
     model_bytes = args.params * 8
     # the first round of a job also creates the topics' readers and warms the clients: left out
-    plain = statistics.median(results["plain"]["round_s"][1:] or results["plain"]["round_s"])
-    secure = statistics.median(results["secure"]["round_s"][1:] or results["secure"]["round_s"])
+    median = {k: statistics.median(v["round_s"][1:] or v["round_s"]) for k, v in results.items()}
+    plain, secure = median.get("plain", float("nan")), median.get("secure", float("nan"))
     masking_s, unmasking_s = _masking_costs(args.parties, args.params)
     with open("/proc/loadavg") as handle:
         load = handle.read().split()[:3]
@@ -404,6 +404,7 @@ def main() -> int:
     rounds.add_argument("--params", type=int, default=1_000_000)
     rounds.add_argument("--rounds", type=int, default=4)
     rounds.add_argument("--where", action="store_true", help="list the largest allocation sites at the peak")
+    rounds.add_argument("--modes", choices=("both", "plain", "secure"), default="both")
     switch = sub.add_parser("switch")
     switch.add_argument("--copies", type=int, nargs="+", default=[1, 8, 32])
     switch.add_argument("--repeats", type=int, default=2)

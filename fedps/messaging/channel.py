@@ -183,10 +183,12 @@ class Channel:
             auto_offset_reset="earliest",
             fetch_max_wait_ms=self.config.kafka.fetch_max_wait_ms,
             fetch_min_bytes=1,
-            # One fetch brings at most about two chunks (a larger record still comes whole), so an
-            # idle channel's prefetched response holds little: ten channels, not ten 8 MiB buffers.
-            max_partition_fetch_bytes=2 * self.config.chunk_bytes + 64 * 1024,
-            fetch_max_bytes=2 * self.config.chunk_bytes + 64 * 1024,
+            # One fetch brings about one chunk (a larger record still comes whole): the consumer
+            # sends its next fetch as it hands records over, so every idle channel may hold one
+            # response; a party with many channels (a FedAvg coordinator) holds one chunk per
+            # channel, not an 8 MiB buffer each.
+            max_partition_fetch_bytes=self.config.chunk_bytes + 64 * 1024,
+            fetch_max_bytes=self.config.chunk_bytes + 64 * 1024,
         )
         self._consumer.assign([self._partition])
         saved = self._file.load()

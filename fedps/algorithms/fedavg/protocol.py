@@ -202,13 +202,15 @@ class Coordinator:
     def _round(self, r: int, size: int, started: float) -> np.ndarray:
         """Steps 2-6 of round ``r`` (step 1, the model's broadcast, is done): returns theta_{r+1}."""
         scope = self.scope.at(iteration=r)
-        adverts = self._gather(ADVERTISE, scope, self.parties, "advertise")
-        self.evaluations[r] = {p: a.get("evaluation", {}) for p, a in adverts.items()}
-        active = self._require(scope, sorted(adverts), r, "advertise")
         if self.params.secure:
+            adverts = self._gather(ADVERTISE, scope, self.parties, "advertise")
+            self.evaluations[r] = {p: a.get("evaluation", {}) for p, a in adverts.items()}
+            active = self._require(scope, sorted(adverts), r, "advertise")
             total, active, dropped = self._secure_sum(scope, r, adverts, active, size + 1)
         else:
-            total, active = self._plain_sum(scope, active, size + 1)
+            total, adverts = self._plain_sum(scope, size + 1)
+            self.evaluations[r] = {p: a.get("evaluation", {}) for p, a in adverts.items()}
+            active = self._require(scope, sorted(adverts), r, "update")
             dropped = sorted(set(self.parties) - set(active))
         samples = float(total[-1])
         if samples <= 0:
@@ -228,16 +230,27 @@ class Coordinator:
                  r, len(active), result.samples, result.seconds, r, result.evaluation.get("auc", float("nan")))
         return theta
 
-    def _plain_sum(self, scope: Scope, active: list[str], size: int) -> tuple[np.ndarray, list[str]]:
-        total = np.zeros(size)
+    def _plain_sum(self, scope: Scope, size: int) -> tuple[np.ndarray, dict[str, dict]]:
+        """Each party's advertisement and its update read together, so one update is held at a time.
 
-        def add(party: str, value: np.ndarray) -> None:
+        (A party sends both at once; read step by step, every party's update
+        would wait whole in its channel while the others' advertisements are read.)
+        """
+        total = np.zeros(size)
+        adverts: dict[str, dict] = {}
+        deadline = time.monotonic() + self.params.deadline_s
+        replay = self.journal.decided(scope.iteration, "update") is not None
+
+        def add(party: str, advert: dict) -> None:
+            wait = self.params.deadline_s if replay else max(deadline - time.monotonic(), self.params.grace_s)
+            value = MASKED.check(self.channels[party].recv(scope.tag(MASKED.name), timeout=wait))
             if value.dtype != np.float64 or value.shape != (size,):
                 raise ProtocolError(f"{party} sent an update of {value.dtype} {value.shape}, not float64 ({size},)")
             total.__iadd__(value)
+            adverts[party] = advert
 
-        got = self._gather(MASKED, scope, active, "update", consume=add)
-        return total, self._require(scope, sorted(got), scope.iteration, "update")
+        self._gather(ADVERTISE, scope, self.parties, "update", consume=add)
+        return total, adverts
 
     def _secure_sum(self, scope: Scope, r: int, adverts: dict[str, dict], u1: list[str],
                     size: int) -> tuple[np.ndarray, list[str], list[str]]:
