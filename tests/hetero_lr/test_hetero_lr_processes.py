@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,63 +13,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedps.messaging.identity import generate_identity
+from processes import finish, kill, party_files, start, stopped
 
 DATA = Path(__file__).parents[2] / "data"
 
 
 def write_configs(tmp: Path, job: str, servers: str, files: dict[str, Path], **params) -> dict[str, Path]:
-    names = list(files)
-    keys = {n: generate_identity(tmp / "keys" / f"{n}.key") for n in names}
-    confs = {}
     settings = {"epochs": 3, "batch_size": 96, "learning_rate": 0.3, "l2": 0.001, "key_bits": 1024,
                 "validation_fraction": 0.3, "optimizer": "sgd", "schedule": "constant", "label_dp": False,
                 **params}
-    for name in names:
-        extra = {"train": str(files[name]), **settings}
-        if len(names) > 2:
-            extra.update(guest="guest", hosts=[n for n in names if n != "guest"])
-        rendered = ", ".join(f"{k} = {json.dumps(v)}" for k, v in extra.items())
-        peers = "\n".join(f'{p} = "{keys[p]}"' for p in names if p != name)
-        conf = tmp / f"{name}.toml"
-        conf.write_text(f"""
-[job]
-id = "{job}"
-algorithm = "hetero_lr"
-params = {{ {rendered} }}
-[party]
-name = "{name}"
-role = "{'guest' if name == 'guest' else 'host'}"
-identity_key = "keys/{name}.key"
-output_dir = "out/{name}"
-[peers]
-{peers}
-[kafka]
-bootstrap_servers = "{servers}"
-[channel]
-recv_timeout_s = 300
-[ray]
-object_store_mb = 80
-num_cpus = 1
-""")
-        confs[name] = conf
-    return confs
-
-
-def start(conf: Path) -> subprocess.Popen:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.Popen([sys.executable, "-m", "fedps.engine.cli", "run", "--conf", str(conf)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-
-
-def finish(procs: dict[str, subprocess.Popen], timeout: float = 600) -> dict[str, dict]:
-    out = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, f"{name} failed:\n{stderr[-4000:]}"
-        out[name] = json.loads(stdout.strip().splitlines()[-1])
-    return out
+    names = list(files)
+    chain = dict(guest="guest", hosts=[n for n in names if n != "guest"]) if len(names) > 2 else {}
+    return party_files(tmp, job, servers, "hetero_lr",
+                       {name: {"train": str(files[name]), **settings, **chain} for name in names},
+                       sections="[channel]\nrecv_timeout_s = 300\n")
 
 
 def row_keys(ids) -> np.ndarray:
@@ -155,8 +111,7 @@ def test_killed_party_resumes_to_the_same_model(tmp_path, broker, job_id, victim
                 break
         time.sleep(0.05)
     assert procs[victim].poll() is None, "the party finished before it could be killed"
-    os.killpg(procs[victim].pid, signal.SIGKILL)      # the party and its local Ray die at once
-    procs[victim].wait()
+    kill(procs[victim])      # the party and its local Ray die at once
     procs[victim] = start(confs[victim])
     finish(procs)
     for name in RESUME_FILES:
@@ -223,10 +178,7 @@ def test_a_layout_that_differs_stops_both_parties_before_any_cryptography(tmp_pa
     pd.read_csv(DATA / "breast_hetero_host.csv").iloc[1:].to_csv(host, index=False)
     files = {"guest": DATA / "breast_hetero_guest.csv", "host": host}
     confs = write_configs(tmp_path, job_id, broker.bootstrap_servers, files, epochs=1)
-    procs = {n: start(c) for n, c in confs.items()}
-    for name, proc in procs.items():
-        _, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 2, stderr[-2000:]
+    errors = stopped({n: start(c) for n, c in confs.items()}, timeout=300)
+    for name, stderr in errors.items():
         assert "partition" in stderr and "both parties must lay out" in stderr, stderr[-2000:]
-        assert "Traceback" not in stderr
         assert not (tmp_path / "out" / name / "checkpoint" / "ps").exists()   # stopped before the PS
