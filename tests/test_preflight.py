@@ -122,3 +122,19 @@ def test_guest_checks_the_psi_input_for_training_with_its_label(tmp_path):
     assert (check.path, check.id_column, check.label_column) == (str(tmp_path / "a.csv"), "sid", "y")
     host = lr_config(tmp_path, '{ psi = { input = "b.csv" } }', role="host")
     assert lr_preflight(host, tmp_path / "out")[0].label is None
+
+
+def test_an_ot_psi_without_its_library_is_refused_in_preflight_with_the_install_step(tmp_path, monkeypatch):
+    from fedps.algorithms.psi.preflight import preflight as psi_preflight
+
+    monkeypatch.setenv("FEDPS_OT_PYTHON", str(tmp_path / "no-venv" / "bin" / "python"))
+    config = lr_config(tmp_path, '{ psi = { input = "a.csv", protocol = "ot" } }')
+    with pytest.raises(ConfigError) as error:
+        lr_preflight(config, tmp_path / "out")
+    assert "job.params.psi.protocol = \"ot\"" in str(error.value) and "make ot-env" in str(error.value)
+    assert "not installed" in public_reason(error.value)
+    path = tmp_path / "psi.toml"
+    path.write_text('[job]\nid = "j1"\nalgorithm = "psi"\nparams = { input = "a.csv", protocol = "ot" }\n'
+                    '[party]\nname = "guest"\nrole = "guest"\n[peers]\nother = "x"\n')
+    with pytest.raises(ConfigError, match=r'job.params.protocol = "ot".*make ot-env'):
+        psi_preflight(config_module.load(path), tmp_path / "out")

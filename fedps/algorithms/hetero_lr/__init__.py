@@ -74,13 +74,15 @@ def preflight(config, output_dir: Path) -> list:
     input (when ``job.params.psi`` is set) or ``job.params.train``, with the
     label rule (binary 0/1) on the guest.
     """
-    from fedps.algorithms.psi.preflight import psi_settings
+    from fedps.algorithms.psi.preflight import check_protocol, psi_settings
     from fedps.engine.preflight import InputCheck, LabelRule, check_keys, with_public
 
     source = config.source
     check_keys(config.job.params, [f.name for f in dataclasses.fields(LRParams)] + ["psi"], "job.params", source)
     raw, psi_raw = split_settings(config.job.params, source)
     psi = psi_settings(config, psi_raw, "job.params.psi") if psi_raw is not None else None
+    if psi is not None:
+        check_protocol(psi, "job.params.psi")
     try:
         params = LRParams.from_mapping(raw)
     except ConfigError as exc:

@@ -58,8 +58,22 @@ def check_one_to_many(params: params_module.PsiParams, role: str, where: str, so
                                              "training job (one row per id on every host)")
 
 
+def check_protocol(params: params_module.PsiParams, where: str = "job.params") -> None:
+    """The chosen protocol can run here: ``ot`` needs its library's own venv (``make ot-env``)."""
+    if params.protocol != "ot":
+        return
+    from fedps.algorithms.psi.ot import check_installed
+
+    try:
+        check_installed()
+    except ConfigError as exc:
+        raise with_public(renamed(exc, where), f"{where}.protocol = \"ot\": the OT PSI library is not "
+                                               "installed there (make ot-env)") from None
+
+
 def preflight(config: Any, output_dir: Path) -> list[InputCheck]:
     """A PSI job's checks: its settings, then its input's path and id column (no features)."""
     params = psi_settings(config, config.job.params)
+    check_protocol(params)
     return [InputCheck("the PSI input", params.input, "job.params.input", id_column=params.id_column,
                        format=params.format, features=False)]
