@@ -1,8 +1,8 @@
 """Private set intersection: align two parties' samples, revealing only the shared ids.
 
 ``job.algorithm = "psi"`` runs :func:`run` in each party. The protocols
-(``ecdh`` and ``rsa``) are in their own modules; this module tells the steps
-common to both, in order (docs/protocols.md, "Private set intersection"):
+(``ecdh``, ``rsa`` and ``ot``, the last in its own venv) are in their own modules;
+this module tells the steps common to all, in order (docs/protocols.md, "Private set intersection"):
 
 1. the parties compare the settings they must share (``params.SHARED``)
 2. each reads and canonicalises its ids, refusing or dropping nulls and
