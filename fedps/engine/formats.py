@@ -121,7 +121,7 @@ def open_table(spark: Any, path: str, fmt: str, id_column: str, label_column: st
         lines = spark.read.text(path).select("value", "_metadata.file_path")
         has_label = label_column is not None
         parser = (tag_value_parser(has_label, id_column) if kind == "tag_value"
-                  else layout._libsvm_parser(has_label))
+                  else layout.libsvm_parser(has_label))
         return Table(lines.mapInArrow(parser, SPARSE_DDL), kind, "_layout_id", True, has_label)
     raw, _ = layout._read(spark, layout._location(path), kind, id_column)
     return Table(raw, kind, id_column, False, False)
@@ -205,7 +205,7 @@ def psi_lines_parser(column: str, has_label: bool,
     from fedps.engine import layout
 
     inner = (tag_value_parser(has_label, id_column) if column == "tag_value_line"
-             else layout._libsvm_parser(has_label))
+             else layout.libsvm_parser(has_label))
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:

@@ -162,7 +162,7 @@ def _digester(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         })
 
 
-def _libsvm_parser(has_label: bool) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+def libsvm_parser(has_label: bool) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """mapInArrow over (line, file): ``<id> [<label>] <feature id>:<value> ...`` to columns."""
     schema = pa.schema([(_ID, pa.string()), (LABEL, pa.float64()), (KEYS, pa.list_(pa.int64())),
                         (VALUES, pa.list_(pa.float64())), (_BAD, pa.string()), (_NONFINITE, pa.int64())])
@@ -334,7 +334,7 @@ def _prepare(raw: Any, kind: str, source: str, id_column: str, label_column: str
     if kind in ("libsvm", "tag_value") or lines:   # sparse rows: LibSVM or FATE tag:value text
         parser = (formats.psi_lines_parser(lines, label_column is not None, id_column) if lines else
                   formats.tag_value_parser(label_column is not None, id_column) if kind == "tag_value"
-                  else _libsvm_parser(label_column is not None))
+                  else libsvm_parser(label_column is not None))
         if lines:
             raw = raw.select(lines, PSI_HASH)
         parsed = raw.mapInArrow(parser, (formats.PSI_SPARSE_DDL if lines else

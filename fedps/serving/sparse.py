@@ -102,9 +102,9 @@ def sparse_rows(source: Path, kind: str, id_column: str, labelled: bool) -> Iter
     import pyarrow as pa
 
     from fedps.engine import formats
-    from fedps.engine.layout import _libsvm_parser   # the layout's own reader: one parse for training and serving
+    from fedps.engine.layout import libsvm_parser   # the layout's own reader: one parse for training and serving
 
-    parser = formats.tag_value_parser(labelled, id_column) if kind == "tag_value" else _libsvm_parser(labelled)
+    parser = formats.tag_value_parser(labelled, id_column) if kind == "tag_value" else libsvm_parser(labelled)
     files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith((".", "_"))) \
         if source.is_dir() else [source]
     for file in files:
