@@ -66,22 +66,16 @@ def host_parquet(parts: Parts, path: Path, drop_last: int = 0) -> Path:
     return path
 
 
-def batch_predict(job: str, parts: Parts, wg: np.ndarray, b: float, wh: np.ndarray, out: Path) -> np.ndarray:
-    """The scores of the batch joint prediction (hetero_lr/predict.py) of these rows, run in-process."""
-    return batch_predict_hosts(job, parts.xg, wg, b, {"host": (parts.xh, wh)}, out)
+def one_partition_envs(job: str, names: list[str], xs: dict, feature_keys: dict | None = None) -> dict:
+    """Each party's task environment over one partition of ``xs[name]``, linked by in-process transports.
 
-
-def batch_predict_hosts(job: str, xg: np.ndarray, wg: np.ndarray, b: float,
-                        hosts: dict[str, tuple[np.ndarray, np.ndarray]], out: Path) -> np.ndarray:
-    """predict.score_partition of every party over one partition, through in-process transports."""
-    from fedps.algorithms.hetero_lr.predict import PredictPlan, score_partition
-    from fedps.algorithms.hetero_lr.protocol import Roles
+    What predict's partition functions (hetero_lr's ``score_partition``,
+    secureboost's ``predict_partition``) need: ``partitions``, ``links`` and ``rows``.
+    """
     from fedps.engine.layout import PartitionRows
     from fedps.messaging.transport import in_process_mesh
 
-    names = sorted(hosts)
-    mesh = in_process_mesh(job, ["guest", *names])
-    keys = np.arange(len(xg), dtype=np.int64)
+    mesh = in_process_mesh(job, names)
 
     class Link:
         def __init__(self, transport) -> None:
@@ -97,17 +91,35 @@ def batch_predict_hosts(job: str, xg: np.ndarray, wg: np.ndarray, b: float,
             pass
 
     class Env:
-        def __init__(self, me, x) -> None:
-            self.partitions, self.x = [0], x
+        def __init__(self, me) -> None:
+            self.partitions, self.x = [0], xs[me]
+            self.fk = (feature_keys or {}).get(me)
             self.links = {peer: Link(t) for peer, t in mesh[me].items()}
 
         def rows(self, p):
-            return PartitionRows(row_keys=keys, y=None, x=self.x, feature_keys=None)
+            return PartitionRows(row_keys=np.arange(self.x.shape[0], dtype=np.int64), y=None, x=self.x,
+                                 feature_keys=self.fk)
 
+    return {name: Env(name) for name in names}
+
+
+def batch_predict(job: str, parts: Parts, wg: np.ndarray, b: float, wh: np.ndarray, out: Path) -> np.ndarray:
+    """The scores of the batch joint prediction (hetero_lr/predict.py) of these rows, run in-process."""
+    return batch_predict_hosts(job, parts.xg, wg, b, {"host": (parts.xh, wh)}, out)
+
+
+def batch_predict_hosts(job: str, xg: np.ndarray, wg: np.ndarray, b: float,
+                        hosts: dict[str, tuple[np.ndarray, np.ndarray]], out: Path) -> np.ndarray:
+    """predict.score_partition of every party over one partition, through in-process transports."""
+    from fedps.algorithms.hetero_lr.predict import PredictPlan, score_partition
+    from fedps.algorithms.hetero_lr.protocol import Roles
+
+    names = sorted(hosts)
+    envs = one_partition_envs(job, ["guest", *names], {"guest": xg, **{n: hosts[n][0] for n in names}})
     for name in names:   # hosts only send: run them first
-        x, w = hosts[name]
-        score_partition(Env(name, x), PredictPlan(job, Roles(name, "guest", names), tuple(w), 0.0, False, str(out)))
-    score_partition(Env("guest", xg), PredictPlan(job, Roles("guest", "guest", names), tuple(wg), b, False, str(out)))
+        w = hosts[name][1]
+        score_partition(envs[name], PredictPlan(job, Roles(name, "guest", names), tuple(w), 0.0, False, str(out)))
+    score_partition(envs["guest"], PredictPlan(job, Roles("guest", "guest", names), tuple(wg), b, False, str(out)))
     return pq.read_table(out / "part-00000.parquet").column("score").to_numpy()
 
 

@@ -19,7 +19,7 @@ from fedps.serving.client import GuestClient
 from fedps.serving.keys import hasher
 from fedps.serving.server import start
 from fedps.serving.store import build_store
-from serving_helpers import counter, party_toml, serve, write_model
+from serving_helpers import counter, one_partition_envs, party_toml, serve, write_model
 
 JOB = "sparse-a"
 UNKNOWN = 2
@@ -73,36 +73,13 @@ def batch_predict(parties: dict, out) -> np.ndarray:
     """predict.score_partition of both parties (sparse or dense plans) over in-process transports."""
     from fedps.algorithms.hetero_lr.predict import PredictPlan, score_partition
     from fedps.algorithms.hetero_lr.protocol import Roles
-    from fedps.engine.layout import PartitionRows
-    from fedps.messaging.transport import in_process_mesh
 
-    mesh = in_process_mesh(JOB, ["guest", "host"])
-
-    class Link:
-        def __init__(self, t):
-            self.t = t
-
-        def send(self, p, tag, value):
-            self.t.send(tag, value)
-
-        def recv(self, p, tag):
-            return self.t.recv(tag)
-
-        def flush(self):
-            pass
-
-    class Env:
-        def __init__(self, me, x, feature_keys):
-            self.partitions, self.x, self.fk = [0], x, feature_keys
-            self.links = {peer: Link(t) for peer, t in mesh[me].items()}
-
-        def rows(self, p):
-            return PartitionRows(row_keys=np.arange(self.x.shape[0]), y=None, x=self.x, feature_keys=self.fk)
-
+    envs = one_partition_envs(JOB, ["guest", "host"], {me: parties[me][0] for me in parties},
+                              {me: parties[me][1] for me in parties})
     for me in ("host", "guest"):
-        x, fk, weights, b = parties[me]
-        score_partition(Env(me, x, fk), PredictPlan(JOB, Roles(me, "guest", ["host"]), weights, b,
-                                                    isinstance(weights, dict), str(out)))
+        weights, b = parties[me][2:]
+        score_partition(envs[me], PredictPlan(JOB, Roles(me, "guest", ["host"]), weights, b,
+                                              isinstance(weights, dict), str(out)))
     return pq.read_table(out / "part-00000.parquet").column("score").to_numpy()
 
 

@@ -95,33 +95,9 @@ def host_parquet(case: TreeCase, path: Path, drop_last: int = 0) -> Path:
 def batch_predict(case: TreeCase, xg: np.ndarray, xh: np.ndarray, out: Path) -> pd.DataFrame:
     """The batch federated prediction (predict_partition of both parties) of these rows."""
     from fedps.algorithms.secureboost.predict import PredictPlan, predict_partition
-    from fedps.engine.layout import PartitionRows
-    from fedps.messaging.transport import in_process_mesh
+    from serving_helpers import one_partition_envs
 
-    mesh = in_process_mesh(case.job, ["guest", "host"])
-    keys = np.arange(len(xg), dtype=np.int64)
-
-    class Link:
-        def __init__(self, transport) -> None:
-            self.t = transport
-
-        def send(self, p, tag, value):
-            self.t.send(tag, value)
-
-        def recv(self, p, tag):
-            return self.t.recv(tag)
-
-        def flush(self):
-            pass
-
-    class Env:
-        def __init__(self, me, x) -> None:
-            self.partitions, self.x = [0], x
-            self.links = {peer: Link(t) for peer, t in mesh[me].items()}
-
-        def rows(self, p):
-            return PartitionRows(row_keys=keys, y=None, x=self.x, feature_keys=None)
-
-    for me, x in (("host", xh), ("guest", xg)):   # the host only sends: it goes first
-        predict_partition(Env(me, x), PredictPlan(case.job, me, "guest", ("host",), case.models[me], str(out)))
+    envs = one_partition_envs(case.job, ["guest", "host"], {"guest": xg, "host": xh})
+    for me in ("host", "guest"):   # the host only sends: it goes first
+        predict_partition(envs[me], PredictPlan(case.job, me, "guest", ("host",), case.models[me], str(out)))
     return pq.read_table(out / "part-00000.parquet").to_pandas()
