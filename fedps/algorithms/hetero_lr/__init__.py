@@ -21,8 +21,8 @@ from typing import Any
 from fedps.algorithms.hetero_lr import model
 from fedps.algorithms.hetero_lr.params import LRParams
 from fedps.algorithms.hetero_lr.protocol import Crypto, Roles
-from fedps.algorithms.hetero_lr.trainer import (Plan, Trainer, noise_seed, prepare, privacy_report, resolved,
-                                                restored_state, transform_json)
+from fedps.algorithms.hetero_lr.setup import noise_seed, privacy_report, resolved, restored_state, transform_json
+from fedps.algorithms.hetero_lr.trainer import Plan, Trainer, prepare
 from fedps.engine.vertical.checkpoint import JobRecords
 from fedps.engine.vertical.job import JobSpec, VerticalJob, resolve
 from fedps.errors import ConfigError

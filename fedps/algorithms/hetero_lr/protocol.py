@@ -368,7 +368,7 @@ def plaintext_training(xs: dict[str, np.ndarray], y: np.ndarray, train: np.ndarr
     """
     import dataclasses as dc
 
-    from fedps.algorithms.hetero_lr import trainer as tr
+    from fedps.algorithms.hetero_lr import setup as tr
     from fedps.algorithms.hetero_lr.model import tables
     from fedps.engine.vertical.plan import auto_batch_size, batch_count
     from fedps.engine.vertical.privacy import Accountant

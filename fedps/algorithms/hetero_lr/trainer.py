@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 import math
-import time
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -33,11 +31,12 @@ import numpy as np
 
 from fedps.algorithms.hetero_lr import model, protocol
 from fedps.algorithms.hetero_lr.params import LRParams, TrainState
+from fedps.algorithms.hetero_lr.setup import accountant, clip_norm, noise_multiplier, resolved
 from fedps.algorithms.hetero_lr.protocol import INTERCEPT, Crypto, Partial, Port, Roles
 from fedps.engine.vertical.accumulator import KEYED_CIPHER, PLAIN
 from fedps.engine.vertical.job import VerticalJob
 from fedps.engine.vertical.plan import auto_batch_size, batch_count, partition_batches, validation_rows
-from fedps.engine.vertical.privacy import Accountant, calibrate
+from fedps.engine.vertical.privacy import Accountant
 from fedps.engine.vertical.scores import ScoreSummary
 from fedps.engine.vertical.stage import TaskEnv
 from fedps.engine.vertical.standardize import Moments, RowTransform, merge, moments
@@ -454,26 +453,6 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- setup of the automatic settings
-def resolved(params: LRParams, rows: int) -> LRParams:
-    """Settings that follow from the aligned row count alone (the same on every party)."""
-    if params.decay_steps == 0:
-        provisional = auto_batch_size(rows, params.validation_fraction)
-        params = dataclasses.replace(params, decay_steps=batch_count(rows, provisional, params.validation_fraction))
-    return params
-
-
-def noise_multiplier(params: LRParams) -> float:
-    """The label-DP noise multiplier: as set, or the smallest that keeps the budget over the epochs."""
-    if not params.label_dp:
-        return 0.0
-    return params.dp_noise or calibrate(params.dp_epsilon, params.dp_delta, params.epochs)
-
-
-def clip_norm(params: LRParams, features: int) -> float:
-    """The L2 norm a party clips its (standardised) rows to under label DP."""
-    return params.dp_clip * math.sqrt(max(features, 1)) if params.label_dp else 0.0
-
-
 def prepare(job: VerticalJob, params: LRParams, plan: Plan) -> tuple[LRParams, Plan]:
     """Resolve the automatic settings once the peers are known; returns the settings and the plan."""
     params = resolved(params, job.layout.rows)
@@ -516,42 +495,3 @@ def prepare(job: VerticalJob, params: LRParams, plan: Plan) -> tuple[LRParams, P
         log.warning("%s: label differential privacy is OFF (job.params.label_dp = false): hosts' gradients carry "
                     "no noise, and a host can infer labels from them (docs/protocols.md)", job.me)
     return params, dataclasses.replace(plan, params=params, transform=transform, noise_std=noise_std)
-
-
-def accountant(params: LRParams) -> Accountant | None:
-    sigma = noise_multiplier(params)
-    return Accountant(sigma, params.dp_delta) if sigma else None
-
-
-def privacy_report(trainer: Trainer) -> dict[str, Any]:
-    """What ``metrics.json`` says about label DP."""
-    params = trainer.params
-    if not params.label_dp:
-        return {"enabled": False}
-    return {"enabled": True, "epsilon": round(trainer.state.epsilon, 4), "delta": params.dp_delta,
-            "budget": params.dp_epsilon, "noise_multiplier": round(noise_multiplier(params), 4),
-            "epochs_accounted": trainer.state.epoch, "row_clip": params.dp_clip,
-            "accountant": "RDP of the Gaussian mechanism, one release per epoch (fedps.engine.vertical.privacy)"}
-
-
-def transform_json(trainer: Trainer) -> dict[str, Any]:
-    """The row transform stored with the model (prediction applies it)."""
-    transform = trainer.plan.transform
-    return {"transform": transform.to_json()} if transform is not None else {}
-
-
-def noise_seed(secret: bytes) -> int:
-    return int.from_bytes(hashlib.sha256(secret + b"noise").digest()[:8], "big")
-
-
-def restored_state(record: dict[str, Any] | None) -> TrainState:
-    if record is None:
-        return TrainState()
-    known = {f.name for f in dataclasses.fields(TrainState)}
-    return TrainState(**{k: v for k, v in record["state"].items() if k in known})
-
-
-def timed_run(trainer: Trainer, on_batch: Callable[[TrainState], None] | None) -> tuple[TrainState, float]:
-    started = time.perf_counter()
-    state = trainer.run(on_batch)
-    return state, time.perf_counter() - started
