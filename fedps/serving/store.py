@@ -18,8 +18,9 @@ import logging
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -158,9 +159,8 @@ def build_store(source: str | Path, target: str | Path, *, id_column: str, key_o
     missing = [n for n in chosen if n not in numeric]
     if missing or not chosen:
         raise DataError(f"{source}: no numeric feature column {', '.join(missing) or 'at all'} to store")
-    partial, conn = _create(target)
     started, rows = time.perf_counter(), 0
-    try:
+    with _building(target) as conn:
         key_column = "psi_hash" if from_psi else id_column
         for batch in dataset.to_batches(columns=[key_column, *chosen]):
             x = np.column_stack([pc.cast(batch.column(i + 1), pa.float64()).to_numpy(zero_copy_only=False)
@@ -186,15 +186,24 @@ def build_store(source: str | Path, target: str | Path, *, id_column: str, key_o
                 "id_hash": "psi_hash" if from_psi else id_hash, "source": str(source),
                 "missing": int(missing_ok)}
         conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in meta.items()])
+    log.info("built %s: %d rows, %d features in %.1fs", target, rows, len(chosen), time.perf_counter() - started)
+    return {"store": str(target), "rows": rows, "features": chosen, "keys": meta["id_hash"],
+            "missing_ok": missing_ok}
+
+
+@contextmanager
+def _building(target: Path) -> Iterator[sqlite3.Connection]:
+    """A new store written at ``<target>.partial``: committed and moved to ``target`` (mode 0600) at the
+    end of the block, removed if the block fails."""
+    partial, conn = _create(target)
+    try:
+        yield conn
         conn.commit()
     except BaseException:
         conn.close()
         partial.unlink(missing_ok=True)
         raise
     _finish(conn, partial, target)
-    log.info("built %s: %d rows, %d features in %.1fs", target, rows, len(chosen), time.perf_counter() - started)
-    return {"store": str(target), "rows": rows, "features": chosen, "keys": meta["id_hash"],
-            "missing_ok": missing_ok}
 
 
 def _create(target: Path) -> tuple[Path, sqlite3.Connection]:
@@ -219,16 +228,9 @@ def _build_sparse(source: Path, target: Path, kind: str, id_column: str, key_of:
                   id_hash: str, labelled: bool) -> dict:
     from fedps.serving.sparse import sparse_meta, sparse_rows, write_sparse_rows
 
-    partial, conn = _create(target)
-    try:
+    with _building(target) as conn:
         rows = write_sparse_rows(conn, sparse_rows(source, kind, id_column, labelled), key_of, source)
         meta = {"version": STORE_VERSION, **sparse_meta(rows, id_hash, source)}
         conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in meta.items()])
-        conn.commit()
-    except BaseException:
-        conn.close()
-        partial.unlink(missing_ok=True)
-        raise
-    _finish(conn, partial, target)
     log.info("built %s: %d sparse rows (%s)", target, rows, kind)
     return {"store": str(target), "rows": rows, "features": [], "keys": id_hash, "sparse": True}
