@@ -27,6 +27,16 @@ from fedps.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 
+def feature_columns(model: Any, available: tuple[str, ...], where: str) -> np.ndarray:
+    """Indices of ``model.features`` among ``available``; DataError naming the missing ones."""
+    index = {name: i for i, name in enumerate(available)}
+    missing = [f for f in model.features if f not in index]
+    if missing:
+        raise DataError(f"model {model.version} of {model.party} needs features {', '.join(missing)} "
+                        f"that {where} does not have")
+    return np.array([index[f] for f in model.features], dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class LinearModel:
     """One party's part of a vertical LR model: ``u = T(x) . weights + intercept``.
@@ -46,12 +56,7 @@ class LinearModel:
 
     def columns(self, available: tuple[str, ...], where: str) -> np.ndarray:
         """Indices of the model's features among ``available``; DataError naming the missing ones."""
-        index = {name: i for i, name in enumerate(available)}
-        missing = [f for f in self.features if f not in index]
-        if missing:
-            raise DataError(f"model {self.version} of {self.party} needs features {', '.join(missing)} "
-                            f"that {where} does not have")
-        return np.array([index[f] for f in self.features], dtype=np.int64)
+        return feature_columns(self, available, where)
 
     def score(self, x: np.ndarray) -> np.ndarray:
         """This party's part of the log-odds of each row (the batch prediction's ``x @ w + b``)."""

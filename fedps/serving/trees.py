@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from fedps.errors import ConfigError, DataError
+from fedps.serving.model import feature_columns
 
 OBJECTIVES = ("binary:logistic", "multi:softmax", "reg:squarederror")
 
@@ -135,12 +136,7 @@ class TreeModel:
     _picks: dict = field(default_factory=dict, repr=False, compare=False)   # host's wire ids -> pick
 
     def columns(self, available: tuple[str, ...], where: str) -> np.ndarray:
-        index = {name: i for i, name in enumerate(available)}
-        missing = [f for f in self.features if f not in index]
-        if missing:
-            raise DataError(f"model {self.version} of {self.party} needs features {', '.join(missing)} "
-                            f"that {where} does not have")
-        return np.array([index[f] for f in self.features], dtype=np.int64)
+        return feature_columns(self, available, where)
 
     def margins(self, x: np.ndarray, hosts: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         """Margins (rows x classes) of rows with the guest's features ``x`` and each host's
