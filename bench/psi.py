@@ -237,6 +237,11 @@ def main() -> int:
     parser.add_argument("--small", type=int, default=0, help="rounds of the small-run ratio (0: skip)")
     parser.add_argument("--incremental", type=int, default=0,
                         help="ids per party of the incremental ECDH run, 1%% added (0: skip)")
+    parser.add_argument("--slots", type=int, default=2,
+                        help="task slots of the shared local Spark (local[N]; N above the 2 cores lets a task "
+                             "that waits for its peer leave its core to another)")
+    parser.add_argument("--tasks", type=int, default=1,
+                        help="barrier tasks a party (both parties' together must fit in --slots)")
     parser.add_argument("--local-below", type=int, default=0,
                         help="job.params.local_below for the large runs (0: executors always)")
     args = parser.parse_args()
@@ -256,7 +261,9 @@ def main() -> int:
     rows = []
     before = micro()
     print(json.dumps({"micro_single_core": before}), flush=True)
-    spark = start_spark(SparkConfig(master="local[2]", conf={"spark.sql.shuffle.partitions": "8"}))
+    if 2 * args.tasks > args.slots:
+        raise SystemExit(f"--tasks {args.tasks} a party needs --slots {2 * args.tasks} at least")
+    spark = start_spark(SparkConfig(master=f"local[{args.slots}]", conf={"spark.sql.shuffle.partitions": "8"}))
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
         folder = Path(tmp)
         for protocol, n in (("ecdh", args.ecdh), ("rsa", args.rsa)):
@@ -267,9 +274,8 @@ def main() -> int:
             join_s, expected = hash_join(spark, paths)
             result = run_pair(spark, folder, broker.bootstrap_servers, paths, f"bench-{protocol}-{n}",
                               {"protocol": protocol, "buckets": args.buckets, "rsa_bits": 2048,
-                               "local_below": args.local_below, "tasks": 1})   # one slot per party:
-                              # both share this local[2] Spark, and two barrier stages of 2 tasks would
-                              # wait for each other's slots
+                               "local_below": args.local_below, "tasks": args.tasks})
+            # both parties share this Spark: their two barrier stages must fit in its slots together
             found = result["guest"]["psi_intersection"]
             if found != expected or result["host"]["psi_intersection"] != expected:
                 raise SystemExit(f"{protocol}: PSI found {found}, the join {expected}")
@@ -284,7 +290,10 @@ def main() -> int:
                    "psi_ids_per_s": round(2 * n / result["wall_s"]),
                    "psi_ids_per_s_per_core": round(n / result["wall_s"]),
                    "hash_join_s": round(join_s, 2), "hash_join_ids_per_s": round(2 * n / join_s),
+                   "slots": args.slots, "tasks_per_party": args.tasks, "load_average": os.getloadavg(),
                    "guest_timings": result["guest"]["psi_timings"],
+                   "bucket_ms": {n: {k: result[n]["psi_messages"].get(k) for k in ("serve_ms", "wait_ms", "send_ms")}
+                                 for n in ("guest", "host")},
                    "driver_peak_rss_mb": result["guest"]["psi_driver_peak_rss_mb"]}
             rows.append(row)
             print(json.dumps(row), flush=True)

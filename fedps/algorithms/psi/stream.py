@@ -92,6 +92,13 @@ class BucketIO:
         return table if table is not None else self.save(name, make())
 
     def send(self, stream: Stream, values: pa.Array | pa.ChunkedArray) -> int:
+        started = time.perf_counter()
+        try:
+            return self._send(stream, values)
+        finally:   # sealing and handing the values to the producer
+            self.stats["send_ms"] = self.stats.get("send_ms", 0) + round(1000 * (time.perf_counter() - started))
+
+    def _send(self, stream: Stream, values: pa.Array | pa.ChunkedArray) -> int:
         matrix = to_matrix(values, stream.width)
         at = self.scope.at(iteration=self.bucket)
         p = self.bucket
@@ -104,7 +111,6 @@ class BucketIO:
 
     def recv(self, stream: Stream) -> pa.Array:
         at = self.scope.at(iteration=self.bucket)
-        p = self.bucket
         counts = stream.counts.check(self._recv(at.tag(stream.counts.name)))
         if counts.shape != (1,) or counts.dtype.kind not in "iu" or counts[0] < 0:
             raise ProtocolError(f"{stream.name}: the peer announced a count of shape {counts.shape} for "
@@ -124,6 +130,13 @@ class BucketIO:
 
 
     def _recv(self, tag: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return self._wait(tag)
+        finally:   # the time this bucket waited for (and decoded) the peer's values
+            self.stats["wait_ms"] = self.stats.get("wait_ms", 0) + round(1000 * (time.perf_counter() - started))
+
+    def _wait(self, tag: Any) -> Any:
         if self.stop is None:
             return self.link.recv(self.bucket, tag, timeout=self.wait_s)
         deadline = time.monotonic() + self.wait_s

@@ -67,8 +67,10 @@ def _serve_one(plan: BucketPlan, link: Any, bucket: int, fn: ServeFn, stop: Any 
     if earlier is not None:
         return {**earlier, "reused": 1}
     io = BucketIO(bucket, plan.work, link, plan.scope, plan.batch_size, plan.wait_s, stop=stop)
+    started = time.perf_counter()
     fn(io)
     link.flush()
+    io.stats["serve_ms"] = round(1000 * (time.perf_counter() - started))
     plan.work.child(DONE).write_json(marker, io.stats)
     pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
     if pause > 0:
