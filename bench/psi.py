@@ -3,6 +3,7 @@
     .venv/bin/python bench/psi.py --ecdh 1000000 --rsa 100000
     .venv/bin/python bench/psi.py --small 2 --ecdh 0 --rsa 0
     .venv/bin/python bench/psi.py --incremental 100000 --ecdh 0 --rsa 0
+    .venv/bin/python bench/psi.py --overhead 125000 --ecdh 0 --rsa 0
 
 ``--incremental n``: incremental ECDH (``job.params.key_file``): a first run
 with ``n`` ids a party starts an epoch; then each party adds 1% new ids
@@ -133,6 +134,45 @@ def micro() -> dict[str, float]:
             "rsa2048_crt_sign_per_s": round(300 / (t4 - t3))}
 
 
+def bucket_overhead(n: int) -> dict[str, float]:
+    """Microseconds per id (CPU time, one process) of each step of one ECDH bucket of ``n`` ids, the
+    cryptography and the Python around it, without Spark, broker or peer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fedps.algorithms.psi import ecdh
+    from fedps.algorithms.psi.stream import from_matrix, is_in, to_matrix, with_seq
+
+    ids = pa.array([str(10**11 + i) for i in range(n)])
+    secret = ecdh.new_secret()
+    steps, clock = {}, time.process_time()
+
+    def step(name: str) -> None:
+        nonlocal clock
+        now = time.process_time()
+        steps[name] = round((now - clock) * 1e6 / n, 2)
+        clock = now
+
+    texts = ids.to_pylist()
+    step("to_pylist")
+    points = [ecdh.encode_to_curve(i.encode()) for i in texts]
+    step("hash_to_curve")
+    mine = ecdh.blind_all(secret, points, n)
+    step("blind_own")
+    table = with_seq({"id": ids, "value": from_matrix(mine)})
+    step("to_arrow")
+    singles = to_matrix(table.column("value"), 32).view("V32").ravel().tolist()
+    step("from_arrow")
+    doubles = from_matrix(ecdh.blind_all(secret, singles, n))
+    step("raise_peer")
+    is_in(doubles, doubles, 32)
+    step("match")
+    with tempfile.TemporaryDirectory() as tmp:
+        pq.write_table(table, f"{tmp}/part.parquet")
+    step("parquet")
+    return {"bucket_overhead_us_per_id": steps, "ids": n}
+
+
 def crypto_floor_s(protocol: str, n: int, rate: dict[str, float], cores: int = 2) -> float:
     """Seconds the unavoidable public-key work of both parties takes on ``cores`` cores at the
     single-core ``rate`` measured in this run: ECDH hashes each of the 2n ids once and
@@ -242,6 +282,8 @@ def main() -> int:
                              "that waits for its peer leave its core to another)")
     parser.add_argument("--tasks", type=int, default=1,
                         help="barrier tasks a party (both parties' together must fit in --slots)")
+    parser.add_argument("--overhead", type=int, default=0,
+                        help="ids of one ECDH bucket timed step by step in this process (0: skip)")
     parser.add_argument("--local-below", type=int, default=0,
                         help="job.params.local_below for the large runs (0: executors always)")
     args = parser.parse_args()
@@ -249,6 +291,8 @@ def main() -> int:
     logging.getLogger("fedps.algorithms.psi").setLevel(os.environ.get("PSI_LOG", "WARNING"))
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    if args.overhead:
+        print(json.dumps(bucket_overhead(args.overhead)), flush=True)
     if args.small:
         print(json.dumps(small_runs(args.small)), flush=True)
     if args.incremental:
