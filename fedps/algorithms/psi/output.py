@@ -82,15 +82,18 @@ def write_output(spark: Any, rows: Any, matched_ids: Any, order_key: bytes, fold
     hashed = chosen.withColumn(HASH, keyed_hash_column(order_key, F.col(ID))).drop(ID)
     ranged = hashed.withColumn(_RANGE, F.conv(F.hex(F.substring(HASH, 1, 1)), 16, 10).cast("int"))
     distinct = F.countDistinct(HASH) if repeated else F.count(F.lit(1))
-    found_counts = ranged.groupBy(_RANGE).agg(F.count(F.lit(1)).alias("rows"), distinct.alias("ids")).collect()
-    counts = {int(r[_RANGE]): int(r["ids"]) for r in found_counts}
-    row_count = sum(int(r["rows"]) for r in found_counts)
-    offsets, total = {}, 0
-    for r in range(RANGES):
-        offsets[r], total = total, total + counts.get(r, 0)
-    parts = min(RANGES, max(int(spark.sparkContext.defaultParallelism), row_count // 2_000_000 + 1))
+    # the join and the keyed hash run once: the counts are taken from the persisted, arranged rows
+    # (the partition count from the matched ids, a few bytes each, instead of a pass over the rows)
+    parts = min(RANGES, max(int(spark.sparkContext.defaultParallelism), matched_ids.count() // 2_000_000 + 1))
     arranged = ranged.repartition(parts, _RANGE).sortWithinPartitions(_RANGE, HASH).persist()
     try:
+        found_counts = arranged.groupBy(_RANGE).agg(F.count(F.lit(1)).alias("rows"),
+                                                    distinct.alias("ids")).collect()
+        counts = {int(r[_RANGE]): int(r["ids"]) for r in found_counts}
+        row_count = sum(int(r["rows"]) for r in found_counts)
+        offsets, total = {}, 0
+        for r in range(RANGES):
+            offsets[r], total = total, total + counts.get(r, 0)
         schema = f"{', '.join(f'`{f.name}` {f.dataType.simpleString()}' for f in hashed.schema.fields)}, " \
                  f"{INDEX} bigint"
         arranged.mapInArrow(_indexer(offsets), schema).write.mode("overwrite").parquet(
