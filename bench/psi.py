@@ -27,9 +27,12 @@ and a Markdown table.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import logging
+import multiprocessing
 import os
+import resource
 import sys
 import tempfile
 import threading
@@ -314,7 +317,10 @@ def main() -> int:
             if not n:
                 continue
             (folder / protocol).mkdir()
-            paths = make_ids(folder / protocol, n, args.overlap, seed=n)
+            # in a child process, so that this one's peak RSS is the PSI's (both parties' drivers)
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                paths = pool.submit(make_ids, folder / protocol, n, args.overlap, n).result()
+            rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             join_s, expected = hash_join(spark, paths)
             result = run_pair(spark, folder, broker.bootstrap_servers, paths, f"bench-{protocol}-{n}",
                               {"protocol": protocol, "buckets": args.buckets, "rsa_bits": 2048,
@@ -338,7 +344,8 @@ def main() -> int:
                    "guest_timings": result["guest"]["psi_timings"],
                    "bucket_ms": {n: {k: result[n]["psi_messages"].get(k) for k in ("serve_ms", "wait_ms", "send_ms")}
                                  for n in ("guest", "host")},
-                   "driver_peak_rss_mb": result["guest"]["psi_driver_peak_rss_mb"]}
+                   "driver_peak_rss_mb": result["guest"]["psi_driver_peak_rss_mb"],
+                   "peak_rss_before_mb": round(rss_before, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     spark.stop()
