@@ -2,7 +2,8 @@
 
 Group: the prime-order subgroup of Curve25519, points as 32-byte
 u-coordinates; blinding is X25519 (libsodium's ``crypto_scalarmult`` through
-PyNaCl's cffi bindings). Hash to curve: RFC 9380 ``encode_to_curve`` for the suite
+PyNaCl's cffi bindings, or OpenSSL's through ``cryptography`` where that is
+faster: :func:`backend`). Hash to curve: RFC 9380 ``encode_to_curve`` for the suite
 ``curve25519_XMD:SHA-512_ELL2_NU_`` (expand_message_xmd with SHA-512, then
 Elligator 2), with our own domain-separation tag. The RFC clears the cofactor
 by multiplying by 8; X25519 clamps every secret to a multiple of 8, so
@@ -105,10 +106,16 @@ def blind(secret: bytes, point: bytes) -> bytes:
 def blind_all(secret: bytes, points: Iterable[bytes], count: int) -> np.ndarray:
     """X25519 of ``count`` points with one secret, into one ``(count, 32)`` array.
 
-    Calls libsodium's ``crypto_scalarmult`` directly with one output buffer,
-    without PyNaCl's per-call checks and allocations; libsodium refuses a
-    point of low order.
+    Both implementations give the same bytes (RFC 7748) and refuse a point
+    of low order (an all-zero result); the faster one on this CPU is used
+    (:func:`backend`).
     """
+    return _BLIND[backend()](secret, points, count)
+
+
+def _blind_sodium(secret: bytes, points: Iterable[bytes], count: int) -> np.ndarray:
+    """libsodium's ``crypto_scalarmult``, called directly with one output buffer (without
+    PyNaCl's per-call checks and allocations)."""
     out = _ffi.new("unsigned char[]", POINT_BYTES * count)
     scalar = _ffi.from_buffer(secret)
     multiply = _lib.crypto_scalarmult
@@ -122,6 +129,67 @@ def blind_all(secret: bytes, points: Iterable[bytes], count: int) -> np.ndarray:
     if seen != count:
         raise CryptoError(f"expected {count} points, got {seen}")
     return np.frombuffer(_ffi.buffer(out), dtype=np.uint8).reshape(count, POINT_BYTES).copy()
+
+
+def _blind_openssl(secret: bytes, points: Iterable[bytes], count: int) -> np.ndarray:
+    """OpenSSL's X25519 through ``cryptography`` (its assembly for CPUs with ADX/BMI2), one
+    public-key object per point."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+    key = X25519PrivateKey.from_private_bytes(secret)
+    load, exchange = X25519PublicKey.from_public_bytes, key.exchange
+    out = bytearray(POINT_BYTES * count)
+    seen = 0
+    for point in points:
+        if seen == count:
+            raise CryptoError(f"expected {count} points, got more")
+        try:
+            if len(point) != POINT_BYTES:
+                raise ValueError
+            out[POINT_BYTES * seen:POINT_BYTES * (seen + 1)] = exchange(load(point))
+        except ValueError:   # OpenSSL refuses an all-zero shared value: a point of low order
+            raise CryptoError(f"refused curve point {seen}: not 32 bytes, or of low order") from None
+        seen += 1
+    if seen != count:
+        raise CryptoError(f"expected {count} points, got {seen}")
+    return np.frombuffer(out, dtype=np.uint8).reshape(count, POINT_BYTES)
+
+
+_BLIND = {"sodium": _blind_sodium, "openssl": _blind_openssl}
+#: ``sodium`` or ``openssl`` forces one X25519 implementation (both give the same bytes).
+BACKEND_ENV = "FEDPS_X25519"
+_chosen: list[str] = []
+
+
+def backend() -> str:
+    """The X25519 implementation this process uses: ``FEDPS_X25519`` if set, else the faster of the
+    two in a calibration of a few milliseconds at first use (OpenSSL's wins by about a quarter on
+    CPUs where its ADX code runs, libsodium's elsewhere: docs/benchmarks.md, "PSI")."""
+    if not _chosen:
+        forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+        if forced:
+            if forced not in _BLIND:
+                raise CryptoError(f"{BACKEND_ENV} must be one of {sorted(_BLIND)}, got {forced!r}")
+            _chosen.append(forced)
+        else:
+            _chosen.append(_calibrate())
+        log.debug("psi: X25519 through %s", _chosen[0])
+    return _chosen[0]
+
+
+def _calibrate(points: int = 400) -> str:
+    import time
+
+    secret = new_secret()
+    sample = [encode_to_curve(str(i).encode()) for i in range(points)]
+    best: dict[str, float] = {}
+    for _ in range(2):   # the better of two rounds each, alternated
+        for name, fn in _BLIND.items():
+            started = time.process_time()
+            fn(secret, sample, points)
+            elapsed = time.process_time() - started
+            best[name] = min(best.get(name, elapsed), elapsed)
+    return min(best, key=best.__getitem__)
 
 
 def serve(secret: bytes, i_learn: bool, peer_learns: bool,
