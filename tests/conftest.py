@@ -21,6 +21,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # `fedps jobs` records go to a throwaway home, not the user's ~/.fedps (subprocesses inherit it)
 os.environ.setdefault("FEDPS_HOME", tempfile.mkdtemp(prefix="fedps-home-"))
 logging.getLogger("kafka").setLevel(logging.CRITICAL)
+# Every JVM of the tests (the session's Spark, each party's, spark-submit's) runs small data for a short
+# while: the C1 compiler alone halves the CPU a cold JVM spends (Spark start and the first layout, about
+# 20 s to 10 s on 2 cores), which the C2 compiler would only repay on long jobs.
+if "TieredStopAtLevel" not in os.environ.get("JAVA_TOOL_OPTIONS", ""):
+    os.environ["JAVA_TOOL_OPTIONS"] = " ".join(
+        filter(None, [os.environ.get("JAVA_TOOL_OPTIONS"), "-XX:TieredStopAtLevel=1"]))
 
 
 @pytest.fixture(scope="session")
