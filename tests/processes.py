@@ -74,13 +74,19 @@ def start(conf: Path, *args: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def finish(procs: Mapping[str, subprocess.Popen], timeout: float = 600) -> dict[str, dict]:
-    """Each party's metrics (its last stdout line); a party that failed fails the test with its stderr."""
+def finish(procs: Mapping[str, subprocess.Popen], timeout: float = 600,
+           stderr: dict[str, str] | None = None) -> dict[str, dict]:
+    """Each party's metrics (its last stdout line); a party that failed fails the test with its stderr.
+
+    ``stderr``, when given, gets each party's stderr (its log).
+    """
     out = {}
     for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, f"{name} failed:\n{stderr[-4000:]}"
+        stdout, errors = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"{name} failed:\n{errors[-4000:]}"
         out[name] = json.loads(stdout.strip().splitlines()[-1])
+        if stderr is not None:
+            stderr[name] = errors
     return out
 
 

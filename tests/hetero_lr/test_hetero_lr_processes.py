@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -39,7 +40,12 @@ def model(tmp: Path, name: str) -> dict:
     return json.loads((tmp / "out" / name / "model.json").read_text())
 
 
-def test_two_processes_train_to_the_central_models_auc(tmp_path, broker, job_id):
+@pytest.mark.timeout(600)   # two process starts, one of them spark-submit's, and eight epochs
+def test_two_processes_train_to_the_central_models_auc_with_the_guest_under_spark_submit(tmp_path, broker,
+                                                                                          job_id):
+    """The guest runs under spark-submit with fedps shipped as `make dist`'s --py-files zip (as on a
+    cluster): the submit command's master (local[2]) wins over its file's (local[1]), and the rows'
+    products run in its executors' tasks."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
@@ -47,7 +53,8 @@ def test_two_processes_train_to_the_central_models_auc(tmp_path, broker, job_id)
 
     files = {"guest": DATA / "breast_hetero_guest.csv", "host": DATA / "breast_hetero_host.csv"}
     confs = write_configs(tmp_path, job_id, broker.bootstrap_servers, files, epochs=8)
-    metrics = finish({n: start(c) for n, c in confs.items()})
+    confs["guest"].write_text(confs["guest"].read_text() + '[spark]\nmaster = "local[1]"\n')
+    metrics = finish({"guest": submit(tmp_path, confs["guest"]), "host": start(confs["host"])})
 
     guest = pd.read_csv(files["guest"])
     host = pd.read_csv(files["host"]).set_index("id").loc[guest["id"]]
@@ -60,11 +67,27 @@ def test_two_processes_train_to_the_central_models_auc(tmp_path, broker, job_id)
     assert federated["rows"] == int(valid.sum())
     assert federated["auc"] >= central_auc - 0.01
     assert len(metrics["guest"]["loss"]) == 8 and metrics["guest"]["loss"][-1] < metrics["guest"]["loss"][0]
+    assert metrics["guest"]["spark_master"] == "local[2]"      # the submit command's, not the config's
     assert metrics["guest"]["partitions"] == 4 and metrics["guest"]["tasks"] == 2    # N above the slots
     assert metrics["guest"]["task_seconds_by_work"]["encrypt"] > 0               # the rows' crypto ran in tasks
     assert (tmp_path / "out" / "guest" / "roc.png").stat().st_size > 1000
     assert len(model(tmp_path, "host")["weights"]) == host.shape[1]
     assert model(tmp_path, "host")["intercept"] is None
+
+
+def submit(tmp: Path, conf: Path) -> subprocess.Popen:
+    """The guest's jobs/hetero_lr.py under spark-submit --master local[2], fedps in a --py-files zip."""
+    root = Path(__file__).parents[2]
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    sys.path.insert(0, str(root / "scripts"))
+    import dist   # `make dist`'s --py-files zip: the driver and its executors import fedps from it
+
+    return subprocess.Popen([str(Path(sys.executable).with_name("spark-submit")), "--master", "local[2]",
+                             "--conf", "spark.ui.enabled=false", "--py-files", str(dist.build_zip(tmp)),
+                             str(root / "jobs" / "hetero_lr.py"), "--conf", str(conf)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
 
 
 def test_three_processes_guest_and_two_hosts(tmp_path, broker, job_id):
@@ -95,27 +118,38 @@ def uninterrupted(broker, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("victim,when", [("host", "mid-epoch"), ("guest", "mid-epoch"), ("guest", "setup")])
-def test_killed_party_resumes_to_the_same_model(tmp_path, broker, job_id, victim, when, uninterrupted):
+#: One job, three kill -9s in turn, each party restarted with the same command: the guest in setup (keys
+#: persisted and about to be announced, no step checkpoint yet), then the host mid-training (once it has
+#: saved step 4), then the guest again (once it has saved step 8).
+KILLS = (("guest", "setup"), ("host", 4), ("guest", 8))
+
+
+@pytest.mark.timeout(1200)   # five process starts (Spark, Ray each)
+def test_killed_parties_resume_to_the_same_model(tmp_path, broker, job_id, uninterrupted):
     confs = write_configs(tmp_path, job_id, broker.bootstrap_servers, RESUME_FILES, **RESUME_SETTINGS)
     procs = {n: start(c) for n, c in confs.items()}
-    checkpoints = tmp_path / "out" / victim / "checkpoint"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if when == "setup":   # keys persisted and about to be announced, no step checkpoint yet
-            if (checkpoints / "setup.json").exists():
-                break
-        else:
-            steps = [int(p.stem.split("-")[1]) for p in checkpoints.glob("job-*.json")]
-            if steps and max(steps) >= 4:
-                break
-        time.sleep(0.05)
-    assert procs[victim].poll() is None, "the party finished before it could be killed"
-    kill(procs[victim])      # the party and its local Ray die at once
-    procs[victim] = start(confs[victim])
-    finish(procs)
+    for victim, when in KILLS:
+        checkpoints = tmp_path / "out" / victim / "checkpoint"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if when == "setup":
+                if (checkpoints / "setup.json").exists():
+                    break
+            else:
+                steps = [int(p.stem.split("-")[1]) for p in checkpoints.glob("job-*.json")]
+                if steps and max(steps) >= when:
+                    break
+            time.sleep(0.05)
+        assert procs[victim].poll() is None, f"{victim} finished before it could be killed ({when})"
+        kill(procs[victim])      # the party and its local Ray die at once
+        procs[victim] = start(confs[victim])
+    logs: dict[str, str] = {}
+    finish(procs, stderr=logs)
     for name in RESUME_FILES:
         assert model(tmp_path, name) == model(uninterrupted, name), f"{name}'s model differs after resume"
+    for name, step in (("host", 4), ("guest", 8)):   # each last start resumed from a step checkpoint
+        resumed = re.search(rf"{name} resumed from the checkpoint of step (\d+)", logs[name])
+        assert resumed and int(resumed.group(1)) >= step, logs[name][-3000:]
 
 
 def test_an_output_folder_of_another_job_is_refused_by_name(tmp_path, broker, job_id, uninterrupted):
@@ -128,27 +162,6 @@ def test_an_output_folder_of_another_job_is_refused_by_name(tmp_path, broker, jo
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert f"belongs to job '{old_job}', not '{job_id}'" in stderr and "Traceback" not in stderr
-
-
-def test_guest_under_spark_submit_runs_its_products_on_executors(tmp_path, broker, job_id):
-    files = {"guest": DATA / "breast_hetero_guest.csv", "host": DATA / "breast_hetero_host.csv"}
-    confs = write_configs(tmp_path, job_id, broker.bootstrap_servers, files, epochs=1)
-    submit = Path(sys.executable).with_name("spark-submit")
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    sys.path.insert(0, str(Path(__file__).parents[2] / "scripts"))
-    import dist   # `make dist`'s --py-files zip: the driver and its executors import fedps from it
-
-    package = dist.build_zip(tmp_path)
-    guest = subprocess.Popen([str(submit), "--master", "local[1]", "--conf", "spark.ui.enabled=false",
-                              "--py-files", str(package),
-                              str(Path(__file__).parents[2] / "jobs" / "hetero_lr.py"), "--conf", str(confs["guest"])],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                             start_new_session=True)
-    metrics = finish({"guest": guest, "host": start(confs["host"])})
-    assert metrics["guest"]["final"]["auc"] > 0.95
-    assert metrics["guest"]["spark_master"] == "local[1]"      # the submit command's, not the config's
-    assert metrics["guest"]["tasks"] == 1 and metrics["guest"]["partitions"] == 4
 
 
 def test_trained_model_predicts_new_rows_jointly(tmp_path, broker, job_id, uninterrupted):
