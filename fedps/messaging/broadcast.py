@@ -227,9 +227,14 @@ class BroadcastSender:
         self._producer: Any = None
 
     @classmethod
-    def beside(cls, channel: Any) -> BroadcastSender:
-        """The sender of ``channel``'s party, with the channel's Kafka settings."""
-        return cls(channel.config.kafka, channel.job, channel.me, channel.config.chunk_bytes)
+    def beside(cls, channel: Any, chunk_bytes: int | None = None) -> BroadcastSender:
+        """The sender of ``channel``'s party, with the channel's Kafka settings.
+
+        ``chunk_bytes`` (at most the channel's) makes smaller records: the sender then holds
+        less at once (three records), and receivers read them with the same fetch bound.
+        """
+        limit = channel.config.chunk_bytes
+        return cls(channel.config.kafka, channel.job, channel.me, min(chunk_bytes or limit, limit))
 
     def open(self) -> BroadcastSender:
         from kafka import KafkaProducer

@@ -59,6 +59,8 @@ _IDLE_SLEEP_S = 0.05
 _PROBE_S = 5.0
 # How long ``close`` waits for pending sends when the channel failed.
 _CLOSE_AFTER_ERROR_S = 5.0
+# What one fetch may bring beyond its first record (see ``open``).
+_FETCH_BYTES = 64 * 1024
 
 
 def topic_name(prefix: str, job: str, sender: str, receiver: str) -> str:
@@ -183,12 +185,13 @@ class Channel:
             auto_offset_reset="earliest",
             fetch_max_wait_ms=self.config.kafka.fetch_max_wait_ms,
             fetch_min_bytes=1,
-            # One fetch brings about one chunk (a larger record still comes whole): the consumer
-            # sends its next fetch as it hands records over, so every idle channel may hold one
-            # response; a party with many channels (a FedAvg coordinator) holds one chunk per
-            # channel, not an 8 MiB buffer each.
-            max_partition_fetch_bytes=self.config.chunk_bytes + 64 * 1024,
-            fetch_max_bytes=self.config.chunk_bytes + 64 * 1024,
+            # One fetch brings small records up to _FETCH_BYTES, or one larger record (the broker
+            # returns a first record over the bound whole: Kafka's KIP-74, and the embedded broker
+            # too). The consumer sends its next fetch as it hands records over, so every idle
+            # channel may hold one response: a party with many channels (a FedAvg coordinator)
+            # holds about one record per channel, not a chunk or an 8 MiB buffer each.
+            max_partition_fetch_bytes=_FETCH_BYTES,
+            fetch_max_bytes=_FETCH_BYTES,
         )
         self._consumer.assign([self._partition])
         saved = self._file.load()
@@ -359,9 +362,10 @@ class Channel:
                 # sent after that, or a receive that would have to wait, fails with the stop.
                 self._check_aborts(before=self._ready[key][0].first_offset)
             ready = self._ready[key].popleft()
+            value, ready.value = ready.value, None   # the caller holds the value; the channel only counts it
             self._handed.append(ready)
             self._delivered.add(ready.message_id)
-            return ready.value
+            return value
 
     def _check_sends(self) -> None:
         """Raise a failed delivery; when the broker lost the job's topics, say that instead."""
