@@ -116,9 +116,10 @@ def _coordinate(context: Any, params: FedAvgParams) -> None:
         rounds.append(report.round_record(result))
         report.write_rounds(context.output_dir, rounds)
 
+    from fedps.algorithms.fedavg.protocol import BROADCAST_CHUNK_BYTES
     from fedps.messaging.broadcast import BroadcastSender
 
-    broadcast = BroadcastSender.beside(next(iter(context.channels.values()))).open()
+    broadcast = BroadcastSender.beside(next(iter(context.channels.values())), BROADCAST_CHUNK_BYTES).open()
     coordinator = Coordinator(job, context.channels, params, store, journal=journal, on_round=on_round,
                               initial=initial, broadcast=broadcast)
     try:

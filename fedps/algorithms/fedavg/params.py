@@ -42,6 +42,10 @@ class FedAvgParams:
     #: After the deadline, how long a party whose message is not in yet is still read.
     grace_s: float = 2.0
     frac_bits: int = 24
+    #: Values per message of a party's update at most (512 KiB of float64 by default; keep it
+    #: under channel.chunk_bytes): the coordinator adds each slice to the sum as it arrives,
+    #: so it holds the sum and a few slices, never a whole update.
+    slice_values: int = 65536
     seed: int = 0
     # ---- a party's data
     data: str = ""
@@ -61,7 +65,8 @@ class FedAvgParams:
             raise ConfigError(f"params.model must be one of {', '.join(MODELS)}, got {self.model!r}")
         if self.executor_mode not in EXECUTOR_MODES:
             raise ConfigError(f"params.executor_mode must be one of {', '.join(EXECUTOR_MODES)}")
-        for key in ("rounds", "hidden", "local_epochs", "batch_size", "partitions", "single_below_rows"):
+        for key in ("rounds", "hidden", "local_epochs", "batch_size", "partitions", "single_below_rows",
+                    "slice_values"):
             _integer(key, getattr(self, key), 1)
         _integer("min_parties", self.min_parties, 2)
         _integer("seed", self.seed, 0)

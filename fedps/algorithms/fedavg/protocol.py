@@ -17,7 +17,9 @@ another is sealed for it and only forwarded). Round ``r`` (docs/protocols.md,
    each member of U1. U2 = those in by the deadline.
 4. coordinator -> U2: ``forward`` (the shares sealed for each); the party trains
    E local epochs from theta_r and sends ``masked``: its sample-weighted update,
-   fixed point, plus its self mask and pair masks with U2. U3 = those in.
+   fixed point, plus its self mask and pair masks with U2, in slices that the
+   coordinator adds to the sum as they arrive (:mod:`.stream`; a stream that
+   stops is taken back out of the sum). U3 = those whose update came whole.
 5. coordinator -> U3: ``survivors``; each survivor sends ``unmask``: its shares of
    the survivors' self-mask seeds and of the dropped parties' mask keys (never
    both for one party). The coordinator recovers the plain sum from >= t answers.
@@ -37,7 +39,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from fedps.algorithms.fedavg import secagg, shamir
+from fedps.algorithms.fedavg import secagg, shamir, stream
 from fedps.algorithms.fedavg.params import FedAvgParams
 from fedps.errors import DataError, FedpsError, PeerError, ProtocolError
 from fedps.messaging.tags import Message, Scope
@@ -49,11 +51,14 @@ SETUP = Message("setup", "coordinator", "party", dict)
 START = Message("start", "coordinator", "party", dict)
 #: The global model: on the broadcast topic, announced by the ticket in ``start["model"]``.
 MODEL = Message("model", "coordinator", "party", np.ndarray)
+#: Record size of the model's broadcast: the coordinator holds about three records at once.
+BROADCAST_CHUNK_BYTES = 256 * 1024
 ADVERTISE = Message("advertise", "party", "coordinator", dict)
 KEYS = Message("keys", "coordinator", "party", dict)
 SHARES = Message("shares", "party", "coordinator", dict)
 FORWARD = Message("forward", "coordinator", "party", dict)
-MASKED = Message("masked", "party", "coordinator", np.ndarray)
+#: A party's update in slices of ``params.slice_values``, slice i at batch i (:mod:`.stream`).
+MASKED = Message(stream.NAME, "party", "coordinator", np.ndarray)
 SURVIVORS = Message("survivors", "coordinator", "party", dict)
 UNMASK = Message("unmask", "party", "coordinator", dict)
 FINAL = Message("final_eval", "party", "coordinator", dict)
@@ -69,6 +74,11 @@ class Link(Protocol):
     def recv(self, tag: Any, timeout: float | None = None) -> Any: ...
 
     def flush(self) -> None: ...
+
+    def position(self) -> Any:
+        """Where reading stands (the coordinator rewinds there to take a broken update back out)."""
+
+    def rewind(self, position: Any) -> None: ...
 
 
 class Broadcast(Protocol):
@@ -136,7 +146,10 @@ class ModelStore(Protocol):
     def current(self) -> tuple[int, np.ndarray | None]: ...
 
     def apply(self, round_: int, step: np.ndarray) -> np.ndarray:
-        """theta_{round_} = theta_{round_ - 1} + step (theta_{-1} = 0); returns theta_{round_} as stored."""
+        """theta_{round_} = theta_{round_ - 1} + step (theta_{-1} = 0); returns theta_{round_} as stored.
+
+        ``step`` may be the coordinator's sum buffer, reused next round: keep a copy, not ``step``.
+        """
 
 
 class Coordinator:
@@ -156,6 +169,7 @@ class Coordinator:
         self.results: list[RoundResult] = []
         self.final_evaluation: dict[str, float] = {}
         self.evaluations: dict[int, dict[str, dict[str, float]]] = {}
+        self._sum: np.ndarray | None = None
         if len(self.parties) < params.min_parties:
             raise ProtocolError(f"{len(self.parties)} parties are configured, fewer than "
                                 f"params.min_parties = {params.min_parties}")
@@ -172,9 +186,11 @@ class Coordinator:
         for r in range(first, self.params.rounds):
             started = time.perf_counter()
             self.journal.begin(r, self.channels)
+            for party in self.parties:
+                self._forget(party, r)
             self._broadcast(self.scope.at(iteration=r), {"status": "go", "round": r}, theta)
             size = theta.size
-            del theta   # the store keeps the model; the coordinator holds the sum and one update at a time
+            del theta   # the store keeps the model; the coordinator holds the sum and a few slices
             theta = self._round(r, size, started)
         self._finish(theta)
         return theta
@@ -231,26 +247,42 @@ class Coordinator:
         return theta
 
     def _plain_sum(self, scope: Scope, size: int) -> tuple[np.ndarray, dict[str, dict]]:
-        """Each party's advertisement and its update read together, so one update is held at a time.
+        """Each party's advertisement, then its update added slice by slice (:mod:`.stream`).
 
         (A party sends both at once; read step by step, every party's update
-        would wait whole in its channel while the others' advertisements are read.)
+        would wait in its channel while the others' advertisements are read.)
         """
-        total = np.zeros(size)
-        adverts: dict[str, dict] = {}
-        deadline = time.monotonic() + self.params.deadline_s
-        replay = self.journal.decided(scope.iteration, "update") is not None
+        total = self._zeroed_sum(size, np.float64)
 
-        def add(party: str, advert: dict) -> None:
-            wait = self.params.deadline_s if replay else max(deadline - time.monotonic(), self.params.grace_s)
-            value = MASKED.check(self.channels[party].recv(scope.tag(MASKED.name), timeout=wait))
-            if value.dtype != np.float64 or value.shape != (size,):
-                raise ProtocolError(f"{party} sent an update of {value.dtype} {value.shape}, not float64 ({size},)")
-            total.__iadd__(value)
-            adverts[party] = advert
+        def read(party: str, wait: Callable[[], float]) -> dict:
+            advert = ADVERTISE.check(self.channels[party].recv(scope.tag(ADVERTISE.name), timeout=wait()))
+            self._add_stream(party, scope, total, wait)
+            return advert
 
-        self._gather(ADVERTISE, scope, self.parties, "update", consume=add)
-        return total, adverts
+        return total, self._gather(ADVERTISE, scope, self.parties, "update", read=read)
+
+    def _zeroed_sum(self, size: int, dtype: type) -> np.ndarray:
+        """The job's one sum buffer, zeroed, seen as ``dtype`` (zero bits are 0 in uint64 and float64).
+
+        One buffer for every round: a round's sum is never a fresh allocation
+        that a reference cycle (kafka-python's timeouts keep frames alive until
+        the next garbage collection) could keep beside the next round's.
+        """
+        if self._sum is None or self._sum.size != size:
+            self._sum = np.zeros(size, dtype=np.uint64)
+        else:
+            self._sum.fill(0)
+        return self._sum.view(dtype)
+
+    def _add_stream(self, party: str, scope: Scope, total: np.ndarray, wait: Callable[[], float]) -> None:
+        """``total += party's update``; a stream that stops is taken back out and its rest dropped unread."""
+        try:
+            stream.add(self.channels[party], scope, total, wait, party)
+        except stream.SumSpoiled:
+            raise
+        except FedpsError:
+            self._forget(party, scope.iteration, also=stream.NAME)
+            raise
 
     def _secure_sum(self, scope: Scope, r: int, adverts: dict[str, dict], u1: list[str],
                     size: int) -> tuple[np.ndarray, list[str], list[str]]:
@@ -267,15 +299,13 @@ class Coordinator:
         for v in u2:
             sealed = {u: shares[u]["sealed"][v] for u in u2 if u != v}
             self.channels[v].send(scope.tag(FORWARD.name), {"status": "go", "shares": sealed})
-        total = np.zeros(size, dtype=np.uint64)
+        total = self._zeroed_sum(size, np.uint64)
 
-        def add(party: str, value: np.ndarray) -> None:
-            if value.dtype != np.uint64 or value.shape != (size,):
-                raise ProtocolError(f"{party} sent a masked update of {value.dtype} {value.shape}, "
-                                    f"not uint64 ({size},)")
-            total.__iadd__(value)
+        def read(party: str, wait: Callable[[], float]) -> bool:
+            self._add_stream(party, scope, total, wait)
+            return True
 
-        u3 = self._require(scope, sorted(self._gather(MASKED, scope, u2, "masked", consume=add)), r, "masked")
+        u3 = self._require(scope, sorted(self._gather(MASKED, scope, u2, "masked", read=read)), r, "masked")
         self._tell_dropped(scope, SURVIVORS, set(u2) - set(u3))
         for party in u3:
             self.channels[party].send(scope.tag(SURVIVORS.name), {"status": "go", "survivors": u3})
@@ -290,7 +320,7 @@ class Coordinator:
         plain = secagg.remove_masks(total, survivors=u3, dropped=dropped, self_shares=self_shares,
                                     key_shares=key_shares, mask_publics={p: keys[p][1] for p in u2},
                                     threshold=self.params.min_parties, job=self.job, round_=r)
-        return secagg.dequantise(plain, self.params.frac_bits), u3, sorted(set(self.parties) - set(u3))
+        return secagg.dequantise_in_place(plain, self.params.frac_bits), u3, sorted(set(self.parties) - set(u3))
 
     @staticmethod
     def _shares(answers: dict[str, dict], kind: str, owner: str, index: dict[str, int]) -> dict[int, int]:
@@ -317,36 +347,41 @@ class Coordinator:
             self.channels[party].flush()
 
     def _gather(self, message: Message, scope: Scope, parties: list[str], step: str,
-                consume: Callable[[str, Any], None] | None = None,
-                check: Callable[[str, Any], bool] | None = None, wait_s: float | None = None) -> dict[str, Any]:
+                check: Callable[[str, Any], bool] | None = None, wait_s: float | None = None,
+                read: Callable[[str, Callable[[], float]], Any] | None = None) -> dict[str, Any]:
         """Each party's ``message``, read one party at a time, until one deadline for all.
 
         A party whose message is late (beyond the deadline and a short grace),
         malformed or refused by ``check`` is left out (dropped for the round).
-        ``consume`` handles a value at once (so at most one update is held);
-        the dict then holds True for it. A replayed round reads exactly the
-        parties its journal recorded.
+        ``read(party, wait)`` reads a party's answer instead of one ``recv``
+        (an update, added to the sum as it streams in; ``wait()`` is how long
+        the next message may take), and its channel is then committed. A
+        replayed round reads exactly the parties its journal recorded.
         """
         decided = self.journal.decided(scope.iteration, step)
         wanted = decided if decided is not None else parties
         wait_s = self.params.deadline_s if wait_s is None else wait_s
         deadline = time.monotonic() + wait_s
+
+        def wait() -> float:
+            left = max(deadline - time.monotonic(), self.params.grace_s)
+            return max(left, wait_s) if decided is not None else left
+
         got: dict[str, Any] = {}
         for party in wanted:
-            timeout = max(deadline - time.monotonic(), self.params.grace_s)
-            if decided is not None:
-                timeout = max(timeout, wait_s)
             try:
-                value = message.check(self.channels[party].recv(scope.tag(message.name), timeout=timeout))
+                if read is None:
+                    value = message.check(self.channels[party].recv(scope.tag(message.name), timeout=wait()))
+                else:
+                    value = read(party, wait)
+                    commit = getattr(self.channels[party], "commit", None)
+                    if commit is not None:   # the position past what was read, kept for a resume
+                        commit()
                 if check is not None and not check(party, value):
                     raise ProtocolError(f"{party}'s {message.name} is malformed")
-                if consume is not None:
-                    consume(party, value)
-                    value = True
-                    commit = getattr(self.channels[party], "commit", None)
-                    if commit is not None:   # a channel keeps what it handed over until it commits
-                        commit()
                 got[party] = value
+            except stream.SumSpoiled as exc:
+                self._abort(scope, None, self.parties, str(exc))
             except (PeerError, ProtocolError, DataError) as exc:
                 if decided is not None:
                     raise ProtocolError(f"replaying round {scope.iteration}: {party}'s {message.name} "
@@ -354,6 +389,16 @@ class Coordinator:
                 log.warning("fedavg %s: %s dropped at step %s: %s", scope, party, step, exc)
         self.journal.decide(scope.iteration, step, sorted(got))
         return got
+
+    def _forget(self, party: str, round_: int, also: str | None = None) -> None:
+        """Drop unread, on ``party``'s channel, messages of rounds before ``round_`` (and ``also`` of it).
+
+        So a late party's answers (a dropped stream's rest) are not kept for nobody.
+        """
+        drop = getattr(self.channels[party], "drop", None)
+        if drop is not None:
+            drop(lambda tag: tag.phase == self.scope.phase and 0 <= tag.iteration <= round_
+                 and (tag.iteration < round_ or tag.name == also))
 
     def _require(self, scope: Scope, active: list[str], r: int, step: str) -> list[str]:
         if len(active) < self.params.min_parties:
@@ -459,7 +504,7 @@ class Party:
         evaluation = self.data.evaluate(theta, scope.iteration)
         if not self.params.secure:
             self.link.send(scope.tag(ADVERTISE.name), {"evaluation": evaluation})
-            self.link.send(scope.tag(MASKED.name), self._update(theta, scope.iteration))
+            stream.send(self.link, scope, self._update(theta, scope.iteration), self.params.slice_values)
             return True
         secrets_ = secagg.RoundSecrets.fresh()
         share_public, mask_public = secrets_.public()
@@ -479,8 +524,8 @@ class Party:
         self._check_enough(u2, "shares")
         quantised = secagg.quantise(self._update(theta, scope.iteration), self.params.frac_bits, self._bound())
         peers = {p: table[p][1] for p in u2 if p != self.me}
-        self.link.send(scope.tag(MASKED.name), secagg.mask(quantised, secrets_, peers, self.job,
-                                                           scope.iteration, self.me))
+        stream.send(self.link, scope, secagg.mask(quantised, secrets_, peers, self.job, scope.iteration, self.me),
+                    self.params.slice_values)
         survivors = _abort_if(self._recv(SURVIVORS, scope), f"round {scope.iteration} survivors")
         if survivors["status"] == "dropped":
             return False

@@ -84,6 +84,17 @@ def dequantise(values: np.ndarray, frac_bits: int) -> np.ndarray:
     return out
 
 
+def dequantise_in_place(values: np.ndarray, frac_bits: int) -> np.ndarray:
+    """:func:`dequantise` into the memory of ``values`` (uint64), returned as float64; no second array."""
+    if values.dtype != np.uint64 or not values.flags.c_contiguous:
+        raise DataError(f"dequantise_in_place needs a contiguous uint64 vector, got {values.dtype}")
+    signed, out = values.view(np.int64), values.view(np.float64)
+    for start in range(0, values.size, _CHUNK):   # each block converted through a small temporary
+        out[start:start + _CHUNK] = signed[start:start + _CHUNK]
+    out /= float(1 << frac_bits)
+    return out
+
+
 def public_bytes(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
 
