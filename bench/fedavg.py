@@ -1,6 +1,7 @@
 """FedAvg: secure against plain aggregation, where one executor beats data-parallel, and quality.
 
-    .venv/bin/python bench/fedavg.py rounds [--parties 10] [--params 1000000] [--rounds 4] [--where]
+    .venv/bin/python bench/fedavg.py rounds [--parties 10] [--params 1000000] [--rounds 4] [--where | --steps]
+                                            [--modes both|plain|secure] [--slice-values N]
     .venv/bin/python bench/fedavg.py switch [--copies 1 8 32]
     .venv/bin/python bench/fedavg.py quality
 
@@ -13,7 +14,8 @@ memory against the model's size, two ways: tracemalloc's peak (every Python
 and numpy allocation of the coordinator process during the job) and the peak
 resident set size above the one when the job starts (sampled every 5 ms).
 ``--where`` instead snapshots tracemalloc at each new peak and lists the
-largest allocation sites (the snapshots themselves inflate the figures).
+largest allocation sites (the snapshots themselves inflate the figures);
+``--steps`` gives the exact peak inside each of the coordinator's steps.
 The same bench runs against the code before the one-topic broadcast (it
 passes ``broadcast`` only where the roles take one), for before/after runs.
 
@@ -40,6 +42,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,10 +106,10 @@ def _rss() -> int:
 class _Peaks:
     """Samples the resident set size every 5 ms (and, with ``where``, snapshots tracemalloc at new peaks)."""
 
-    def __init__(self, where: bool) -> None:
+    def __init__(self, where: bool, frames: int = 1) -> None:
         import tracemalloc
 
-        self.tracemalloc, self.where = tracemalloc, where
+        self.tracemalloc, self.where, self.frames = tracemalloc, where, max(frames, 16 if where else 1)
         self.base = _rss()
         self.peak = self.base
         self.snapshot = None
@@ -115,7 +118,7 @@ class _Peaks:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def __enter__(self) -> "_Peaks":
-        self.tracemalloc.start(16 if self.where else 1)
+        self.tracemalloc.start(self.frames)
         self._thread.start()
         return self
 
@@ -135,11 +138,13 @@ class _Peaks:
                     self.snapshot = self.tracemalloc.take_snapshot()
 
     def sites(self, count: int = 12) -> list[str]:
-        if self.snapshot is None:
-            return []
-        stats = self.snapshot.statistics("traceback")[:count]
-        return [f"{s.size / 2**20:.1f} MiB in {s.count} blocks: " + " <- ".join(
-            f"{Path(f.filename).name}:{f.lineno}" for f in list(s.traceback)[::-1][:6]) for s in stats]
+        return [] if self.snapshot is None else _sites(self.snapshot, count)
+
+
+def _sites(snapshot, count: int) -> list[str]:
+    stats = snapshot.statistics("traceback")[:count]
+    return [f"{s.size / 2**20:.1f} MiB in {s.count} blocks: " + " <- ".join(
+        f"{Path(f.filename).name}:{f.lineno}" for f in list(s.traceback)[::-1][:6]) for s in stats]
 
 
 def _warm() -> None:
@@ -168,7 +173,7 @@ def _warm() -> None:
 
 
 def _coordinator_process(folder: str, servers: str, job: str, names: list[str], params: dict, size: int,
-                         where: bool, out: mp.Queue) -> None:
+                         where: bool, out: mp.Queue, by_step: bool = False) -> None:
     from contextlib import ExitStack
 
     from fedps.messaging.channel import Channel
@@ -180,14 +185,57 @@ def _coordinator_process(folder: str, servers: str, job: str, names: list[str], 
         if _takes_broadcast(Coordinator):
             from fedps.messaging.broadcast import BroadcastSender
 
-            extra["broadcast"] = stack.enter_context(BroadcastSender.beside(channels[names[0]]).open())
+            import fedps.algorithms.fedavg.protocol as protocol
+
+            chunk = getattr(protocol, "BROADCAST_CHUNK_BYTES", None)   # the code before has none
+            sender = BroadcastSender.beside(channels[names[0]], chunk) if chunk else \
+                BroadcastSender.beside(channels[names[0]])
+            extra["broadcast"] = stack.enter_context(sender.open())
         coordinator = Coordinator(job, channels, FedAvgParams(**params), MemoryStore(),
                                   initial=lambda features: np.zeros(size), **extra)
         _warm()
+        steps = _step_peaks(coordinator, sites=where) if by_step else {}
         with _Peaks(where) as peaks:
             coordinator.run()
     out.put({"round_s": [r.seconds for r in coordinator.results], "peak_bytes": peaks.traced_peak,
-             "rss_peak_bytes": peaks.peak - peaks.base, "rss_base_bytes": peaks.base, "sites": peaks.sites()})
+             "rss_peak_bytes": peaks.peak - peaks.base, "rss_base_bytes": peaks.base, "sites": peaks.sites(),
+             "step_peaks": steps})
+
+
+def _step_peaks(coordinator: Coordinator, sites: bool) -> dict[str, Any]:
+    """tracemalloc's peak (MiB) inside each of the coordinator's steps, and between them (``--steps``).
+
+    Each step resets the peak, so this exact per-step figure replaces the
+    sampled snapshots' guess of when the peak happens; with ``--where`` too,
+    what is held entering the broadcast and the update steps is listed.
+    """
+    import tracemalloc
+
+    peaks: dict[str, Any] = {}
+
+    def note(name: str) -> None:
+        if tracemalloc.is_tracing():
+            peaks[name] = max(peaks.get(name, 0.0), round(tracemalloc.get_traced_memory()[1] / 2**20, 1))
+
+    def wrap(name_of, method):
+        def step(*args, **kwargs):
+            note("between steps")
+            held = tracemalloc.get_traced_memory()[0]
+            key = f"held entering {name_of(args)}"
+            if sites and held > peaks.get(key, (0,))[0]:   # what is held at the largest entry so far
+                peaks[key] = (held, _sites(tracemalloc.take_snapshot(), 8))
+            tracemalloc.reset_peak()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                note(name_of(args))
+                tracemalloc.reset_peak()
+        return step
+
+    coordinator._broadcast = wrap(lambda a: "broadcast", coordinator._broadcast)
+    coordinator._gather = wrap(lambda a: f"read {a[3]}", coordinator._gather)
+    coordinator.store.apply = wrap(lambda a: "store.apply", coordinator.store.apply)
+    return peaks
 
 
 def _parties_process(folder: str, servers: str, job: str, names: list[str], params: dict) -> None:
@@ -217,6 +265,7 @@ def bench_rounds(args: argparse.Namespace) -> dict:
     from fedps.messaging.broker import EmbeddedBroker
     from fedps.messaging.identity import generate_identity
 
+    load_start = _load()
     names = [f"p{i:02d}" for i in range(args.parties)]
     size = args.params - 1          # the update carries the row count as one more value
     results = {}
@@ -228,9 +277,12 @@ def bench_rounds(args: argparse.Namespace) -> dict:
         for secure in {"both": (False, True), "plain": (False,), "secure": (True,)}[args.modes]:
             job = f"b{uuid.uuid4().hex[:10]}"
             params = dict(rounds=args.rounds, secure=secure, min_parties=args.parties // 2 + 1, deadline_s=300.0)
+            if args.slice_values:   # only when asked: the code before the slices has no such key
+                params["slice_values"] = args.slice_values
             out = ctx.Queue()
             coordinator = ctx.Process(target=_coordinator_process,
-                                      args=(tmp, broker.bootstrap_servers, job, names, params, size, args.where, out))
+                                      args=(tmp, broker.bootstrap_servers, job, names, params, size, args.where, out,
+                                            args.steps))
             parties = ctx.Process(target=_parties_process, args=(tmp, broker.bootstrap_servers, job, names, params))
             coordinator.start()
             parties.start()
@@ -243,9 +295,8 @@ def bench_rounds(args: argparse.Namespace) -> dict:
     median = {k: statistics.median(v["round_s"][1:] or v["round_s"]) for k, v in results.items()}
     plain, secure = median.get("plain", float("nan")), median.get("secure", float("nan"))
     masking_s, unmasking_s = _masking_costs(args.parties, args.params)
-    with open("/proc/loadavg") as handle:
-        load = handle.read().split()[:3]
-    return {"parties": args.parties, "parameters": args.params, "rounds": args.rounds, "load_average": load,
+    return {"parties": args.parties, "parameters": args.params, "rounds": args.rounds,
+            "load_average_at_start": load_start, "load_average": _load(),
             "plain_round_s": round(plain, 2), "secure_round_s": round(secure, 2),
             "overhead": round(secure / plain, 2),
             "coordinator_peak_mb": {k: round(v["peak_bytes"] / 2**20, 1) for k, v in results.items()},
@@ -254,8 +305,14 @@ def bench_rounds(args: argparse.Namespace) -> dict:
             "rss_growth_over_model": {k: round(v["rss_peak_bytes"] / model_bytes, 2) for k, v in results.items()},
             "coordinator_rss_at_start_mb": {k: round(v["rss_base_bytes"] / 2**20, 1) for k, v in results.items()},
             "peak_sites": {k: v["sites"] for k, v in results.items() if v["sites"]},
+            "step_peaks_mb": {k: v.get("step_peaks") for k, v in results.items() if v.get("step_peaks")},
             "all_round_s": {k: [round(s, 2) for s in v["round_s"]] for k, v in results.items()},
             "one_party_masking_s": round(masking_s, 3), "coordinator_unmasking_s": round(unmasking_s, 3)}
+
+
+def _load() -> list[str]:
+    with open("/proc/loadavg") as handle:
+        return handle.read().split()[:3]
 
 
 def _masking_costs(parties: int, size: int) -> tuple[float, float]:
@@ -404,7 +461,10 @@ def main() -> int:
     rounds.add_argument("--params", type=int, default=1_000_000)
     rounds.add_argument("--rounds", type=int, default=4)
     rounds.add_argument("--where", action="store_true", help="list the largest allocation sites at the peak")
+    rounds.add_argument("--steps", action="store_true", help="tracemalloc's peak inside each coordinator step")
     rounds.add_argument("--modes", choices=("both", "plain", "secure"), default="both")
+    rounds.add_argument("--slice-values", type=int, default=0,
+                        help="values per update message (params.slice_values; 0: the default)")
     switch = sub.add_parser("switch")
     switch.add_argument("--copies", type=int, nargs="+", default=[1, 8, 32])
     switch.add_argument("--repeats", type=int, default=2)
