@@ -29,7 +29,7 @@ def servers(ray_address):
         return server
 
     yield start
-    for server in started:
+    for server in reversed(started):   # a restarted server first: the one it replaced waits for its names
         server.stop()
 
 
