@@ -42,10 +42,12 @@ class FedAvgParams:
     #: After the deadline, how long a party whose message is not in yet is still read.
     grace_s: float = 2.0
     frac_bits: int = 24
-    #: Values per message of a party's update at most (512 KiB of float64 by default; keep it
-    #: under channel.chunk_bytes): the coordinator adds each slice to the sum as it arrives,
-    #: so it holds the sum and a few slices, never a whole update.
-    slice_values: int = 65536
+    #: Values per message of a party's update at most (864 KiB of float64 by default: one
+    #: record of a channel with the default chunk_bytes; a smaller chunk_bytes splits slices
+    #: into chunks, which still works). The coordinator adds each slice to the sum as it
+    #: arrives, so it holds the sum and a few slices, never a whole update; fewer, larger
+    #: slices mean fewer fetches per update (each fetch brings one record of this size).
+    slice_values: int = 110592
     seed: int = 0
     # ---- a party's data
     data: str = ""
