@@ -52,7 +52,7 @@ START = Message("start", "coordinator", "party", dict)
 #: The global model: on the broadcast topic, announced by the ticket in ``start["model"]``.
 MODEL = Message("model", "coordinator", "party", np.ndarray)
 #: Record size of the model's broadcast: the coordinator holds about three records at once.
-BROADCAST_CHUNK_BYTES = 256 * 1024
+BROADCAST_CHUNK_BYTES = 512 * 1024
 ADVERTISE = Message("advertise", "party", "coordinator", dict)
 KEYS = Message("keys", "coordinator", "party", dict)
 SHARES = Message("shares", "party", "coordinator", dict)
