@@ -173,7 +173,7 @@ def _warm() -> None:
 
 
 def _coordinator_process(folder: str, servers: str, job: str, names: list[str], params: dict, size: int,
-                         where: bool, out: mp.Queue, by_step: bool = False) -> None:
+                         where: bool, out: mp.Queue, by_step: bool = False, broadcast_chunk: int = 0) -> None:
     from contextlib import ExitStack
 
     from fedps.messaging.channel import Channel
@@ -187,7 +187,7 @@ def _coordinator_process(folder: str, servers: str, job: str, names: list[str], 
 
             import fedps.algorithms.fedavg.protocol as protocol
 
-            chunk = getattr(protocol, "BROADCAST_CHUNK_BYTES", None)   # the code before has none
+            chunk = broadcast_chunk or getattr(protocol, "BROADCAST_CHUNK_BYTES", None)   # the code before: none
             sender = BroadcastSender.beside(channels[names[0]], chunk) if chunk else \
                 BroadcastSender.beside(channels[names[0]])
             extra["broadcast"] = stack.enter_context(sender.open())
@@ -212,6 +212,8 @@ def _step_peaks(coordinator: Coordinator, sites: bool) -> dict[str, Any]:
     import tracemalloc
 
     peaks: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    peaks["seconds in each step, all rounds"] = seconds
 
     def note(name: str) -> None:
         if tracemalloc.is_tracing():
@@ -225,10 +227,12 @@ def _step_peaks(coordinator: Coordinator, sites: bool) -> dict[str, Any]:
             if sites and held > peaks.get(key, (0,))[0]:   # what is held at the largest entry so far
                 peaks[key] = (held, _sites(tracemalloc.take_snapshot(), 8))
             tracemalloc.reset_peak()
+            started = time.perf_counter()
             try:
                 return method(*args, **kwargs)
             finally:
                 note(name_of(args))
+                seconds[name_of(args)] = round(seconds.get(name_of(args), 0.0) + time.perf_counter() - started, 2)
                 tracemalloc.reset_peak()
         return step
 
@@ -282,7 +286,7 @@ def bench_rounds(args: argparse.Namespace) -> dict:
             out = ctx.Queue()
             coordinator = ctx.Process(target=_coordinator_process,
                                       args=(tmp, broker.bootstrap_servers, job, names, params, size, args.where, out,
-                                            args.steps))
+                                            args.steps, args.broadcast_chunk))
             parties = ctx.Process(target=_parties_process, args=(tmp, broker.bootstrap_servers, job, names, params))
             coordinator.start()
             parties.start()
@@ -463,6 +467,8 @@ def main() -> int:
     rounds.add_argument("--where", action="store_true", help="list the largest allocation sites at the peak")
     rounds.add_argument("--steps", action="store_true", help="tracemalloc's peak inside each coordinator step")
     rounds.add_argument("--modes", choices=("both", "plain", "secure"), default="both")
+    rounds.add_argument("--broadcast-chunk", type=int, default=0,
+                        help="record bytes of the model's broadcast (0: the coordinator's default)")
     rounds.add_argument("--slice-values", type=int, default=0,
                         help="values per update message (params.slice_values; 0: the default)")
     switch = sub.add_parser("switch")
