@@ -36,12 +36,15 @@ def _pull_in_task(ref: TableRef, step: int):
     return task
 
 
-def test_executor_pulls_equal_driver_pulls_and_executor_pushes_land(spark, server):
+def test_executor_pulls_equal_driver_pulls_and_executor_pushes_land(spark, server, monkeypatch):
     table = server.table("emb")
     keys = np.random.default_rng(4).integers(0, 2**62, size=400)
     table.push(keys[:200], np.random.default_rng(5).normal(size=(200, 3)))
     server.end_step()
     ref = server.ref("emb")
+    # Python workers of this test's own (Spark keeps one pool per environment): an idle worker lives a
+    # minute, and one that an earlier test joined to Ray would be joined already in the first pass
+    monkeypatch.setitem(spark.sparkContext.environment, "FEDPS_TEST_WORKERS", uuid.uuid4().hex)
     rdd = spark.sparkContext.parallelize(keys.tolist(), 2)
 
     first = rdd.mapPartitionsWithIndex(_pull_in_task(ref, step=1)).collect()
