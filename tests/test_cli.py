@@ -49,12 +49,14 @@ def test_unknown_algorithm_is_named(tmp_path):
 
 
 def test_demo_aligns_with_psi_then_trains_vertical_lr(tmp_path):
-    # the demo's own 10 epochs on the LR defaults (Adam, automatic batch, label DP): AUC 0.994 measured
+    # the demo's own 10 epochs on the LR defaults (Adam, automatic batch, label DP at epsilon 8): the
+    # noise is drawn from each job's secret, so the AUC varies from run to run: 0.9765, 0.9925, 0.993,
+    # 0.9956, 0.9994 in five runs on 2026-12-07 (an untrained or broken model is far below 0.97)
     result = run("demo", "--out", str(tmp_path), "--key-bits", "1024", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "PSI: 569 shared ids" in result.stdout and "validation" in result.stdout
     metrics = json.loads((tmp_path / "guest" / "metrics.json").read_text())
-    assert metrics["final"]["auc"] > 0.98 and len(metrics["loss"]) == 10
+    assert metrics["final"]["auc"] > 0.97 and len(metrics["loss"]) == 10
     for name in ("model.json", "loss.png", "roc.png"):
         assert (tmp_path / "guest" / name).stat().st_size > 0
     assert json.loads((tmp_path / "host" / "model.json").read_text())["party"] == "host"
