@@ -10,6 +10,8 @@ import threading
 import numpy as np
 import pytest
 
+from fedavg_helpers import MemoryStore, play_all
+
 from fedps.algorithms.fedavg import secagg, shamir
 from fedps.algorithms.fedavg.params import FedAvgParams
 from fedps.algorithms.fedavg.protocol import Coordinator, Party
@@ -44,21 +46,6 @@ class FixedUpdates:
         return self.rows, theta + delta
 
 
-class MemoryStore:
-    def __init__(self) -> None:
-        self.models: dict[int, np.ndarray] = {}
-
-    def current(self):
-        if not self.models:
-            return 0, None
-        last = max(self.models)
-        return last, self.models[last]
-
-    def apply(self, round_: int, step: np.ndarray) -> np.ndarray:
-        self.models[round_] = self.models.get(round_ - 1, 0.0) + step
-        return self.models[round_].copy()
-
-
 def run_job(names, params, data, coordinator_params=None, broadcast=None):
     mesh = in_process_mesh("job1", ["coord", *names])
     store = MemoryStore()
@@ -66,22 +53,12 @@ def run_job(names, params, data, coordinator_params=None, broadcast=None):
     coordinator = Coordinator("job1", mesh["coord"], coordinator_params or params, store,
                               initial=lambda features: np.zeros(SIZE), broadcast=broadcast)
     parties = {n: Party("job1", n, mesh[n]["coord"], params, data[n], broadcast=broadcast) for n in names}
-    errors: dict[str, BaseException] = {}
 
-    def play(name, role):
-        try:
-            role.run()
-        except BaseException as exc:   # collected for the test to look at
-            errors[name] = exc
+    def release() -> None:
+        for party in data.values():
+            party.release.set()
 
-    threads = [threading.Thread(target=play, args=(n, p), daemon=True) for n, p in parties.items()]
-    for t in threads:
-        t.start()
-    play("coord", coordinator)
-    for name, party in data.items():
-        party.release.set()
-    for t in threads:
-        t.join(30)
+    errors = play_all(coordinator, parties, join_s=30, after_coordinator=release)
     coordinator.broadcast_records = broadcast.records
     return coordinator, store, parties, errors
 

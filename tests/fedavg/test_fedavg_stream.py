@@ -15,6 +15,8 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 
+from fedavg_helpers import MemoryStore, play_all
+
 from fedps.algorithms.fedavg import secagg, stream
 from fedps.algorithms.fedavg.params import FedAvgParams
 from fedps.algorithms.fedavg.protocol import Coordinator, Party
@@ -61,36 +63,6 @@ class CutAfter:
                 return self.inner.send(tag, value.astype(np.float32) if tag.batch == self.slices else value)
             raise PeerError("killed mid-update")
         return self.inner.send(tag, value)
-
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self.models: dict[int, np.ndarray] = {}
-
-    def current(self):
-        return (max(self.models), self.models[max(self.models)]) if self.models else (0, None)
-
-    def apply(self, round_, step):
-        self.models[round_] = self.models.get(round_ - 1, 0.0) + step
-        return self.models[round_].copy()
-
-
-def play_all(coordinator, parties):
-    errors = {}
-
-    def play(name, role):
-        try:
-            role.run()
-        except Exception as exc:   # collected for the test to look at
-            errors[name] = exc
-
-    threads = [threading.Thread(target=play, args=(n, p), daemon=True) for n, p in parties.items()]
-    for t in threads:
-        t.start()
-    play("coord", coordinator)
-    for t in threads:
-        t.join(60)
-    return errors
 
 
 def expected_step(data, names, round_):
