@@ -32,6 +32,7 @@ model trained centrally on all rows.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import multiprocessing as mp
@@ -40,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import uuid
 from pathlib import Path
 from typing import Any
@@ -179,6 +181,11 @@ def _coordinator_process(folder: str, servers: str, job: str, names: list[str], 
     from fedps.messaging.channel import Channel
 
     config = _channel_config(Path(folder), "coord", names, servers)
+    import fedps.algorithms.fedavg as fedavg
+
+    if hasattr(fedavg, "channel_settings"):   # the coordinator's small fetches, as `fedps run` sets them
+        config = dataclasses.replace(config, **fedavg.channel_settings(
+            types.SimpleNamespace(party=types.SimpleNamespace(role="coordinator"))))
     with ExitStack() as stack:
         channels = {n: stack.enter_context(Channel(job, "coord", n, config).open()) for n in names}
         extra = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from fedps.errors import PeerError, ProtocolError
+from fedps.errors import ConfigError, PeerError, ProtocolError
 from fedps.messaging import wire
 from fedps.messaging.channel import Channel
 from fedps.messaging.codec import Blob
@@ -76,6 +77,28 @@ def test_large_value_is_chunked_under_the_limit_and_reassembled(make_parties, jo
     assert len(records) > 10 and max(len(r) for r in records) <= 64 * 1024
     a.close()
     b.close()
+
+
+def test_a_fetch_bound_below_a_chunk_still_brings_every_record(make_parties, job_id):
+    """``fetch_bytes`` under the chunk size: each oversize record comes whole, small ones in batches."""
+    configs = make_parties("a", "b", chunk_bytes=64 * 1024)
+    configs["b"] = dataclasses.replace(configs["b"], fetch_bytes=4096)
+    assert configs["a"].fetch_bound == 128 * 1024 and configs["b"].fetch_bound == 4096
+    a, b = open_pair(job_id, configs)
+    scope = Scope(job_id, "t")
+    value = np.random.default_rng(1).normal(size=40_000)   # five chunks, each over b's bound
+    a.send(scope.tag("big"), value)
+    for i in range(50):
+        a.send(scope.tag(f"small{i}"), i)
+    np.testing.assert_array_equal(b.recv(scope.tag("big"), timeout=20), value)
+    assert [b.recv(scope.tag(f"small{i}"), timeout=20) for i in range(50)] == list(range(50))
+    a.close()
+    b.close()
+
+
+def test_a_fetch_bound_out_of_range_is_refused_by_name(make_parties):
+    with pytest.raises(ConfigError, match="fetch_bytes must be between 4096"):
+        make_parties("a", "b", fetch_bytes=1000)
 
 
 def test_broker_stores_no_plaintext(pair, job_id, kafka_config):

@@ -101,7 +101,7 @@ def resolve_algorithm(name: str) -> Any:
         raise
     if not hasattr(module, "run"):
         raise ConfigError(f"algorithm {name!r} has no run(context) entry point")
-    return module.run
+    return module
 
 
 def run_party(config: FedpsConfig) -> dict[str, Any]:
@@ -116,10 +116,12 @@ def run_party(config: FedpsConfig) -> dict[str, Any]:
     ``metrics.json`` is written also when the algorithm fails (with ``error``),
     and always says how many records each channel refused, per reason.
     """
-    run = resolve_algorithm(config.job.algorithm)
+    algorithm = resolve_algorithm(config.job.algorithm)
     output = Path(config.party.output_dir or f"out/{config.job.id}/{config.party.name}")
     output.mkdir(parents=True, exist_ok=True)
     channel_config = config.channel_config()
+    if hasattr(algorithm, "channel_settings"):   # e.g. a smaller fetch bound where a party holds many channels
+        channel_config = dataclasses.replace(channel_config, **algorithm.channel_settings(config))
     _record_job(config, "proposed", output)
     started = time.perf_counter()
     channels: dict[str, Channel] = {}
@@ -154,7 +156,7 @@ def run_party(config: FedpsConfig) -> dict[str, Any]:
                 exchange(channels, config.job.id, descriptor=agreement.descriptor(config),
                          timeout_s=max(channel_config.recv_timeout_s, PEER_CHECKS_S))
                 _record_job(config, "running", output)
-                run(context)
+                algorithm.run(context)
             except BaseException as exc:
                 _tell_peers(context, exc)
                 raise

@@ -59,8 +59,6 @@ _IDLE_SLEEP_S = 0.05
 _PROBE_S = 5.0
 # How long ``close`` waits for pending sends when the channel failed.
 _CLOSE_AFTER_ERROR_S = 5.0
-# What one fetch may bring beyond its first record (see ``open``).
-_FETCH_BYTES = 64 * 1024
 
 
 def topic_name(prefix: str, job: str, sender: str, receiver: str) -> str:
@@ -185,13 +183,13 @@ class Channel:
             auto_offset_reset="earliest",
             fetch_max_wait_ms=self.config.kafka.fetch_max_wait_ms,
             fetch_min_bytes=1,
-            # One fetch brings small records up to _FETCH_BYTES, or one larger record (the broker
-            # returns a first record over the bound whole: Kafka's KIP-74, and the embedded broker
-            # too). The consumer sends its next fetch as it hands records over, so every idle
-            # channel may hold one response: a party with many channels (a FedAvg coordinator)
-            # holds about one record per channel, not a chunk or an 8 MiB buffer each.
-            max_partition_fetch_bytes=_FETCH_BYTES,
-            fetch_max_bytes=_FETCH_BYTES,
+            # One fetch brings records up to the bound, or one larger record (the broker returns a
+            # first record over the bound whole: Kafka's KIP-74, and the embedded broker too). The
+            # consumer sends its next fetch as it hands records over, so every idle channel may
+            # hold one response: a chunk by default (one fetch per chunk keeps throughput up), and
+            # about one small record where a party holds many channels (``fetch_bytes``).
+            max_partition_fetch_bytes=self.config.fetch_bound,
+            fetch_max_bytes=self.config.fetch_bound,
         )
         self._consumer.assign([self._partition])
         saved = self._file.load()

@@ -121,6 +121,11 @@ class ChannelConfig:
     #: another key, an impostor's hello): "skip" drops, logs and counts it and goes on;
     #: "raise" (strict) stops at the first one with ProtocolError.
     on_bad_message: str = "skip"
+    #: The most one fetch of the incoming topic brings beyond its first record (a record over the
+    #: bound still comes whole). None: one chunk and its framing (``chunk_bytes`` + 64 KiB), the
+    #: fastest. An algorithm whose party holds many channels open lowers it (the FedAvg
+    #: coordinator: 64 KiB), since every idle channel may hold one fetch response.
+    fetch_bytes: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peers", dict(self.peers))
@@ -130,6 +135,14 @@ class ChannelConfig:
                                self.on_bad_message)
         if self.commit_interval_s < 0:
             raise ConfigError("channel.commit_interval_s must be 0 or more")
+        if self.fetch_bytes is not None and not 4096 <= self.fetch_bytes <= MAX_CHUNK_BYTES:
+            raise ConfigError(
+                f"channel fetch_bytes must be between 4096 and {MAX_CHUNK_BYTES}, got {self.fetch_bytes}")
+
+    @property
+    def fetch_bound(self) -> int:
+        """What one fetch may bring: ``fetch_bytes``, or one chunk and its framing."""
+        return self.fetch_bytes if self.fetch_bytes is not None else self.chunk_bytes + 64 * 1024
 
 
 def check_channel_settings(

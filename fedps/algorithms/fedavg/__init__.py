@@ -31,6 +31,16 @@ def data_source(config: Any, params: FedAvgParams) -> str:
     return str((Path(config.source).parent / params.data).resolve())
 
 
+#: What one fetch of a coordinator's incoming channel brings: one update slice (``stream``), not a
+#: chunk; every idle channel may hold one fetch response, and the coordinator holds one per party.
+COORDINATOR_FETCH_BYTES = 64 * 1024
+
+
+def channel_settings(config: Any) -> dict[str, Any]:
+    """Channel settings of this party's role: the coordinator's fetches stay small."""
+    return {"fetch_bytes": COORDINATOR_FETCH_BYTES} if config.party.role == "coordinator" else {}
+
+
 def preflight(config: Any, output_dir: Path) -> None:
     """Settings checks before any channel opens: a clear error instead of a peer waiting."""
     params = FedAvgParams.from_mapping(config.job.params)
