@@ -54,28 +54,49 @@ def test_repeated_ids_are_kept_and_matched_one_to_many(psi_pair):
 
 
 def test_spark_output_of_repeated_ids_equals_the_local_output(spark, tmp_path):
-    """The executors' writer (Spark, digest per range) and the driver's agree row for row."""
+    """Staged and written by Spark tasks, or by the driver alone: the same rows, index and digest."""
+    import hashlib
+    import hmac
+
     import pyarrow as pa
 
-    from fedps.algorithms.psi import ids, output
+    from fedps.algorithms.psi import driver, ids, output
     from fedps.algorithms.psi.storage import Folder
 
     values = [f"u{i % 40}" for i in range(100)] + ["z1", "z2"]          # u0..u19: 3 rows, u20..u39: 2
     rows = pd.DataFrame({ids.ID: values, "x0": [float(i) for i in range(len(values))]})
-    matched = [f"u{i}" for i in range(0, 40, 3)] + ["z2"]
-    key = b"k" * 32
-    local = output.write_output_local(pa.Table.from_pandas(rows, preserve_index=False), matched, key,
-                                      Folder.at(tmp_path / "local"))
-    frame = spark.createDataFrame(rows).repartition(3)
-    by_spark = output.write_output(spark, frame, spark.createDataFrame([(m,) for m in matched], "id string"), key,
-                                   Folder.at(tmp_path / "spark"), repeated=True)
+    matched = {f"u{i}" for i in range(0, 40, 3)} | {"z2"}
+    key, buckets = b"k" * 32, 5
+    manifests = {}
+    for name in ("local", "spark"):
+        work, out = Folder.at(tmp_path / name / "work"), Folder.at(tmp_path / name / "out")
+        if name == "local":
+            driver._stage_local(pa.Table.from_pandas(rows, preserve_index=False), key, buckets, work.child("ids"))
+        else:
+            driver._stage_spark(spark.createDataFrame(rows).repartition(3), key, buckets, work.child("ids"))
+        counts = []
+        for b in range(buckets):   # what a protocol saves: the bucket's matched ids, each once
+            staged = work.child("ids", f"_psi_bucket={b}").read_table([ids.ID])
+            found = sorted(set(staged.column(ids.ID).to_pylist()) & matched) if staged is not None else []
+            work.child("matched", f"bucket={b}").write_table("part-0.parquet", pa.table({"id": pa.array(found, pa.string())}))
+            counts.append(len(found))
+        assert sum(counts) == len(matched) and max(counts) < len(matched)   # spread over buckets
+        manifests[name] = output.write_output(spark if name == "spark" else None, work, out, counts)
+    local, by_spark = manifests["local"], manifests["spark"]
     assert (local["count"], local["digest"], local["row_count"]) == \
-           (by_spark["count"], by_spark["digest"], by_spark["row_count"]) == (local["count"], local["digest"], 36)
-    assert local["count"] == len(matched)
-    a = pd.read_parquet(tmp_path / "local" / "rows").sort_values("x0").reset_index(drop=True)
-    b = pd.read_parquet(tmp_path / "spark" / "rows").sort_values("x0").reset_index(drop=True)
+           (by_spark["count"], by_spark["digest"], by_spark["row_count"]) == (len(matched), local["digest"], 36)
+    a = pd.read_parquet(tmp_path / "local" / "out" / "rows")
+    b = pd.read_parquet(tmp_path / "spark" / "out" / "rows")
+    # the files in name order are the rows in psi_hash order, numbered densely (repeats share an index)
+    for frame in (a, b):
+        assert list(frame["psi_hash"]) == sorted(frame["psi_hash"])
+        assert list(frame["psi_index"]) == sorted(frame["psi_index"])
+        assert sorted(set(frame["psi_index"])) == list(range(len(matched)))
+    a, b = a.sort_values("x0").reset_index(drop=True), b.sort_values("x0").reset_index(drop=True)
     assert a[["x0", "psi_index"]].equals(b[["x0", "psi_index"]]) and list(a["psi_hash"]) == list(b["psi_hash"])
-    assert sorted(set(a["psi_index"])) == list(range(len(matched)))
+    wanted = rows[rows[ids.ID].isin(matched)].sort_values("x0").reset_index(drop=True)
+    assert list(a["x0"]) == list(wanted["x0"])
+    assert list(a["psi_hash"]) == [hmac.new(key, v.encode(), hashlib.sha256).digest() for v in wanted[ids.ID]]
 
 
 def _training_config(role: str, on_duplicate: str) -> object:

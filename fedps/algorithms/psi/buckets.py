@@ -3,8 +3,11 @@
 Each party commits to a fresh random 32-byte share (SHA-256 over a domain
 tag, the job, its name and the share), and only after it holds the peer's
 commitment reveals the share; both derive, with HKDF-SHA256 over the two
-shares (ordered by party name), a *bucket key* (which bucket an id falls in)
-and an *order key* (the sort order of the output). Neither party alone
+shares (ordered by party name), an *order key* and a *bucket key*. The order
+key's hash of an id is the output's ``psi_hash``: its sort order, and (a
+range of it) the bucket the id falls in, so that each bucket's output is a
+contiguous piece of the sorted whole. The bucket key names an incremental
+PSI's epoch (:mod:`~fedps.algorithms.psi.incremental`). Neither party alone
 chooses them, and the commitment stops the second to reveal from choosing
 its share after seeing the first's, so neither can steer an id of its
 choice into a bucket of its choice; the broker never sees the shares (the
@@ -81,8 +84,15 @@ def keyed_hash(key: bytes, canonical_id: str) -> bytes:
 
 
 def bucket_of(key: bytes, canonical_id: str, buckets: int) -> int:
-    """The first 4 bytes of the keyed hash, big-endian, mod ``buckets`` (bias below 2^-16)."""
-    return int.from_bytes(keyed_hash(key, canonical_id)[:4], "big") % buckets
+    """:func:`bucket_of_hash` of the id's keyed hash."""
+    return bucket_of_hash(keyed_hash(key, canonical_id), buckets)
+
+
+def bucket_of_hash(value: bytes, buckets: int) -> int:
+    """The first 4 bytes, big-endian, scaled onto ``0..buckets-1``: bucket ``b`` holds one contiguous
+    range of hashes, so the buckets in order hold the hashes in order (the output is written a
+    bucket at a time, :mod:`~fedps.algorithms.psi.output`)."""
+    return (int.from_bytes(value[:4], "big") * buckets) >> 32
 
 
 def keyed_hash_column(key: bytes, column: Any) -> Any:
@@ -102,19 +112,31 @@ def keyed_hash_column(key: bytes, column: Any) -> Any:
     return F.unhex(F.sha2(F.concat(outer, digest), 256))
 
 
-def bucket_column(key: bytes, column: Any, buckets: int) -> Any:
-    """:func:`bucket_of` of a string column, computed by Spark."""
+def bucket_of_hash_column(hashed: Any, buckets: int) -> Any:
+    """:func:`bucket_of_hash` of a binary column, computed by Spark (first 4 bytes * buckets < 2^48)."""
     from pyspark.sql import functions as F
 
-    first4 = F.conv(F.hex(F.substring(keyed_hash_column(key, column), 1, 4)), 16, 10).cast("long")
-    return (first4 % F.lit(buckets)).cast("int")
+    first4 = F.conv(F.hex(F.substring(hashed, 1, 4)), 16, 10).cast("long")
+    return F.shiftright(first4 * F.lit(buckets), 32).cast("int")
 
 
-def bucketed(frame: Any, bucket_key: bytes, buckets: int) -> Any:
-    """``(bucket, _order, id)``: each id's bucket and its place in a private random order.
+def bucket_column(key: bytes, column: Any, buckets: int) -> Any:
+    """:func:`bucket_of` of a string column, computed by Spark."""
+    return bucket_of_hash_column(keyed_hash_column(key, column), buckets)
 
-    ``frame`` has the canonical id column ``_psi_id``. The order key is fresh
-    per call and never leaves this party. Both hashes run in Spark's JVM.
+
+#: Columns the staging adds to a party's rows (``stream.IDS`` in the work folder, by bucket).
+BUCKET, ORDER, HASH = "_psi_bucket", "_psi_order", "psi_hash"
+
+
+def staged(frame: Any, order_key: bytes, buckets: int) -> Any:
+    """The party's rows with ``psi_hash`` (the output's keyed hash), ``_psi_bucket`` (its range of
+    that hash) and ``_psi_order`` (a place in a private random order).
+
+    ``frame`` has the canonical id column ``_psi_id``. The private key of the
+    order is fresh per call and never leaves this party. Every hash runs in
+    Spark's JVM; the rows are staged whole, so that the task serving a bucket
+    writes that bucket's output rows itself.
     """
     from pyspark.sql import functions as F
 
@@ -122,7 +144,8 @@ def bucketed(frame: Any, bucket_key: bytes, buckets: int) -> Any:
     column = F.col(ID)
     cores = frame.sparkSession.sparkContext.defaultParallelism
     if frame.rdd.getNumPartitions() < cores:  # one small file is one task: spread the hashing
-        frame = frame.select(ID).repartition(cores)
-    return frame.select(bucket_column(bucket_key, column, buckets).alias("bucket"),
-                        F.substring(keyed_hash_column(private, column), 1, 16).alias("_order"),
-                        column.alias("id"))
+        frame = frame.repartition(cores)
+    frame = frame.withColumn(HASH, keyed_hash_column(order_key, column))
+    return frame.select(*(F.col(f"`{c}`") for c in frame.columns if c not in (BUCKET, ORDER)),
+                        bucket_of_hash_column(F.col(HASH), buckets).alias(BUCKET),
+                        F.substring(keyed_hash_column(private, column), 1, 16).alias(ORDER))

@@ -3,12 +3,17 @@
 The driver handles settings, counts, keys and the manifest; blinded values
 go between the processes serving the buckets (:mod:`~fedps.algorithms.psi.tasks`).
 
+The ids are staged with their rows, a folder per bucket, and once every
+bucket is matched the output is written a bucket at a time where the rows
+are (:mod:`~fedps.algorithms.psi.output`): no step gathers, joins or sorts
+the party's rows as a whole.
+
 Resume: once the ids are staged and the protocol's secret is chosen (and, for
 RSA, the public key exchanged), the party writes ``state.json`` (mode 0600)
 in its work folder: the agreed keys, its secret or RSA key, the peer's role.
 A party restarted with the same command and its channel state finds it,
 skips the exchanges already done, keeps the buckets already done
-(``done/``) and serves the others again. Before that point a restarted
+(``done/``), serves the others again and writes the output again. Before that point a restarted
 party cannot resume (it would need messages it has consumed), and says so.
 """
 
@@ -21,11 +26,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from fedps.algorithms.psi import buckets, ids, incremental, output, params as params_module
 from fedps.algorithms.psi.storage import Folder, is_uri
-from fedps.algorithms.psi.stream import IDS
+from fedps.algorithms.psi.stream import IDS, MATCHED
 from fedps.algorithms.psi.tasks import BucketPlan, serve_watched
 from fedps.errors import ConfigError, DataError, PeerError
 from fedps.messaging.tags import Message, Scope
@@ -120,9 +126,9 @@ def run_psi(context: Any, params: params_module.PsiParams, channel: Any, scope: 
     if saved is None:
         tick = time.perf_counter()                                                    # 4
         if local:
-            _stage_local(rows, keys.bucket, params.buckets, work.child(IDS))
+            _stage_local(rows, keys.order, params.buckets, work.child(IDS))
         else:
-            _stage_spark(table.distinct_ids(), keys.bucket, params.buckets, work.child(IDS))
+            _stage_spark(table.frame, keys.order, params.buckets, work.child(IDS))
         run.step("0_stage_ids", tick)
         state = {"version": STATE_VERSION, "job": job, "peer_role": peer_role,
                  "keys": {"bucket": keys.bucket.hex(), "order": keys.order.hex()},
@@ -142,15 +148,8 @@ def run_psi(context: Any, params: params_module.PsiParams, channel: Any, scope: 
     manifest = None
     if params.learns(context.role):
         extra = {"protocol": params.protocol, "id_column": params.id_column, "peer": peer, "job": job}
-        if local:
-            matched = [t.column("id") for b in range(params.buckets)
-                       if (t := work.child("matched", f"bucket={b}").read_table(["id"])) is not None]
-            found = pa.chunked_array(matched, pa.string()).to_pylist() if matched else []
-            manifest = output.write_output_local(rows, found, keys.order, out, extra)
-        else:
-            matched = context.spark.read.schema("id string, bucket int").parquet(work.child("matched").spark_path)
-            manifest = output.write_output(context.spark, table.frame, matched.select("id"), keys.order, out, extra,
-                                           repeated=table.repeated)
+        manifest = output.write_output(None if local else context.spark, work, out,
+                                       _matched_counts(stats, work), extra)
     timings["output_s"] = round(time.perf_counter() - tick, 3)
     if not params.keep_work:
         work.remove()
@@ -210,23 +209,38 @@ def _plan(channel: Any, run: PsiRun, work: Folder, params: params_module.PsiPara
                       params.tasks)
 
 
-def _stage_local(rows: pa.Table, bucket_key: bytes, count: int, folder: Folder) -> None:
-    """The ids of a small run, bucketed and in a private order, written from this process."""
+def _matched_counts(stats: list[dict[str, int]], work: Folder) -> list[int]:
+    """Each bucket's number of intersection ids: its ``matched`` count, else its ``matched`` files."""
+    counts = []
+    for bucket, served in enumerate(stats):
+        if MATCHED in served:
+            counts.append(int(served[MATCHED]))
+        else:
+            found = work.child(MATCHED, f"bucket={bucket}").read_table(["id"])
+            counts.append(0 if found is None else found.num_rows)
+    return counts
+
+
+def _stage_local(rows: pa.Table, order_key: bytes, count: int, folder: Folder) -> None:
+    """The rows of a small run, as :func:`buckets.staged` stages them, written from this process."""
     private = os.urandom(32)
-    column = list(dict.fromkeys(rows.column(ids.ID).to_pylist()))   # each id once (on_duplicate = "keep")
-    groups: dict[int, list[str]] = {}
-    for value in column:
-        groups.setdefault(buckets.bucket_of(bucket_key, value, count), []).append(value)
-    for bucket, members in groups.items():
-        order = [buckets.keyed_hash(private, v)[:16] for v in members]
-        folder.child(f"bucket={bucket}").write_table(
-            "part-0.parquet", pa.table({"_order": pa.array(order, pa.binary()), "id": pa.array(members, pa.string())}))
+    texts = rows.column(ids.ID).to_pylist()
+    hashes = [buckets.keyed_hash(order_key, v) for v in texts]
+    if buckets.HASH in rows.column_names:
+        rows = rows.drop_columns([buckets.HASH])
+    rows = rows.append_column(buckets.HASH, pa.array(hashes, pa.binary()))
+    rows = rows.append_column(buckets.ORDER, pa.array([buckets.keyed_hash(private, v)[:16] for v in texts],
+                                                      pa.binary()))
+    of = np.fromiter((buckets.bucket_of_hash(h, count) for h in hashes), dtype=np.int64, count=len(hashes))
+    for bucket in np.unique(of).tolist():
+        folder.child(f"{buckets.BUCKET}={bucket}").write_table(
+            "part-0.parquet", rows.filter(pa.array(of == bucket)))
 
 
-def _stage_spark(frame: Any, bucket_key: bytes, count: int, folder: Folder) -> None:
-    """The ids, bucketed by Spark, as Parquet partitioned by bucket (``bucket=<b>/``)."""
-    staged = buckets.bucketed(frame, bucket_key, count)
-    staged.write.mode("overwrite").partitionBy("bucket").parquet(folder.spark_path)
+def _stage_spark(frame: Any, order_key: bytes, count: int, folder: Folder) -> None:
+    """The rows, bucketed by Spark, as Parquet partitioned by bucket (``_psi_bucket=<b>/``)."""
+    staged = buckets.staged(frame, order_key, count)
+    staged.write.mode("overwrite").partitionBy(buckets.BUCKET).parquet(folder.spark_path)
 
 
 def _exchange_settings(context: Any, params: params_module.PsiParams, channel: Any, scope: Any,

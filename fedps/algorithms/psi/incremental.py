@@ -2,11 +2,15 @@
 
 With ``job.params.key_file`` set on both parties, the first run with a
 partner starts an *epoch*: each party draws a persistent ECDH secret, and
-both keep the bucket key they agreed (so an id stays in its bucket from run
-to run). Each party writes its key file (mode 0600 where local)::
+both keep the keys they agreed: the order key, whose hash of an id decides
+its bucket (so an id stays in its bucket from run to run, and its
+``psi_hash`` in the output is the same in every run of the epoch), and the
+bucket key, which names the epoch. Each party writes its key file (mode 0600
+where local)::
 
     {"version": 1, "partner": <peer>, "protocol": "ecdh" | "rsa", "buckets": N,
-     "created": <unix time>, "epoch": <hex>, "bucket_key": <hex>, "secret": <hex>}
+     "created": <unix time>, "epoch": <hex>, "bucket_key": <hex>, "order_key": <hex>,
+     "secret": <hex>}
 
 and, per bucket, beside it in ``<key_file>.cache/<epoch>/``: ``own/`` (its
 ids and their ``H(x)^a``) and ``peer/`` (the peer's ``H(y)^b`` and their
@@ -18,7 +22,7 @@ scratch (every point is sent again, costing bandwidth, not cryptography), so
 an id removed since is simply not sent, and the result equals a run from
 scratch. Any difference (a party without a key file or with another epoch,
 an expired key, other ``buckets`` or ``protocol``) starts a new epoch on both
-sides: fresh secrets, the fresh bucket key, the old cache deleted.
+sides: fresh secrets, the fresh keys, the old cache deleted.
 
 RSA (:mod:`fedps.algorithms.psi.rsa`): the signer adds the epoch's RSA key
 to its key file (``"rsa"``), the requester the public half; ``own/`` holds
@@ -86,6 +90,9 @@ def load_key(params: Any, peer: str, now: float | None = None) -> dict[str, Any]
         log.info("psi: the PSI key for %s is %.1f days old (job.params.key_max_age_days = %d): rotating it",
                  peer, age_days, params.key_max_age_days)
         return None
+    if "order_key" not in stored:   # written before the buckets were ranges of the order key's hash
+        log.info("psi: the PSI key for %s has no order key (an older fedps made it): a new epoch", peer)
+        return None
     if stored.get("protocol") != params.protocol or int(stored.get("buckets", 0)) != params.buckets:
         log.info("psi: the PSI key for %s was made for protocol %s with %s buckets: a new epoch", peer,
                  stored.get("protocol"), stored.get("buckets"))
@@ -122,11 +129,12 @@ def agree(channel: Any, scope: Scope, params: Any, me: str, peer: str,
         key = {**stored, "cache": str(cache_root(params.key_file).child(offer)), "reused": True,
                "key_file": params.key_file}
         log.info("psi: reusing the PSI key of epoch %s with %s (incremental run)", offer[:12], peer)
-        return PsiKeys(bytes.fromhex(stored["bucket_key"]), fresh.order), key
+        # the order key decides each id's bucket, so the cached sets stay in their buckets
+        return PsiKeys(bytes.fromhex(stored["bucket_key"]), bytes.fromhex(stored["order_key"])), key
     epoch = epoch_of(fresh.bucket, params.protocol, params.buckets, [me, peer])
     key = {"version": KEY_VERSION, "partner": peer, "protocol": params.protocol, "buckets": params.buckets,
            "created": time.time(), "epoch": epoch, "bucket_key": fresh.bucket.hex(),
-           "secret": os.urandom(32).hex()}
+           "order_key": fresh.order.hex(), "secret": os.urandom(32).hex()}
     cache_root(params.key_file).remove()
     folder, name = key_location(params.key_file)
     folder.write_json(name, key, private=True)

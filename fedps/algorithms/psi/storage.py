@@ -89,6 +89,21 @@ class Folder:
         return sorted(i.path for i in infos if i.type == fs.FileType.File and i.base_name.endswith(suffix)
                       and not i.base_name.startswith((".", "_")))
 
+    def subfolders(self) -> list[Folder]:
+        """The folders directly in this one (not hidden), by name; [] if none."""
+        filesystem, path = self._fs()
+        if filesystem.get_file_info(path).type == fs.FileType.NotFound:
+            return []
+        infos = filesystem.get_file_info(fs.FileSelector(path, recursive=False))
+        return [self.child(name) for name in sorted(i.base_name for i in infos if i.type == fs.FileType.Directory
+                                                    and not i.base_name.startswith("."))]
+
+    def schema(self) -> pa.Schema | None:
+        """The schema of this folder's first Parquet file, or None if it has none."""
+        filesystem, _ = self._fs()
+        files = self.files()
+        return pq.read_schema(files[0], filesystem=filesystem) if files else None
+
     # ------------------------------------------------------------------ reading
     def read_text(self, name: str) -> str | None:
         filesystem, path = self._fs()

@@ -26,14 +26,24 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from fedps.algorithms.psi.buckets import BUCKET, ORDER
+from fedps.algorithms.psi.ids import ID
 from fedps.algorithms.psi.storage import Folder
 from fedps.errors import DataError, PeerError, ProtocolError
 from fedps.messaging.tags import Message, Scope
 
-#: The staged ids in the work folder, one folder per bucket (``bucket=<b>``), in private order.
+#: The staged rows in the work folder, one folder per bucket (``_psi_bucket=<b>``), with each row's
+#: ``psi_hash`` and its place in a private order (:func:`fedps.algorithms.psi.buckets.staged`).
 IDS = "ids"
+#: Each bucket's intersection ids (column ``id``, each once), which every protocol saves last.
+MATCHED = "matched"
 _PART = "part-0.parquet"
+
+
+def staged_folder(work: Folder, bucket: int) -> Folder:
+    return work.child(IDS, f"{BUCKET}={bucket}")
 
 
 @dataclass(frozen=True)
@@ -72,18 +82,27 @@ class BucketIO:
     def folder(self, name: str) -> Folder:
         return self.work.child(name, f"bucket={self.bucket}")
 
+    def staged(self) -> Folder:
+        """This bucket's staged rows (``IDS``, written by the driver's staging step)."""
+        return staged_folder(self.work, self.bucket)
+
     def ids(self) -> pa.Table:
-        """My ids of this bucket (column ``id``) in their private order."""
-        table = self.folder(IDS).read_table(["_order", "id"])
+        """My ids of this bucket (column ``id``), each once, in their private order."""
+        table = self.staged().read_table([ORDER, ID])
         if table is None:
             return pa.table({"id": pa.array([], pa.string())})
-        return table.sort_by([("_order", "ascending"), ("id", "ascending")]).select(["id"])
+        if pc.count_distinct(table.column(ID)).as_py() < table.num_rows:   # on_duplicate = "keep"
+            once = table.group_by([ID]).aggregate([(ORDER, "min")])   # an id's rows share their order
+            table = pa.table({ORDER: once.column(f"{ORDER}_min"), ID: once.column(ID)})
+        return table.sort_by([(ORDER, "ascending"), (ID, "ascending")]).select([ID]).rename_columns(["id"])
 
     def load(self, name: str) -> pa.Table | None:
         return self.folder(name).read_table()
 
     def save(self, name: str, table: pa.Table) -> pa.Table:
         self.folder(name).write_table(_PART, table)
+        if name == MATCHED:   # the driver places each bucket's output rows from these counts
+            self.stats[MATCHED] = table.num_rows
         return table
 
     def kept(self, name: str, make: Callable[[], pa.Table]) -> pa.Table:
