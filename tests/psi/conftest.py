@@ -46,8 +46,8 @@ def _tap(channel: Channel, log: list[Any]) -> None:
     """Record every value the party receives (a fault-injection style tap on recv)."""
     real = channel.recv
 
-    def recv(tag, timeout=None):
-        value = real(tag, timeout)
+    def recv(tag, timeout=None, **options):
+        value = real(tag, timeout, **options)
         log.append(value)
         return value
 

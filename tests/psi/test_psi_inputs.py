@@ -115,6 +115,38 @@ def test_spark_keyed_hash_and_bucket_equal_the_python_definitions(spark):
     assert len({r.b for r in rows}) > 1
 
 
+def test_buckets_are_ranges_of_the_hash_and_the_stream_order_is_private(tmp_path):
+    """Bucket b holds a contiguous range of psi_hash; within it the ids go out in an order keyed by
+    this party's private key: the same under the same key (a restarted party), not psi_hash order."""
+    import os
+
+    import pyarrow as pa
+
+    from fedps.algorithms.psi import buckets, driver
+    from fedps.algorithms.psi.storage import Folder
+    from fedps.algorithms.psi.stream import BucketIO
+
+    values = [f"user{i}" for i in range(3000)]
+    key, count = os.urandom(32), 6
+    work = Folder.at(tmp_path / "work")
+    driver._stage_local(pa.table({ids.ID: values, "x": list(range(len(values)))}), key, count, work.child("ids"))
+    highest = -1
+    for b in range(count):
+        staged = work.child("ids", f"_psi_bucket={b}").read_table()
+        hashes = sorted(staged.column("psi_hash").to_pylist())
+        assert hashes[0] > (highest.to_bytes(32, "big") if highest >= 0 else b"")   # ranges do not overlap
+        highest = int.from_bytes(hashes[-1], "big")
+        assert {buckets.bucket_of(key, v, count) for v in staged.column(ids.ID).to_pylist()} == {b}
+
+    def order(shuffle: bytes) -> list[str]:
+        return BucketIO(2, work, None, None, 100, 1.0, shuffle_key=shuffle).ids().column("id").to_pylist()
+
+    first, again, other = order(b"a" * 32), order(b"a" * 32), order(b"b" * 32)
+    by_hash = sorted(first, key=lambda v: buckets.keyed_hash(key, v))
+    assert first == again and sorted(first) == sorted(other) == sorted(by_hash)
+    assert first != other and first != by_hash and first != sorted(first)
+
+
 def test_key_shares_are_committed_before_they_are_revealed(make_parties, job_id):
     """Both parties derive the same keys; a share that differs from its commitment is refused."""
     import os

@@ -14,8 +14,9 @@ choice into a bucket of its choice; the broker never sees the shares (the
 channel seals them).
 
 Within a bucket each party orders its ids by a keyed hash under a private key
-that never leaves it, so the position of a value in a stream says nothing
-about the id behind it.
+that never leaves it (:func:`private_order`, kept in its resume state so a
+restarted party sends the same order), so the position of a value in a
+stream says nothing about the id behind it.
 """
 
 from __future__ import annotations
@@ -126,26 +127,28 @@ def bucket_column(key: bytes, column: Any, buckets: int) -> Any:
 
 
 #: Columns the staging adds to a party's rows (``stream.IDS`` in the work folder, by bucket).
-BUCKET, ORDER, HASH = "_psi_bucket", "_psi_order", "psi_hash"
+BUCKET, HASH = "_psi_bucket", "psi_hash"
 
 
 def staged(frame: Any, order_key: bytes, buckets: int) -> Any:
-    """The party's rows with ``psi_hash`` (the output's keyed hash), ``_psi_bucket`` (its range of
-    that hash) and ``_psi_order`` (a place in a private random order).
+    """The party's rows with ``psi_hash`` (the output's keyed hash) and ``_psi_bucket`` (its range
+    of that hash).
 
-    ``frame`` has the canonical id column ``_psi_id``. The private key of the
-    order is fresh per call and never leaves this party. Every hash runs in
+    ``frame`` has the canonical id column ``_psi_id``. The hash runs in
     Spark's JVM; the rows are staged whole, so that the task serving a bucket
     writes that bucket's output rows itself.
     """
     from pyspark.sql import functions as F
 
-    private = os.urandom(32)
-    column = F.col(ID)
     cores = frame.sparkSession.sparkContext.defaultParallelism
     if frame.rdd.getNumPartitions() < cores:  # one small file is one task: spread the hashing
         frame = frame.repartition(cores)
-    frame = frame.withColumn(HASH, keyed_hash_column(order_key, column))
-    return frame.select(*(F.col(f"`{c}`") for c in frame.columns if c not in (BUCKET, ORDER)),
-                        bucket_of_hash_column(F.col(HASH), buckets).alias(BUCKET),
-                        F.substring(keyed_hash_column(private, column), 1, 16).alias(ORDER))
+    frame = frame.withColumn(HASH, keyed_hash_column(order_key, F.col(ID)))
+    return frame.select(*(F.col(f"`{c}`") for c in frame.columns if c != BUCKET),
+                        bucket_of_hash_column(F.col(HASH), buckets).alias(BUCKET))
+
+
+def private_order(shuffle_key: bytes, hashes: list[bytes]) -> list[bytes]:
+    """A place for each id in an order only this party knows: keyed BLAKE2b of its ``psi_hash``
+    (the peer knows the order key, so ``psi_hash`` order is not private; this is)."""
+    return [hashlib.blake2b(h, digest_size=16, key=shuffle_key).digest() for h in hashes]

@@ -19,6 +19,7 @@ party cannot resume (it would need messages it has consumed), and says so.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
@@ -132,13 +133,14 @@ def run_psi(context: Any, params: params_module.PsiParams, channel: Any, scope: 
         run.step("0_stage_ids", tick)
         state = {"version": STATE_VERSION, "job": job, "peer_role": peer_role,
                  "keys": {"bucket": keys.bucket.hex(), "order": keys.order.hex()},
+                 "shuffle": os.urandom(32).hex(),   # the private order of this party's streams
                  "protocol": protocol.setup(run, None)}
         work.write_json(STATE, state, private=True)
     else:
         state = saved
 
     tick = time.perf_counter()                                                        # 5
-    plan = _plan(channel, run, work, params)
+    plan = dataclasses.replace(_plan(channel, run, work, params), shuffle_key=bytes.fromhex(state["shuffle"]))
     serve = protocol.server(run, state["protocol"])
     stats = serve_watched(context.spark if not local else None, plan, serve, local,
                           _abort_watch(channel, context.scope("psi").tag("abort")))
@@ -189,7 +191,8 @@ def _abort_watch(channel: Any, tag: Any) -> Any:
             time.sleep(seconds)
             return None
         try:   # run() watches this tag (stop_on): an abort that comes while waiting fails the receive
-            value = channel.recv(tag, timeout=seconds)
+            # patient: called every half second for the whole bucket phase, and an abort is rare
+            value = channel.recv(tag, timeout=seconds, patient=True)
         except PeerError as exc:
             return None if str(exc).startswith("timed out") else exc
         reason = value.get("abort") if isinstance(value, dict) else None
@@ -223,14 +226,11 @@ def _matched_counts(stats: list[dict[str, int]], work: Folder) -> list[int]:
 
 def _stage_local(rows: pa.Table, order_key: bytes, count: int, folder: Folder) -> None:
     """The rows of a small run, as :func:`buckets.staged` stages them, written from this process."""
-    private = os.urandom(32)
     texts = rows.column(ids.ID).to_pylist()
     hashes = [buckets.keyed_hash(order_key, v) for v in texts]
     if buckets.HASH in rows.column_names:
         rows = rows.drop_columns([buckets.HASH])
     rows = rows.append_column(buckets.HASH, pa.array(hashes, pa.binary()))
-    rows = rows.append_column(buckets.ORDER, pa.array([buckets.keyed_hash(private, v)[:16] for v in texts],
-                                                      pa.binary()))
     of = np.fromiter((buckets.bucket_of_hash(h, count) for h in hashes), dtype=np.int64, count=len(hashes))
     for bucket in np.unique(of).tolist():
         folder.child(f"{buckets.BUCKET}={bucket}").write_table(

@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fedps.algorithms.psi.buckets import HASH, ORDER
+from fedps.algorithms.psi.buckets import HASH
 from fedps.algorithms.psi.ids import ID
 from fedps.algorithms.psi.storage import Folder
 from fedps.algorithms.psi.stream import MATCHED, staged_folder, to_matrix
@@ -116,7 +116,7 @@ def write_bucket(work: Folder, rows: Folder, bucket: int, offset: int) -> tuple[
     if staged is None or matched is None or not matched.num_rows:
         return bucket, 0, 0, _EMPTY
     keep = pc.is_in(staged.column(ID), value_set=matched.column("id").combine_chunks())
-    chosen = staged.filter(keep).drop_columns([ID, ORDER]).sort_by([(HASH, "ascending")])
+    chosen = staged.filter(keep).drop_columns([ID]).sort_by([(HASH, "ascending")])
     hashes = to_matrix(chosen.column(HASH), 32)
     first = _first_of_each(hashes, None)
     table = chosen.append_column(INDEX, pa.array(offset + np.cumsum(first, dtype=np.int64) - 1))
@@ -132,7 +132,7 @@ def empty_rows(work: Folder) -> pa.Table:
     for folder in work.child(IDS).subfolders():
         schema = folder.schema()
         if schema is not None:
-            fields = [f for f in schema if f.name not in (ID, ORDER)]
+            fields = [f for f in schema if f.name != ID]
             return pa.schema([*fields, pa.field(INDEX, pa.int64())]).empty_table()
     return pa.schema([pa.field(HASH, pa.binary()), pa.field(INDEX, pa.int64())]).empty_table()
 

@@ -28,14 +28,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fedps.algorithms.psi.buckets import BUCKET, ORDER
+from fedps.algorithms.psi.buckets import BUCKET, HASH, private_order
 from fedps.algorithms.psi.ids import ID
 from fedps.algorithms.psi.storage import Folder
 from fedps.errors import DataError, PeerError, ProtocolError
 from fedps.messaging.tags import Message, Scope
 
 #: The staged rows in the work folder, one folder per bucket (``_psi_bucket=<b>``), with each row's
-#: ``psi_hash`` and its place in a private order (:func:`fedps.algorithms.psi.buckets.staged`).
+#: ``psi_hash`` (:func:`fedps.algorithms.psi.buckets.staged`).
 IDS = "ids"
 #: Each bucket's intersection ids (column ``id``, each once), which every protocol saves last.
 MATCHED = "matched"
@@ -78,6 +78,8 @@ class BucketIO:
     stats: dict[str, int] = field(default_factory=dict)
     #: Set by the driver when the peer aborted (a bucket served in the driver stops waiting).
     stop: Any = None
+    #: This party's private key of the order its ids are sent in (:func:`buckets.private_order`).
+    shuffle_key: bytes = b""
 
     def folder(self, name: str) -> Folder:
         return self.work.child(name, f"bucket={self.bucket}")
@@ -88,13 +90,15 @@ class BucketIO:
 
     def ids(self) -> pa.Table:
         """My ids of this bucket (column ``id``), each once, in their private order."""
-        table = self.staged().read_table([ORDER, ID])
+        table = self.staged().read_table([ID, HASH])
         if table is None:
             return pa.table({"id": pa.array([], pa.string())})
         if pc.count_distinct(table.column(ID)).as_py() < table.num_rows:   # on_duplicate = "keep"
-            once = table.group_by([ID]).aggregate([(ORDER, "min")])   # an id's rows share their order
-            table = pa.table({ORDER: once.column(f"{ORDER}_min"), ID: once.column(ID)})
-        return table.sort_by([(ORDER, "ascending"), (ID, "ascending")]).select([ID]).rename_columns(["id"])
+            once = table.group_by([ID]).aggregate([(HASH, "min")])   # an id's rows share their hash
+            table = pa.table({ID: once.column(ID), HASH: once.column(f"{HASH}_min")})
+        order = pa.array(private_order(self.shuffle_key, table.column(HASH).to_pylist()), pa.binary())
+        return pa.table({"id": table.column(ID), "_order": order}).sort_by(
+            [("_order", "ascending"), ("id", "ascending")]).select(["id"])
 
     def load(self, name: str) -> pa.Table | None:
         return self.folder(name).read_table()

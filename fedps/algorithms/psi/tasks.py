@@ -49,6 +49,8 @@ class BucketPlan:
     wait_s: float
     #: Most executor tasks (0: one per task slot).
     tasks: int = 0
+    #: The private key of the order this party sends its ids in (``BucketIO.shuffle_key``).
+    shuffle_key: bytes = b""
 
 
 def done_buckets(work: Folder) -> dict[int, dict[str, int]]:
@@ -66,7 +68,8 @@ def _serve_one(plan: BucketPlan, link: Any, bucket: int, fn: ServeFn, stop: Any 
     earlier = plan.work.child(DONE).read_json(marker)
     if earlier is not None:
         return {**earlier, "reused": 1}
-    io = BucketIO(bucket, plan.work, link, plan.scope, plan.batch_size, plan.wait_s, stop=stop)
+    io = BucketIO(bucket, plan.work, link, plan.scope, plan.batch_size, plan.wait_s, stop=stop,
+                  shuffle_key=plan.shuffle_key)
     started = time.perf_counter()
     fn(io)
     link.flush()
