@@ -203,11 +203,15 @@ def serve(secret: bytes, i_learn: bool, peer_learns: bool,
     """
     def run(io: BucketIO) -> None:
         own = _cached(cache, "own", io.bucket)
-        mine = io.kept("mine", lambda: _hash_and_blind(secret, io.ids(), io.stats, own))  # 1
+        ids = io.ids()
+        with io.crypto():
+            mine = io.kept("mine", lambda: _hash_and_blind(secret, ids, io.stats, own))   # 1
         io.send(SINGLE, mine.column("value"))                                   # 2
         peer_single = io.recv(SINGLE)                                           # 3
         io.stats["peer_ids"] = len(peer_single)
-        peer_double = _raise(secret, peer_single, io.stats, _cached(cache, "peer", io.bucket))  # 4
+        seen = _cached(cache, "peer", io.bucket)
+        with io.crypto():
+            peer_double = _raise(secret, peer_single, io.stats, seen)                  # 4
         if cache is not None:
             cache.child("own", f"bucket={io.bucket}").write_table(
                 "part-0.parquet", mine.select(["id", "value"]))

@@ -194,13 +194,17 @@ def serve_signer(key: PrivateKey, i_learn: bool, cache: Folder | None = None) ->
     """``cache`` (incremental PSI): my ids' tags under this same key from earlier runs."""
     def run(io: BucketIO) -> None:
         w = key.public.width
-        mine = io.kept("mine", lambda: _own_tags(key, io.ids(), io.stats, _cached(cache, io.bucket)))  # 2
+        ids, cached = io.ids(), _cached(cache, io.bucket)
+        with io.crypto():
+            mine = io.kept("mine", lambda: _own_tags(key, ids, io.stats, cached))     # 2
         _keep(cache, io.bucket, mine.column("id"), mine.column("value"))
         io.send(TAGS, mine.column("value"))
         blinded = io.recv(blinded_stream(w))                                    # 3
         io.stats["peer_ids"] = len(blinded)    # an incremental requester sends only its new ids
         io.stats["blinded_peer"] = len(blinded)
-        io.send(signed_stream(w), _sign(key, blinded))                          # 4
+        with io.crypto():
+            signed = _sign(key, blinded)                                        # 4
+        io.send(signed_stream(w), signed)
         if i_learn:
             matched = io.recv(MATCHED)                                          # 7
             keep = is_in(mine.column("value"), matched, TAG_BYTES)
