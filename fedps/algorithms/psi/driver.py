@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 SETTINGS = Message("settings", "either", "other", dict)
 ID_TYPE = Message("id_type", "either", "other", dict)
 STATE = "state.json"
-STATE_VERSION = 1
+STATE_VERSION = 2   # 2: rows staged by ranges of psi_hash, a private order key ("shuffle")
 LINK_LABEL = "psi"
 
 
@@ -123,11 +123,10 @@ def run_psi(context: Any, params: params_module.PsiParams, channel: Any, scope: 
     run = PsiRun(channel, scope.sub(params.protocol), params, context.role, peer, peer_role,
                  float(params.wait_s), timings, persistent=persistent)
     protocol = protocol_module(params.protocol)
-    rows = table.frame.toArrow() if local else None
     if saved is None:
         tick = time.perf_counter()                                                    # 4
         if local:
-            _stage_local(rows, keys.order, params.buckets, work.child(IDS))
+            _stage_local(table.frame.toArrow(), keys.order, params.buckets, work.child(IDS))
         else:
             _stage_spark(table.frame, keys.order, params.buckets, work.child(IDS))
         run.step("0_stage_ids", tick)

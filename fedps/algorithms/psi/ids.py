@@ -5,7 +5,7 @@ strings without leading zeros. A null or empty id and an id that occurs more
 than once are reported, then refused or dropped as ``job.params`` says; all
 of this happens before any cryptographic work. ``on_duplicate = "keep"``
 keeps every row of a repeated id (one-to-many, as FATE's sample_id/match_id):
-the cryptography sees each id once (:meth:`IdTable.distinct_ids`), the
+the cryptography sees each id once (``stream.BucketIO.ids``), the
 output holds all its rows.
 """
 
@@ -34,12 +34,9 @@ class IdTable:
     frame: Any  # pyspark DataFrame
     id_type: str  # "string" or "integer"
     report: dict[str, Any] = field(default_factory=dict)
-    #: Some ids name more than one row (``on_duplicate = "keep"``): stage ``distinct_ids``, write all rows.
+    #: Some ids name more than one row (``on_duplicate = "keep"``): all rows are staged and written,
+    #: and the task serving a bucket gives the cryptography each id once (``BucketIO.ids``).
     repeated: bool = False
-
-    def distinct_ids(self) -> Any:
-        """One row per id (column ``_psi_id``): what the PSI's cryptography is given."""
-        return self.frame.select(ID).distinct() if self.repeated else self.frame
 
 
 #: Text formats whose rows a PSI keeps as they are, in a column ``<format>_line`` (fedps.engine.formats).
