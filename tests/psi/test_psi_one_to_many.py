@@ -64,7 +64,9 @@ def test_spark_output_of_repeated_ids_equals_the_local_output(spark, tmp_path):
     from fedps.algorithms.psi.storage import Folder
 
     values = [f"u{i % 40}" for i in range(100)] + ["z1", "z2"]          # u0..u19: 3 rows, u20..u39: 2
-    rows = pd.DataFrame({ids.ID: values, "x0": [float(i) for i in range(len(values))]})
+    rows = pd.DataFrame({ids.ID: values, "x0": [float(i) for i in range(len(values))],
+                         "when": pd.Timestamp("2024-01-01 10:00:00.123456")
+                         + pd.to_timedelta(range(len(values)), unit="s")})
     matched = {f"u{i}" for i in range(0, 40, 3)} | {"z2"}
     key, buckets = b"k" * 32, 5
     manifests = {}
@@ -92,6 +94,14 @@ def test_spark_output_of_repeated_ids_equals_the_local_output(spark, tmp_path):
         assert list(frame["psi_hash"]) == sorted(frame["psi_hash"])
         assert list(frame["psi_index"]) == sorted(frame["psi_index"])
         assert sorted(set(frame["psi_index"])) == list(range(len(matched)))
+    # Spark reads both back with the output's own columns (not the staged files' stored schema), and
+    # the timestamps Spark staged as INT96 come back as Spark timestamps
+    for name in ("local", "spark"):
+        back = spark.read.parquet(str(tmp_path / name / "out" / "rows"))
+        assert back.columns == ["x0", "when", "psi_hash", "psi_index"]
+        assert dict(back.dtypes)["when"] == "timestamp"
+        assert sorted(r["when"] for r in back.collect()) == sorted(
+            w.to_pydatetime() for w in rows[rows[ids.ID].isin(matched)]["when"])
     a, b = a.sort_values("x0").reset_index(drop=True), b.sort_values("x0").reset_index(drop=True)
     assert a[["x0", "psi_index"]].equals(b[["x0", "psi_index"]]) and list(a["psi_hash"]) == list(b["psi_hash"])
     wanted = rows[rows[ids.ID].isin(matched)].sort_values("x0").reset_index(drop=True)

@@ -120,7 +120,7 @@ def write_bucket(work: Folder, rows: Folder, bucket: int, offset: int) -> tuple[
     hashes = to_matrix(chosen.column(HASH), 32)
     first = _first_of_each(hashes, None)
     table = chosen.append_column(INDEX, pa.array(offset + np.cumsum(first, dtype=np.int64) - 1))
-    rows.write_table(f"part-{bucket:05d}.parquet", table)
+    rows.write_table(f"part-{bucket:05d}.parquet", spark_readable(table))
     distinct = np.ascontiguousarray(hashes[first])
     return bucket, table.num_rows, len(distinct), hashlib.sha256(distinct.tobytes()).hexdigest()
 
@@ -133,8 +133,18 @@ def empty_rows(work: Folder) -> pa.Table:
         schema = folder.schema()
         if schema is not None:
             fields = [f for f in schema if f.name != ID]
-            return pa.schema([*fields, pa.field(INDEX, pa.int64())]).empty_table()
+            return spark_readable(pa.schema([*fields, pa.field(INDEX, pa.int64())]).empty_table())
     return pa.schema([pa.field(HASH, pa.binary()), pa.field(INDEX, pa.int64())]).empty_table()
+
+
+def spark_readable(table: pa.Table) -> pa.Table:
+    """``table`` as Spark reads it back: without the staged files' schema metadata (Spark would take
+    its stored schema, the staged columns, for the output's), and with its timestamps in
+    microseconds, UTC (Spark writes the staged timestamps as INT96, UTC instants, which pyarrow
+    reads as nanoseconds, and Spark cannot read nanoseconds)."""
+    fields = [pa.field(f.name, pa.timestamp("us", tz=f.type.tz or "UTC"), f.nullable, f.metadata)
+              if pa.types.is_timestamp(f.type) and f.type.unit == "ns" else f for f in table.schema]
+    return table.cast(pa.schema(fields)).replace_schema_metadata(None)
 
 
 def _first_of_each(hashes: np.ndarray, previous: bytes | None) -> np.ndarray:
