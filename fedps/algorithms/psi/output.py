@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 from fedps.algorithms.psi.buckets import HASH
 from fedps.algorithms.psi.ids import ID
 from fedps.algorithms.psi.storage import Folder
-from fedps.algorithms.psi.stream import MATCHED, staged_folder, to_matrix
+from fedps.algorithms.psi.stream import IDS, MATCHED, staged_folder, to_matrix
 from fedps.errors import DataError, ProtocolError
 from fedps.messaging.tags import Message, Scope
 
@@ -118,7 +118,7 @@ def write_bucket(work: Folder, rows: Folder, bucket: int, offset: int) -> tuple[
     keep = pc.is_in(staged.column(ID), value_set=matched.column("id").combine_chunks())
     chosen = staged.filter(keep).drop_columns([ID]).sort_by([(HASH, "ascending")])
     hashes = to_matrix(chosen.column(HASH), 32)
-    first = _first_of_each(hashes, None)
+    first = _first_of_each(hashes)
     table = chosen.append_column(INDEX, pa.array(offset + np.cumsum(first, dtype=np.int64) - 1))
     rows.write_table(f"part-{bucket:05d}.parquet", spark_readable(table))
     distinct = np.ascontiguousarray(hashes[first])
@@ -127,8 +127,6 @@ def write_bucket(work: Folder, rows: Folder, bucket: int, offset: int) -> tuple[
 
 def empty_rows(work: Folder) -> pa.Table:
     """No rows, with the columns the output's rows would have (from any staged bucket)."""
-    from fedps.algorithms.psi.stream import IDS
-
     for folder in work.child(IDS).subfolders():
         schema = folder.schema()
         if schema is not None:
@@ -147,12 +145,12 @@ def spark_readable(table: pa.Table) -> pa.Table:
     return table.cast(pa.schema(fields)).replace_schema_metadata(None)
 
 
-def _first_of_each(hashes: np.ndarray, previous: bytes | None) -> np.ndarray:
+def _first_of_each(hashes: np.ndarray) -> np.ndarray:
     """For rows of 32-byte hashes in order: whether each differs from the one before it."""
     if not len(hashes):
         return np.zeros(0, dtype=bool)
     new = np.empty(len(hashes), dtype=bool)
-    new[0] = previous is None or hashes[0].tobytes() != previous
+    new[0] = True
     new[1:] = np.any(hashes[1:] != hashes[:-1], axis=1)
     return new
 

@@ -85,13 +85,9 @@ class BucketIO:
     def folder(self, name: str) -> Folder:
         return self.work.child(name, f"bucket={self.bucket}")
 
-    def staged(self) -> Folder:
-        """This bucket's staged rows (``IDS``, written by the driver's staging step)."""
-        return staged_folder(self.work, self.bucket)
-
     def ids(self) -> pa.Table:
         """My ids of this bucket (column ``id``), each once, in their private order."""
-        table = self.staged().read_table([ID, HASH])
+        table = staged_folder(self.work, self.bucket).read_table([ID, HASH])
         if table is None:
             return pa.table({"id": pa.array([], pa.string())})
         if pc.count_distinct(table.column(ID)).as_py() < table.num_rows:   # on_duplicate = "keep"
