@@ -23,10 +23,13 @@ os.environ.setdefault("FEDPS_HOME", tempfile.mkdtemp(prefix="fedps-home-"))
 logging.getLogger("kafka").setLevel(logging.CRITICAL)
 # Every JVM of the tests (the session's Spark, each party's, spark-submit's) runs small data for a short
 # while: the C1 compiler alone halves the CPU a cold JVM spends (Spark start and the first layout, about
-# 20 s to 10 s on 2 cores), which the C2 compiler would only repay on long jobs.
+# 20 s to 10 s on 2 cores), which the C2 compiler would only repay on long jobs. C1 alone shrinks the
+# JVM's default code cache to 48 MB, which the session's Spark (alive for the whole run) filled in CI:
+# the JVM then failed a method-handle link inside a Spark call and the call never returned. So the
+# cache is set back to the tiered default's size.
 if "TieredStopAtLevel" not in os.environ.get("JAVA_TOOL_OPTIONS", ""):
-    os.environ["JAVA_TOOL_OPTIONS"] = " ".join(
-        filter(None, [os.environ.get("JAVA_TOOL_OPTIONS"), "-XX:TieredStopAtLevel=1"]))
+    os.environ["JAVA_TOOL_OPTIONS"] = " ".join(filter(None, [
+        os.environ.get("JAVA_TOOL_OPTIONS"), "-XX:TieredStopAtLevel=1", "-XX:ReservedCodeCacheSize=240m"]))
 
 
 @pytest.fixture(scope="session")
@@ -92,3 +95,28 @@ def job_id(request) -> str:
     import uuid
 
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+_exit_status = 0
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """A test thread wedged in a call that never returns (a timed-out test leaves it behind) would keep
+    the interpreter from exiting after the summary, and CI would wait for it until its own limit. Name
+    such threads and exit with pytest's status instead."""
+    import threading
+
+    stuck = [t for t in threading.enumerate()
+             if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if stuck:
+        sys.stdout.flush()
+        sys.stderr.write("tests left non-daemon threads running, exiting without waiting for them: "
+                         + ", ".join(t.name for t in stuck) + "\n")
+        sys.stderr.flush()
+        os._exit(_exit_status)

@@ -114,7 +114,7 @@ def psi_pair(spark, make_parties, job_id, tmp_path, monkeypatch):
             finally:
                 channel.close()
 
-        threads = [threading.Thread(target=party, args=pair) for pair in
+        threads = [threading.Thread(target=party, args=pair, daemon=True) for pair in
                    (("guest", "host"), ("host", "guest"))]
         for thread in threads:
             thread.start()
