@@ -95,7 +95,12 @@ def differences(mine: Mapping[str, Any], theirs: Mapping[str, Any], peer: str) -
     ours, yours = mine.get("settings") or {}, theirs.get("settings") or {}
     for key in sorted(set(ours) | set(yours)):
         if ours.get(key, _MISSING) != yours.get(key, _MISSING):
-            name = "the parties ([peers])" if key == "parties" else f"job.params.{key}"
+            if key == "parties":
+                name = "the parties ([peers])"
+            elif key.split(".")[-1] == "scheme":   # not a setting: the fedps versions bucket differently
+                name = "the PSI scheme (the parties' fedps versions differ)"
+            else:
+                name = f"job.params.{key}"
             found.append(line(name, ours.get(key, _MISSING), yours.get(key, _MISSING)))
     return found or [f"the job descriptors differ (digests {str(mine.get('digest'))[:12]} at {me}, "
                      f"{str(theirs.get('digest'))[:12]} at {peer})"]

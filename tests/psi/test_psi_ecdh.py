@@ -75,6 +75,16 @@ def test_ecdh_integer_ids_with_empty_and_full_overlap(psi_pair, overlap, fmt):
     assert out["guest"].manifest["digest"] == out["host"].manifest["digest"]
 
 
+def test_a_party_without_rows_ends_with_an_empty_output_that_keeps_its_columns(psi_pair):
+    """Nothing staged on the guest: its output file still has its input's columns (training reads them)."""
+    out = psi_pair([], [f"h{i}" for i in range(50)], protocol="ecdh", id_type="string")
+    for name in ("guest", "host"):
+        assert out[name].error is None, out[name].error
+        assert out[name].manifest["count"] == 0 and len(out[name].rows) == 0
+        assert list(out[name].rows.columns) == ["id", "x0", "psi_hash", "psi_index"], name
+    assert out["guest"].manifest["digest"] == out["host"].manifest["digest"]
+
+
 def test_ecdh_one_sided_result(psi_pair):
     guest, host, shared = random_sets(100, 100, 40, seed=7)
     out = psi_pair(guest, host, protocol="ecdh", result="guest")

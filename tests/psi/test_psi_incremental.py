@@ -7,6 +7,7 @@ embedded broker, real sealed channels), key files and caches on disk.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from types import SimpleNamespace
 
@@ -60,6 +61,22 @@ def test_a_second_run_blinds_only_the_new_ids_and_equals_a_run_from_scratch(psi_
         assert o.metrics["psi_blinded"] == _blinded(protocol, name, new[name], new[peer])   # only what is new
         assert _found(o) == plain and o.manifest["count"] == len(plain)
     assert second["guest"].manifest["digest"] == second["host"].manifest["digest"]
+    if protocol == "ecdh":   # only the changes went over the links, bucket by bucket
+        g, h = (second[name].metrics["psi_messages"] for name in ("guest", "host"))
+        assert g["changes_only"] == h["changes_only"] == 4
+        assert (g["ecdh_single_add_sent"], g["ecdh_drop_sent"]) == (15, 20)
+        assert (h["ecdh_single_add_sent"], h["ecdh_drop_sent"]) == (8, 0)
+        assert "ecdh_single_sent" not in g and "ecdh_single_sent" not in h
+        # the host lost what it kept of bucket 0: that bucket sends the whole sets again, the others
+        # only what changed (nothing); the same intersection and the same psi_hash (the same epoch)
+        shutil.rmtree(next((tmp_path / "keys").glob("host_psi_key.json.cache/*/own/bucket=0")))
+        again = psi_pair(guest2, host2, party_params=keys, protocol=protocol)
+        for name in ("guest", "host"):
+            o = again[name]
+            assert o.error is None, o.error
+            assert _found(o) == plain and o.metrics["psi_messages"]["changes_only"] == 3
+            assert o.metrics["psi_messages"]["ecdh_single_add_sent"] == 0
+        assert again["guest"].manifest["digest"] == second["guest"].manifest["digest"]
 
     # the guest's key has expired: both start a new epoch, everything blinded again, the same intersection
     path = tmp_path / "keys" / "guest_psi_key.json"

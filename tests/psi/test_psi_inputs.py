@@ -34,6 +34,21 @@ def test_shared_settings_must_agree():
         params.check_agreement(mine, {**mine, "buckets": 9}, "host")
 
 
+def test_a_peer_that_buckets_differently_is_refused():
+    """A fedps from before the range buckets sends no scheme: it would meet the wrong buckets."""
+    from fedps.engine.agreement import differences
+
+    mine = params.PsiParams(input="a").agreed_view()
+    older = {key: value for key, value in mine.items() if key != "scheme"}
+    with pytest.raises(ConfigError, match=r"buckets ids differently.*before 2"):
+        params.check_agreement(mine, older, "host")
+    with pytest.raises(ConfigError, match=r"scheme 3, ours 2"):
+        params.check_agreement(mine, {**mine, "scheme": 3}, "host")
+    lines = differences({"party": "guest", "digest": "a", "settings": mine},
+                        {"digest": "b", "settings": older}, "host")
+    assert any(line.startswith("the PSI scheme") for line in lines), lines
+
+
 def test_ids_are_canonicalised(spark, tmp_path):
     path = tmp_path / "ids.csv"
     path.write_text("id,x\n 007,1\n42 ,2\n-0,3\n+5,4\n")

@@ -130,3 +130,35 @@ def test_a_training_job_keeps_repeated_ids_only_on_the_guest(monkeypatch):
     assert "guest" in err.value.public
     config, raw = _training_config("host", "keep")
     assert psi_settings(config, raw, "job.params").on_duplicate == "keep"   # a PSI job: either side may keep
+
+
+def test_timestamps_outside_the_nanosecond_range_and_nested_ones_survive_the_output(spark, tmp_path):
+    """A 9999-12-31 sentinel, a year-1600 date and a timestamp inside a struct come back from the
+    output exactly, read by Spark (pyarrow would read Spark's default INT96 staging as nanoseconds)."""
+    import datetime
+
+    import pyarrow as pa
+
+    from fedps.algorithms.psi import driver, ids, output
+    from fedps.algorithms.psi.storage import Folder
+
+    when = [datetime.datetime(9999, 12, 31, 23, 59, 59, 999999), datetime.datetime(1600, 1, 1, 12, 0),
+            datetime.datetime(2024, 5, 6, 7, 8, 9, 123456)]
+    data = [(f"u{i}", float(i), when[i % 3], (when[(i + 1) % 3], i), [when[(i + 2) % 3]]) for i in range(30)]
+    frame = spark.createDataFrame(data, f"{ids.ID} string, x0 double, when timestamp, "
+                                        "extra struct<at: timestamp, n: int>, seen array<timestamp>")
+    work, out = Folder.at(tmp_path / "work"), Folder.at(tmp_path / "out")
+    driver._stage_spark(frame.repartition(2), b"k" * 32, 3, work.child("ids"))
+    matched = {f"u{i}" for i in range(0, 30, 2)}
+    counts = []
+    for b in range(3):
+        staged = work.child("ids", f"_psi_bucket={b}").read_table([ids.ID])
+        found = sorted(set(staged.column(ids.ID).to_pylist()) & matched) if staged is not None else []
+        work.child("matched", f"bucket={b}").write_table("part-0.parquet", pa.table({"id": pa.array(found, pa.string())}))
+        counts.append(len(found))
+    output.write_output(spark, work, out, counts)
+    back = spark.read.parquet(str(tmp_path / "out" / "rows"))
+    assert dict(back.dtypes)["when"] == "timestamp"
+    got = sorted((r["x0"], r["when"], r["extra"]["at"], r["extra"]["n"], list(r["seen"])) for r in back.collect())
+    wanted = sorted((x, w, e[0], e[1], s) for name, x, w, e, s in data if name in matched)
+    assert got == wanted

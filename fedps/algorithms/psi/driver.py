@@ -129,6 +129,8 @@ def run_psi(context: Any, params: params_module.PsiParams, channel: Any, scope: 
             _stage_local(table.frame.toArrow(), keys.order, params.buckets, work.child(IDS))
         else:
             _stage_spark(table.frame, keys.order, params.buckets, work.child(IDS))
+        if not table.report["ids"]:   # nothing staged: keep the rows' columns for the output's empty file
+            _stage_schema(table.frame, work.child(IDS))
         run.step("0_stage_ids", tick)
         state = {"version": STATE_VERSION, "job": job, "peer_role": peer_role,
                  "keys": {"bucket": keys.bucket.hex(), "order": keys.order.hex()},
@@ -236,10 +238,22 @@ def _stage_local(rows: pa.Table, order_key: bytes, count: int, folder: Folder) -
             "part-0.parquet", rows.filter(pa.array(of == bucket)))
 
 
+def _stage_schema(frame: Any, folder: Folder) -> None:
+    """No rows, with the staged columns, in ``<ids>/_schema/`` (read by :func:`output.empty_rows`;
+    no bucket reads it, and Spark skips folders whose name starts with an underscore)."""
+    fields = [f for f in frame.limit(0).toArrow().schema if f.name != buckets.HASH]
+    schema = pa.schema([*fields, pa.field(buckets.HASH, pa.binary())])
+    folder.child("_schema").write_table("part-0.parquet", schema.empty_table())
+
+
 def _stage_spark(frame: Any, order_key: bytes, count: int, folder: Folder) -> None:
-    """The rows, bucketed by Spark, as Parquet partitioned by bucket (``_psi_bucket=<b>/``)."""
+    """The rows, bucketed by Spark, as Parquet partitioned by bucket (``_psi_bucket=<b>/``).
+
+    Timestamps are written as INT64 microseconds, UTC, not Spark's default INT96: the bucket tasks
+    read them with pyarrow, which reads INT96 as nanoseconds (wrong outside 1677-2262)."""
     staged = buckets.staged(frame, order_key, count)
-    staged.write.mode("overwrite").partitionBy(buckets.BUCKET).parquet(folder.spark_path)
+    (staged.write.mode("overwrite").option("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+     .partitionBy(buckets.BUCKET).parquet(folder.spark_path))
 
 
 def _exchange_settings(context: Any, params: params_module.PsiParams, channel: Any, scope: Any,

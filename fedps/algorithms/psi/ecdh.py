@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable
 import gmpy2
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from nacl._sodium import ffi as _ffi, lib as _lib
 
 from fedps.algorithms.psi.storage import Folder
@@ -51,6 +52,11 @@ DST = b"fedps-psi-v1-with-curve25519_XMD:SHA-512_ELL2_NU_"
 POINT_BYTES = 32
 SINGLE = Stream("ecdh_single", "either", "other", POINT_BYTES)
 DOUBLE = Stream("ecdh_double", "either", "other", POINT_BYTES)
+#: Incremental PSI: what each party kept of the last run (two digests), then only the changes.
+BASE = Stream("ecdh_base", "either", "other", 2 * POINT_BYTES)
+SINGLE_ADD = Stream("ecdh_single_add", "either", "other", POINT_BYTES)
+DROP = Stream("ecdh_drop", "either", "other", POINT_BYTES)
+DOUBLE_ADD = Stream("ecdh_double_add", "either", "other", POINT_BYTES)
 
 _P = gmpy2.mpz(2**255 - 19)
 _A = gmpy2.mpz(486662)  # Curve25519: v^2 = u^3 + A u^2 + u
@@ -197,47 +203,158 @@ def serve(secret: bytes, i_learn: bool, peer_learns: bool,
     """The steps of one bucket, for :mod:`fedps.algorithms.psi.tasks`.
 
     ``cache`` (incremental PSI, :mod:`fedps.algorithms.psi.incremental`): the
-    folder of the sets blinded in earlier runs under the same ``secret``;
-    only ids and peer points not found there are blinded, and it is updated
+    folder of the sets kept from earlier runs under the same ``secret``. The
+    two tasks of the bucket first swap digests of what each kept (``ecdh_base``);
+    where both kept the same view of the last run, only the changes are sent
+    (:func:`_serve_changes`), else the whole sets are, and only ids and peer
+    points not found in the cache are blinded. Either way the cache is updated
     with this run's sets (ids removed since are dropped).
     """
     def run(io: BucketIO) -> None:
-        own = _cached(cache, "own", io.bucket)
-
-        def blind_mine() -> pa.Table:   # only when no earlier serving kept it; the crypto alone is timed
-            ids = io.ids()
-            with io.crypto():
-                return _hash_and_blind(secret, ids, io.stats, own)
-
-        mine = io.kept("mine", blind_mine)                                      # 1
-        io.send(SINGLE, mine.column("value"))                                   # 2
-        peer_single = io.recv(SINGLE)                                           # 3
-        io.stats["peer_ids"] = len(peer_single)
-        seen = _cached(cache, "peer", io.bucket)
-        with io.crypto():
-            peer_double = _raise(secret, peer_single, io.stats, seen)                  # 4
         if cache is not None:
-            cache.child("own", f"bucket={io.bucket}").write_table(
-                "part-0.parquet", mine.select(["id", "value"]))
-            cache.child("peer", f"bucket={io.bucket}").write_table(
-                "part-0.parquet", pa.table({"id": peer_single, "value": peer_double}))
-        if peer_learns:
-            io.send(DOUBLE, peer_double)                                        # 5
-        if not i_learn:
-            return
+            own, seen = _cached(cache, "own", io.bucket), _cached(cache, "peer", io.bucket)
+            base = io.kept("base", lambda: pa.table({"value": [_base(own, seen, i_learn)]}))
+            io.send(BASE, base.column("value"))
+            theirs = to_matrix(io.recv(BASE), BASE.width)
+            mine = to_matrix(base.column("value"), BASE.width)
+            if len(theirs) == 1 and _same_view(mine[0], theirs[0]):
+                io.stats["changes_only"] = 1
+                return _serve_changes(io, secret, i_learn, peer_learns, cache, own, seen)
+        _serve_sets(io, secret, i_learn, peer_learns, cache)
+    return run
+
+
+def _serve_sets(io: BucketIO, secret: bytes, i_learn: bool, peer_learns: bool, cache: Folder | None) -> None:
+    """Steps 1-7 over the whole sets (every run without a cache, and a cached run whose views differ)."""
+    own = _cached(cache, "own", io.bucket)
+
+    def blind_mine() -> pa.Table:   # only when no earlier serving kept it; the crypto alone is timed
+        ids = io.ids()
+        with io.crypto():
+            return _hash_and_blind(secret, ids, io.stats, own)
+
+    mine = io.kept("mine", blind_mine)                                          # 1
+    io.send(SINGLE, mine.column("value"))                                       # 2
+    peer_single = io.recv(SINGLE)                                               # 3
+    io.stats["peer_ids"] = len(peer_single)
+    seen = _cached(cache, "peer", io.bucket)
+    with io.crypto():
+        peer_double = _raise(secret, peer_single, io.stats, seen)              # 4
+    if peer_learns:
+        io.send(DOUBLE, peer_double)                                            # 5
+    mine_double = None
+    if i_learn:
         mine_double = io.recv(DOUBLE)                                           # 6
         if len(mine_double) != mine.num_rows:
             raise ProtocolError(f"the peer returned {len(mine_double)} points for bucket {io.bucket}, "
                                 f"where {mine.num_rows} were sent")
+    if cache is not None:   # before `matched`, which ends the bucket: a restart serves it again
+        kept = {"id": mine.column("id"), "value": mine.column("value")}
+        _keep(cache, io.bucket, pa.table(kept if mine_double is None else {**kept, "double": mine_double}),
+              pa.table({"id": peer_single, "value": peer_double}))
+    if i_learn:
         keep = is_in(mine_double, peer_double, POINT_BYTES)                     # 7
         io.save("matched", pa.table({"id": mine.column("id").filter(pa.array(keep))}))
-    return run
+
+
+def _serve_changes(io: BucketIO, secret: bytes, i_learn: bool, peer_learns: bool, cache: Folder,
+                   own: pa.Table, seen: pa.Table) -> None:
+    """The steps over what changed since the last run, both parties holding the same view of it.
+
+    Each party sends the single points of its added ids (``ecdh_single_add``, in its private
+    order) and those of its removed ids (``ecdh_drop``, sorted); the peer raises the added ones
+    and sends their doubles back (``ecdh_double_add``). Each side's view of the peer's set is the
+    kept one, less the dropped points, plus the added: the same sets as a run from scratch, so
+    the same intersection. Every step is a set operation, so serving the bucket again after a
+    restart (the cache already updated, or not) gives the same result.
+    """
+    ids = _plain(io.ids().column("id"))
+    known = _plain(own.column("id"))
+
+    def added() -> pa.Table:   # only when no earlier serving kept it
+        new = ids.filter(pc.invert(pc.is_in(ids, value_set=known)))
+        with io.crypto():
+            points = blind_all(secret, (encode_to_curve(i.encode()) for i in new.to_pylist()), len(new))
+        io.stats["blinded_own"] = len(new)
+        return with_seq({"id": new, "value": from_matrix(points)})
+
+    def removed() -> pa.Table:
+        gone = own.filter(pc.invert(pc.is_in(own.column("id"), value_set=ids)))
+        return gone.select(["value"]).sort_by([("value", "ascending")])   # a set: its order says nothing
+
+    add, drop = io.kept("add", added), io.kept("drop", removed)
+    io.send(SINGLE_ADD, add.column("value"))
+    io.send(DROP, drop.column("value"))
+    peer_add, peer_drop = io.recv(SINGLE_ADD), io.recv(DROP)
+    io.stats["peer_ids_added"], io.stats["peer_ids_dropped"] = len(peer_add), len(peer_drop)
+    with io.crypto():
+        peer_add_double = _raise(secret, peer_add, io.stats, None)
+    if peer_learns:
+        io.send(DOUBLE_ADD, peer_add_double)
+    add_double = None
+    if i_learn:
+        add_double = io.recv(DOUBLE_ADD)
+        if len(add_double) != add.num_rows:
+            raise ProtocolError(f"the peer returned {len(add_double)} points for bucket {io.bucket}, "
+                                f"where {add.num_rows} were sent")
+    # the peer's set: the kept one less its dropped and its added points (a restart may find them kept)
+    changed = pa.concat_arrays([_plain(peer_drop), _plain(peer_add)])
+    stay = seen.filter(pc.invert(pc.is_in(seen.column("id"), value_set=changed)))
+    peer = pa.concat_tables([stay.select(["id", "value"]),
+                             pa.table({"id": _plain(peer_add), "value": _plain(peer_add_double)})])
+    # mine: the kept rows of ids still here and not added again, plus the added ones
+    still = own.filter(pc.and_(pc.is_in(own.column("id"), value_set=ids),
+                               pc.invert(pc.is_in(own.column("id"), value_set=_plain(add.column("id"))))))
+    columns = ["id", "value"] + (["double"] if add_double is not None else [])
+    fresh = {"id": add.column("id"), "value": add.column("value")}
+    if add_double is not None:
+        fresh["double"] = add_double
+    mine = pa.concat_tables([still.select(columns), pa.table(fresh).select(columns)])
+    io.stats["peer_ids"] = peer.num_rows
+    _keep(cache, io.bucket, mine, peer)
+    if i_learn:
+        keep = is_in(mine.column("double"), peer.column("value"), POINT_BYTES)
+        io.save("matched", pa.table({"id": mine.column("id").filter(pa.array(keep))}))
+
+
+def _plain(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One Arrow array (a received stream, or a table's column)."""
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks() if values.num_chunks else pa.array([], values.type)
+    return values
+
+
+def _base(own: pa.Table | None, seen: pa.Table | None, i_learn: bool) -> bytes:
+    """What this party kept of the last run, as two digests: of its own single points and of the
+    peer's. A party that cannot serve the changes (nothing kept, or no doubles of its own ids where
+    it learns the result) sends random bytes, which match nothing."""
+    if own is None or seen is None or i_learn and "double" not in own.column_names:
+        return os.urandom(BASE.width)
+    return _set_digest(own.column("value")) + _set_digest(seen.column("id"))
+
+
+def _set_digest(values: pa.Array | pa.ChunkedArray) -> bytes:
+    """SHA-256 of a set of points (sorted, so the order they were kept in does not matter)."""
+    matrix = to_matrix(values, POINT_BYTES)
+    ordered = np.sort(matrix.view(f"V{POINT_BYTES}").ravel())
+    return hashlib.sha256(b"fedps/psi/ecdh/set\0" + ordered.tobytes()).digest()
+
+
+def _same_view(mine: np.ndarray, theirs: np.ndarray) -> bool:
+    """Whether each party kept the other's points as the other kept them (mine: own | peer's)."""
+    half = POINT_BYTES
+    return bool(np.array_equal(mine[:half], theirs[half:]) and np.array_equal(mine[half:], theirs[:half]))
+
+
+def _keep(cache: Folder, bucket: int, own: pa.Table, peer: pa.Table) -> None:
+    cache.child("own", f"bucket={bucket}").write_table("part-0.parquet", own)
+    cache.child("peer", f"bucket={bucket}").write_table("part-0.parquet", peer)
 
 
 def _cached(cache: Folder | None, name: str, bucket: int) -> pa.Table | None:
-    """``(id, value)`` kept by an earlier run: my ids and their points, or the peer's points and
-    their doubles."""
-    return None if cache is None else cache.child(name, f"bucket={bucket}").read_table(["id", "value"])
+    """Kept by an earlier run: my ids, their points (and their doubles where I learn the result),
+    or the peer's points and their doubles."""
+    return None if cache is None else cache.child(name, f"bucket={bucket}").read_table()
 
 
 def _reuse(keys: pa.Array, cached: pa.Table | None, width: int,

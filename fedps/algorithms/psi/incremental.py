@@ -13,14 +13,15 @@ where local)::
      "secret": <hex>}
 
 and, per bucket, beside it in ``<key_file>.cache/<epoch>/``: ``own/`` (its
-ids and their ``H(x)^a``) and ``peer/`` (the peer's ``H(y)^b`` and their
-``H(y)^(ab)``). A later run with the same partner, both key files of the
+ids and their ``H(x)^a``, and their ``H(x)^(ab)`` where it learns the result) and ``peer/``
+(the peer's ``H(y)^b`` and their ``H(y)^(ab)``). A later run with the same partner, both key files of the
 same epoch and younger than ``key_max_age_days`` on both sides, reuses them:
 it blinds only ids it has not blinded before and raises to its secret only
-peer points it has not seen before; the streams are the same as from
-scratch (every point is sent again, costing bandwidth, not cryptography), so
-an id removed since is simply not sent, and the result equals a run from
-scratch. Any difference (a party without a key file or with another epoch,
+peer points it has not seen before. With ECDH, a bucket whose two sides kept
+the same view of each other sends only the points added and removed since
+(:func:`fedps.algorithms.psi.ecdh.serve`); otherwise every point is sent again
+(bandwidth, not cryptography) and an id removed since is simply not sent.
+Either way the result equals a run from scratch. Any difference (a party without a key file or with another epoch,
 an expired key, other ``buckets`` or ``protocol``) starts a new epoch on both
 sides: fresh secrets, the fresh keys, the old cache deleted.
 

@@ -137,12 +137,27 @@ def empty_rows(work: Folder) -> pa.Table:
 
 def spark_readable(table: pa.Table) -> pa.Table:
     """``table`` as Spark reads it back: without the staged files' schema metadata (Spark would take
-    its stored schema, the staged columns, for the output's), and with its timestamps in
-    microseconds, UTC (Spark writes the staged timestamps as INT96, UTC instants, which pyarrow
-    reads as nanoseconds, and Spark cannot read nanoseconds)."""
-    fields = [pa.field(f.name, pa.timestamp("us", tz=f.type.tz or "UTC"), f.nullable, f.metadata)
-              if pa.types.is_timestamp(f.type) and f.type.unit == "ns" else f for f in table.schema]
-    return table.cast(pa.schema(fields)).replace_schema_metadata(None)
+    its stored schema, the staged columns, for the output's), and with every timestamp, nested ones
+    too, in microseconds (Spark cannot read nanoseconds; the staged files' INT96 values, UTC
+    instants, are read in microseconds already: :meth:`Folder.read_table`)."""
+    schema = pa.schema([pa.field(f.name, _in_micros(f.type), f.nullable, f.metadata) for f in table.schema])
+    # ns to us cannot overflow; it drops sub-microsecond digits, which Spark has no room for
+    return (table if schema.equals(table.schema) else table.cast(schema, safe=False)).replace_schema_metadata(None)
+
+
+def _in_micros(kind: pa.DataType) -> pa.DataType:
+    """``kind`` with each nanosecond timestamp in it (in structs, lists and maps) in microseconds."""
+    if pa.types.is_timestamp(kind):
+        return pa.timestamp("us", tz=kind.tz or "UTC") if kind.unit == "ns" else kind
+    if pa.types.is_struct(kind):
+        return pa.struct([pa.field(f.name, _in_micros(f.type), f.nullable, f.metadata) for f in kind])
+    if pa.types.is_map(kind):
+        return pa.map_(_in_micros(kind.key_type), _in_micros(kind.item_type))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        item = kind.value_field
+        item = pa.field(item.name, _in_micros(item.type), item.nullable, item.metadata)
+        return pa.list_(item) if pa.types.is_list(kind) else pa.large_list(item)
+    return kind
 
 
 def _first_of_each(hashes: np.ndarray) -> np.ndarray:

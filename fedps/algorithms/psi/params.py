@@ -26,6 +26,10 @@ _CHOICES = {
 }
 #: Settings that must be equal on both sides (the rest are each party's own business).
 SHARED = ("protocol", "buckets", "result", "rsa_key_holder", "rsa_bits", "dry_run")
+#: How ids are bucketed and ordered; two fedps versions that differ here would meet the wrong buckets
+#: and find a wrong intersection without an error. 2: buckets are ranges of the order key's hash (the
+#: version before sent no scheme and bucketed by a separate keyed hash modulo the bucket count).
+SCHEME = 2
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ class PsiParams:
 
     def agreed_view(self) -> dict[str, Any]:
         """The settings the peer must have set the same way."""
-        return {key: getattr(self, key) for key in SHARED}
+        return {"scheme": SCHEME, **{key: getattr(self, key) for key in SHARED}}
 
 
 def from_mapping(raw: Mapping[str, Any], base: Path) -> PsiParams:
@@ -131,6 +135,10 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> PsiParams:
 
 def check_agreement(mine: Mapping[str, Any], theirs: Mapping[str, Any], peer: str) -> None:
     """ConfigError naming the first shared setting the peer has set differently."""
+    if mine.get("scheme") != theirs.get("scheme"):
+        raise ConfigError(f"{peer} runs a fedps whose PSI buckets ids differently (scheme "
+                          f"{theirs.get('scheme', 'before 2')!r}, ours {mine.get('scheme')!r}); "
+                          f"both parties need a fedps with the same PSI scheme")
     for key in SHARED:
         if mine.get(key) != theirs.get(key):
             raise ConfigError(f"job.params.{key} is {mine.get(key)!r} here but {theirs.get(key)!r} "

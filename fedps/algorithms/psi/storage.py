@@ -102,7 +102,9 @@ class Folder:
         """The schema of this folder's first Parquet file, or None if it has none."""
         filesystem, _ = self._fs()
         files = self.files()
-        return pq.read_schema(files[0], filesystem=filesystem) if files else None
+        if not files:
+            return None
+        return pq.ParquetFile(files[0], filesystem=filesystem, coerce_int96_timestamp_unit="us").schema_arrow
 
     # ------------------------------------------------------------------ reading
     def read_text(self, name: str) -> str | None:
@@ -123,12 +125,17 @@ class Folder:
             raise DataError(f"{self.location}/{name} is not valid JSON") from None
 
     def read_table(self, columns: list[str] | None = None) -> pa.Table | None:
-        """Every Parquet file of this folder as one table, or None if it has none."""
+        """Every Parquet file of this folder as one table, or None if it has none.
+
+        Spark's INT96 timestamps are read in microseconds, Spark's own unit: in nanoseconds (pyarrow's
+        default) a date outside 1677-2262, such as a 9999-12-31 sentinel, would come back wrong.
+        """
         filesystem, _ = self._fs()
         files = self.files()
         if not files:
             return None
-        return pa.concat_tables(pq.read_table(f, columns=columns, filesystem=filesystem) for f in files)
+        return pa.concat_tables(pq.read_table(f, columns=columns, filesystem=filesystem,
+                                              coerce_int96_timestamp_unit="us") for f in files)
 
     # ------------------------------------------------------------------ writing
     def make(self) -> Folder:
