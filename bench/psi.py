@@ -271,7 +271,11 @@ def incremental_runs(spark, folder: Path, servers: str, n: int, buckets: int, lo
             "blinded_scratch_guest": scratch["guest"]["psi_blinded"],
             "blinded_incremental_guest": again["guest"]["psi_blinded"],
             "key": again["guest"]["psi_key"],
+            # buckets that sent only the changes (ECDH, both sides kept the same view of the last run)
+            "changes_only_buckets": again["guest"]["psi_messages"].get("changes_only", 0),
             "incremental_guest_timings": again["guest"]["psi_timings"],
+            "incremental_guest_buckets_ms": {k: v for k, v in again["guest"]["psi_messages"].items()
+                                             if k.endswith("_ms")},
             "scratch_guest_timings": scratch["guest"]["psi_timings"],
             "load_average": os.getloadavg()}
 

@@ -156,11 +156,12 @@ class Folder:
     def write_json(self, name: str, value: dict[str, Any], private: bool = False) -> None:
         self.write_bytes(name, json.dumps(value, indent=2, sort_keys=True).encode(), private)
 
-    def write_table(self, name: str, table: pa.Table) -> None:
-        """Write one Parquet file atomically."""
+    def write_table(self, name: str, table: pa.Table, compression: str = "snappy") -> None:
+        """Write one Parquet file atomically (``compression="none"`` for values that do not compress,
+        such as curve points)."""
         filesystem, path = self.make()._fs()
         temporary = f"{path}/.{name}.{uuid.uuid4().hex}.tmp"
-        pq.write_table(table, temporary, filesystem=filesystem)
+        pq.write_table(table, temporary, filesystem=filesystem, compression=compression)
         filesystem.move(temporary, f"{path}/{name}")
 
     def remove(self) -> None:
