@@ -97,26 +97,31 @@ def job_id(request) -> str:
     return f"t{uuid.uuid4().hex[:12]}"
 
 
-_exit_status = 0
+_session: list = []
 
 
-def pytest_sessionfinish(session, exitstatus):
-    global _exit_status
-    _exit_status = int(exitstatus)
+def pytest_sessionstart(session):
+    _session.append(session)
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
     """A test thread wedged in a call that never returns (a timed-out test leaves it behind) would keep
     the interpreter from exiting after the summary, and CI would wait for it until its own limit. Name
-    such threads and exit with pytest's status instead."""
+    such threads and exit with pytest's status instead (1 if the session never got one)."""
     import threading
 
-    stuck = [t for t in threading.enumerate()
-             if t is not threading.main_thread() and t.is_alive() and not t.daemon]
-    if stuck:
+    def stuck():
+        return [t for t in threading.enumerate()
+                if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+
+    for thread in stuck():   # a thread about to finish (an idle pool's worker) gets a moment
+        thread.join(1.0)
+    left = stuck()
+    if left:
+        status = getattr(_session[0], "exitstatus", 1) if _session else 1
         sys.stdout.flush()
         sys.stderr.write("tests left non-daemon threads running, exiting without waiting for them: "
-                         + ", ".join(t.name for t in stuck) + "\n")
+                         + ", ".join(t.name for t in left) + "\n")
         sys.stderr.flush()
-        os._exit(_exit_status)
+        os._exit(int(status))

@@ -12,7 +12,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from conftest import random_sets
+from conftest import assert_no_leak, random_sets
 
 from fedps.algorithms.psi import incremental
 from fedps.errors import ConfigError
@@ -67,6 +67,8 @@ def test_a_second_run_blinds_only_the_new_ids_and_equals_a_run_from_scratch(psi_
         assert (g["ecdh_single_add_sent"], g["ecdh_drop_sent"]) == (15, 20)
         assert (h["ecdh_single_add_sent"], h["ecdh_drop_sent"]) == (8, 0)
         assert "ecdh_single_sent" not in g and "ecdh_single_sent" not in h
+        # the changes carry no recognisable form of an id outside the intersection (as from scratch)
+        assert assert_no_leak(second, {"guest": guest2, "host": host2}, plain) > 0
         # the host lost what it kept of bucket 0: that bucket sends the whole sets again, the others
         # only what changed (nothing); the same intersection and the same psi_hash (the same epoch)
         shutil.rmtree(next((tmp_path / "keys").glob("host_psi_key.json.cache/*/own/bucket=0")))
@@ -103,3 +105,22 @@ def test_a_key_file_names_its_partner(tmp_path):
     from fedps.algorithms.psi.params import from_mapping
 
     assert from_mapping({"input": "x.csv", "key_file": "k.json"}, tmp_path).key_file == str(path)
+
+
+def test_a_restart_refuses_a_cache_that_changed_since_the_job_first_served_the_bucket(tmp_path):
+    """A bucket served again reuses what its first serving kept (digests, changes), which hold only
+    against the cache it found then or the one it wrote since; another run's cache is refused by name."""
+    from fedps.algorithms.psi import ecdh
+    from fedps.algorithms.psi.storage import Folder
+    from fedps.algorithms.psi.stream import BucketIO
+    from fedps.errors import DataError
+
+    cache = Folder.at(tmp_path / "cache")
+    io = BucketIO(3, Folder.at(tmp_path / "work"), None, None, 1, 1.0)
+    mine = ecdh._check_stamp(io, cache)                       # first serving: no cache yet
+    assert ecdh._check_stamp(io, cache) == mine               # served again before the rewrite
+    cache.child("stamps").write_json("bucket=3.json", {"stamp": mine})
+    assert ecdh._check_stamp(io, cache) == mine               # served again after this job's rewrite
+    cache.child("stamps").write_json("bucket=3.json", {"stamp": "another run"})
+    with pytest.raises(DataError, match=r"bucket 3 .*changed since this job first served"):
+        ecdh._check_stamp(io, cache)

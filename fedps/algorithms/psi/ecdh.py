@@ -45,7 +45,7 @@ from nacl._sodium import ffi as _ffi, lib as _lib
 from fedps.algorithms.psi.ids import ID
 from fedps.algorithms.psi.storage import Folder
 from fedps.algorithms.psi.stream import BucketIO, Stream, from_matrix, is_in, to_matrix, with_seq
-from fedps.errors import CryptoError, ProtocolError
+from fedps.errors import CryptoError, DataError, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,9 @@ def serve(secret: bytes, i_learn: bool, peer_learns: bool,
     with this run's sets (ids removed since are dropped).
     """
     def run(io: BucketIO) -> None:
+        stamp = ""
         if cache is not None:
+            stamp = _check_stamp(io, cache)
             own, seen = _cached(cache, "own", io.bucket), _cached(cache, "peer", io.bucket)
             base = io.kept("base", lambda: pa.table({"value": [_base(own, seen, i_learn)]}))
             io.send(BASE, base.column("value"))
@@ -220,12 +222,13 @@ def serve(secret: bytes, i_learn: bool, peer_learns: bool,
             mine = to_matrix(base.column("value"), BASE.width)
             if len(theirs) == 1 and _same_view(mine[0], theirs[0]):
                 io.stats["changes_only"] = 1
-                return _serve_changes(io, secret, i_learn, peer_learns, cache, own, seen)
-        _serve_sets(io, secret, i_learn, peer_learns, cache)
+                return _serve_changes(io, secret, i_learn, peer_learns, cache, own, seen, stamp)
+        _serve_sets(io, secret, i_learn, peer_learns, cache, stamp)
     return run
 
 
-def _serve_sets(io: BucketIO, secret: bytes, i_learn: bool, peer_learns: bool, cache: Folder | None) -> None:
+def _serve_sets(io: BucketIO, secret: bytes, i_learn: bool, peer_learns: bool, cache: Folder | None,
+                stamp: str = "") -> None:
     """Steps 1-7 over the whole sets (every run without a cache, and a cached run whose views differ)."""
     own = _cached(cache, "own", io.bucket)
 
@@ -252,14 +255,14 @@ def _serve_sets(io: BucketIO, secret: bytes, i_learn: bool, peer_learns: bool, c
     if cache is not None:   # before `matched`, which ends the bucket: a restart serves it again
         kept = {"id": mine.column("id"), "value": mine.column("value")}
         _keep(cache, io.bucket, pa.table(kept if mine_double is None else {**kept, "double": mine_double}),
-              pa.table({"id": peer_single, "value": peer_double}))
+              pa.table({"id": peer_single, "value": peer_double}), stamp)
     if i_learn:
         keep = is_in(mine_double, peer_double, POINT_BYTES)                     # 7
         io.save("matched", pa.table({"id": mine.column("id").filter(pa.array(keep))}))
 
 
 def _serve_changes(io: BucketIO, secret: bytes, i_learn: bool, peer_learns: bool, cache: Folder,
-                   own: pa.Table, seen: pa.Table) -> None:
+                   own: pa.Table | None, seen: pa.Table | None, stamp: str) -> None:
     """The steps over what changed since the last run, both parties holding the same view of it.
 
     Each party sends the single points of its added ids (``ecdh_single_add``, in its private
@@ -269,9 +272,13 @@ def _serve_changes(io: BucketIO, secret: bytes, i_learn: bool, peer_learns: bool
     the same intersection. Every step is a set operation, so serving the bucket again after a
     restart (the cache already updated, or not) gives the same result.
     """
+    if own is None or seen is None:   # kept when this job first served the bucket, gone since
+        raise DataError(f"the incremental cache of bucket {io.bucket} ({cache}) is gone since this job "
+                        f"first served the bucket; rerun the PSI under a new job id")
     staged = io.staged_ids()   # the whole set, unordered: only the added ids need their private order
-    ids = _plain(staged.column(ID))
-    known = _plain(own.column("id"))
+    ids = _plain(staged.column(ID)).cast(pa.string())
+    known = _plain(own.column("id")).cast(pa.string())
+    own = own.set_column(own.schema.get_field_index("id"), "id", known)
 
     def added() -> pa.Table:   # only when no earlier serving kept it
         new = _plain(io.in_private_order(staged.filter(pc.invert(pc.is_in(ids, value_set=known)))).column("id"))
@@ -313,7 +320,7 @@ def _serve_changes(io: BucketIO, secret: bytes, i_learn: bool, peer_learns: bool
         fresh["double"] = add_double
     mine = pa.concat_tables([still.select(columns), pa.table(fresh).select(columns)])
     io.stats["peer_ids"] = peer.num_rows
-    _keep(cache, io.bucket, mine, peer)
+    _keep(cache, io.bucket, mine, peer, stamp)
     if i_learn:
         keep = is_in(mine.column("double"), peer.column("value"), POINT_BYTES)
         io.save("matched", pa.table({"id": mine.column("id").filter(pa.array(keep))}))
@@ -348,10 +355,30 @@ def _same_view(mine: np.ndarray, theirs: np.ndarray) -> bool:
     return bool(np.array_equal(mine[:half], theirs[half:]) and np.array_equal(mine[half:], theirs[:half]))
 
 
-def _keep(cache: Folder, bucket: int, own: pa.Table, peer: pa.Table) -> None:
-    """Rewrite the bucket's cache (uncompressed: points do not compress, and it halves the time)."""
+_STAMPS = "stamps"
+
+
+def _check_stamp(io: BucketIO, cache: Folder) -> str:
+    """The bucket's cache must be the one this job found when it first served the bucket, or the one
+    it wrote since: a restart reuses what the first serving kept (its digests, its changes), which
+    hold only against those. Each rewrite of the cache leaves a fresh stamp (:func:`_keep`); returns
+    the one this job writes."""
+    found = (cache.child(_STAMPS).read_json(f"bucket={io.bucket}.json") or {}).get("stamp", "")
+    stamps = io.kept("cache_stamp", lambda: pa.table({"before": [found], "after": [os.urandom(16).hex()]}))
+    before, after = stamps.column("before")[0].as_py(), stamps.column("after")[0].as_py()
+    if found not in (before, after):
+        raise DataError(f"the incremental cache of bucket {io.bucket} ({cache}) changed since this job first "
+                        f"served the bucket (another run with the same key_file, or a new epoch); rerun "
+                        f"the PSI under a new job id")
+    return after
+
+
+def _keep(cache: Folder, bucket: int, own: pa.Table, peer: pa.Table, stamp: str) -> None:
+    """Rewrite the bucket's cache (uncompressed: points do not compress, and it halves the time),
+    then its stamp."""
     cache.child("own", f"bucket={bucket}").write_table("part-0.parquet", own, compression="none")
     cache.child("peer", f"bucket={bucket}").write_table("part-0.parquet", peer, compression="none")
+    cache.child(_STAMPS).write_json(f"bucket={bucket}.json", {"stamp": stamp})
 
 
 def _cached(cache: Folder | None, name: str, bucket: int) -> pa.Table | None:

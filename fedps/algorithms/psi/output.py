@@ -152,7 +152,10 @@ def _in_micros(kind: pa.DataType) -> pa.DataType:
     if pa.types.is_struct(kind):
         return pa.struct([pa.field(f.name, _in_micros(f.type), f.nullable, f.metadata) for f in kind])
     if pa.types.is_map(kind):
-        return pa.map_(_in_micros(kind.key_type), _in_micros(kind.item_type))
+        key, item = _in_micros(kind.key_type), _in_micros(kind.item_type)
+        if key == kind.key_type and item == kind.item_type:
+            return kind
+        return pa.map_(key, pa.field(kind.item_field.name, item, kind.item_field.nullable), kind.keys_sorted)
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         item = kind.value_field
         item = pa.field(item.name, _in_micros(item.type), item.nullable, item.metadata)

@@ -104,7 +104,8 @@ class Folder:
         files = self.files()
         if not files:
             return None
-        return pq.ParquetFile(files[0], filesystem=filesystem, coerce_int96_timestamp_unit="us").schema_arrow
+        with pq.ParquetFile(files[0], filesystem=filesystem, coerce_int96_timestamp_unit="us") as first:
+            return first.schema_arrow
 
     # ------------------------------------------------------------------ reading
     def read_text(self, name: str) -> str | None:
