@@ -3,6 +3,7 @@
     .venv/bin/python bench/psi.py --ecdh 1000000 --rsa 100000
     .venv/bin/python bench/psi.py --small 2 --ecdh 0 --rsa 0
     .venv/bin/python bench/psi.py --incremental 100000 --ecdh 0 --rsa 0
+    .venv/bin/python bench/psi.py --incremental 20000 --incremental-protocol rsa --ecdh 0 --rsa 0
     .venv/bin/python bench/psi.py --overhead 125000 --ecdh 0 --rsa 0
 
 ``--incremental n``: incremental ECDH (``job.params.key_file``): a first run
@@ -235,7 +236,8 @@ def crypto_floor_s(protocol: str, n: int, rate: dict[str, float], cores: int = 2
     return work / cores
 
 
-def incremental_runs(spark, folder: Path, servers: str, n: int, buckets: int, local_below: int) -> dict:
+def incremental_runs(spark, folder: Path, servers: str, n: int, buckets: int, local_below: int,
+                     protocol: str = "ecdh") -> dict:
     """A first run that starts an epoch; then, with 1% new ids a party, from scratch against incremental."""
     folder = folder / "incremental"
     folder.mkdir()
@@ -251,7 +253,7 @@ def incremental_runs(spark, folder: Path, servers: str, n: int, buckets: int, lo
         frame = pd.concat([frame, pd.DataFrame({"id": more, "x0": np.zeros(len(more))})], ignore_index=True)
         later[name] = folder / f"{name}_later.parquet"
         frame.to_parquet(later[name])
-    base = {"protocol": "ecdh", "buckets": buckets, "local_below": local_below, "tasks": 1}
+    base = {"protocol": protocol, "buckets": buckets, "local_below": local_below, "tasks": 1}
     keys = {name: {"key_file": str(folder / "keys" / f"{name}.json")} for name in paths}
 
     def pair(job: str, inputs: dict[str, Path], keep: bool) -> dict:
@@ -263,7 +265,7 @@ def incremental_runs(spark, folder: Path, servers: str, n: int, buckets: int, lo
     again = pair(f"bench-incr-again-{n}", later, True)
     if scratch["guest"]["psi_intersection"] != again["guest"]["psi_intersection"]:
         raise SystemExit("incremental: the incremental run found another intersection than from scratch")
-    return {"incremental_ids_per_party": n, "added_per_party": added,
+    return {"protocol": protocol, "incremental_ids_per_party": n, "added_per_party": added,
             "first_wall_s": round(first["wall_s"], 1), "scratch_wall_s": round(scratch["wall_s"], 1),
             "incremental_wall_s": round(again["wall_s"], 1),
             "ratio_incremental_to_scratch": round(again["wall_s"] / scratch["wall_s"], 3),
@@ -331,7 +333,9 @@ def main() -> int:
     parser.add_argument("--buckets", type=int, default=8)
     parser.add_argument("--small", type=int, default=0, help="rounds of the small-run ratio (0: skip)")
     parser.add_argument("--incremental", type=int, default=0,
-                        help="ids per party of the incremental ECDH run, 1%% added (0: skip)")
+                        help="ids per party of the incremental run, 1%% added (0: skip)")
+    parser.add_argument("--incremental-protocol", choices=("ecdh", "rsa"), default="ecdh",
+                        help="the protocol of the incremental run (RSA: 2048-bit keys, the host signs)")
     parser.add_argument("--slots", type=int, default=2,
                         help="task slots of the shared local Spark (local[N]; N above the 2 cores lets a task "
                              "that waits for its peer leave its core to another)")
@@ -354,7 +358,8 @@ def main() -> int:
         spark = start_spark(SparkConfig(master="local[2]", conf={"spark.sql.shuffle.partitions": "8"}))
         with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
             print(json.dumps(incremental_runs(spark, Path(tmp), broker.bootstrap_servers, args.incremental,
-                                              args.buckets, args.local_below)), flush=True)
+                                              args.buckets, args.local_below, args.incremental_protocol)),
+                  flush=True)
     if not (args.ecdh or args.rsa):
         return 0
     rows = []

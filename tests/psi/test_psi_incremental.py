@@ -61,6 +61,11 @@ def test_a_second_run_blinds_only_the_new_ids_and_equals_a_run_from_scratch(psi_
         assert o.metrics["psi_blinded"] == _blinded(protocol, name, new[name], new[peer])   # only what is new
         assert _found(o) == plain and o.manifest["count"] == len(plain)
     assert second["guest"].manifest["digest"] == second["host"].manifest["digest"]
+    if protocol == "rsa":   # the signer (the host) sent only its added and removed tags
+        g, h = (second[name].metrics["psi_messages"] for name in ("guest", "host"))
+        assert g["changes_only"] == h["changes_only"] == 4
+        assert (h["rsa_tags_add_sent"], h["rsa_tags_drop_sent"]) == (8, 0) and "rsa_tags_sent" not in h
+        assert g["peer_ids"] == len(host2)
     if protocol == "ecdh":   # only the changes went over the links, bucket by bucket
         g, h = (second[name].metrics["psi_messages"] for name in ("guest", "host"))
         assert g["changes_only"] == h["changes_only"] == 4
@@ -110,17 +115,16 @@ def test_a_key_file_names_its_partner(tmp_path):
 def test_a_restart_refuses_a_cache_that_changed_since_the_job_first_served_the_bucket(tmp_path):
     """A bucket served again reuses what its first serving kept (digests, changes), which hold only
     against the cache it found then or the one it wrote since; another run's cache is refused by name."""
-    from fedps.algorithms.psi import ecdh
     from fedps.algorithms.psi.storage import Folder
-    from fedps.algorithms.psi.stream import BucketIO
+    from fedps.algorithms.psi.stream import BucketIO, check_stamp
     from fedps.errors import DataError
 
     cache = Folder.at(tmp_path / "cache")
     io = BucketIO(3, Folder.at(tmp_path / "work"), None, None, 1, 1.0)
-    mine = ecdh._check_stamp(io, cache)                       # first serving: no cache yet
-    assert ecdh._check_stamp(io, cache) == mine               # served again before the rewrite
+    mine = check_stamp(io, cache)                       # first serving: no cache yet
+    assert check_stamp(io, cache) == mine               # served again before the rewrite
     cache.child("stamps").write_json("bucket=3.json", {"stamp": mine})
-    assert ecdh._check_stamp(io, cache) == mine               # served again after this job's rewrite
+    assert check_stamp(io, cache) == mine               # served again after this job's rewrite
     cache.child("stamps").write_json("bucket=3.json", {"stamp": "another run"})
     with pytest.raises(DataError, match=r"bucket 3 .*changed since this job first served"):
-        ecdh._check_stamp(io, cache)
+        check_stamp(io, cache)

@@ -44,7 +44,8 @@ from nacl._sodium import ffi as _ffi, lib as _lib
 
 from fedps.algorithms.psi.ids import ID
 from fedps.algorithms.psi.storage import Folder
-from fedps.algorithms.psi.stream import BucketIO, Stream, from_matrix, is_in, to_matrix, with_seq
+from fedps.algorithms.psi.stream import (BucketIO, Stream, check_stamp, from_matrix, is_in, set_digest,
+                                         to_matrix, with_seq, write_stamp)
 from fedps.errors import CryptoError, DataError, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ def serve(secret: bytes, i_learn: bool, peer_learns: bool,
     def run(io: BucketIO) -> None:
         stamp = ""
         if cache is not None:
-            stamp = _check_stamp(io, cache)
+            stamp = check_stamp(io, cache)
             own, seen = _cached(cache, "own", io.bucket), _cached(cache, "peer", io.bucket)
             base = io.kept("base", lambda: pa.table({"value": [_base(own, seen, i_learn)]}))
             io.send(BASE, base.column("value"))
@@ -339,14 +340,7 @@ def _base(own: pa.Table | None, seen: pa.Table | None, i_learn: bool) -> bytes:
     it learns the result) sends random bytes, which match nothing."""
     if own is None or seen is None or i_learn and "double" not in own.column_names:
         return os.urandom(BASE.width)
-    return _set_digest(own.column("value")) + _set_digest(seen.column("id"))
-
-
-def _set_digest(values: pa.Array | pa.ChunkedArray) -> bytes:
-    """SHA-256 of a set of points (sorted, so the order they were kept in does not matter)."""
-    matrix = to_matrix(values, POINT_BYTES)
-    ordered = np.sort(matrix.view(f"V{POINT_BYTES}").ravel())
-    return hashlib.sha256(b"fedps/psi/ecdh/set\0" + ordered.tobytes()).digest()
+    return set_digest(own.column("value"), POINT_BYTES) + set_digest(seen.column("id"), POINT_BYTES)
 
 
 def _same_view(mine: np.ndarray, theirs: np.ndarray) -> bool:
@@ -355,30 +349,12 @@ def _same_view(mine: np.ndarray, theirs: np.ndarray) -> bool:
     return bool(np.array_equal(mine[:half], theirs[half:]) and np.array_equal(mine[half:], theirs[:half]))
 
 
-_STAMPS = "stamps"
-
-
-def _check_stamp(io: BucketIO, cache: Folder) -> str:
-    """The bucket's cache must be the one this job found when it first served the bucket, or the one
-    it wrote since: a restart reuses what the first serving kept (its digests, its changes), which
-    hold only against those. Each rewrite of the cache leaves a fresh stamp (:func:`_keep`); returns
-    the one this job writes."""
-    found = (cache.child(_STAMPS).read_json(f"bucket={io.bucket}.json") or {}).get("stamp", "")
-    stamps = io.kept("cache_stamp", lambda: pa.table({"before": [found], "after": [os.urandom(16).hex()]}))
-    before, after = stamps.column("before")[0].as_py(), stamps.column("after")[0].as_py()
-    if found not in (before, after):
-        raise DataError(f"the incremental cache of bucket {io.bucket} ({cache}) changed since this job first "
-                        f"served the bucket (another run with the same key_file, or a new epoch); rerun "
-                        f"the PSI under a new job id")
-    return after
-
-
 def _keep(cache: Folder, bucket: int, own: pa.Table, peer: pa.Table, stamp: str) -> None:
     """Rewrite the bucket's cache (uncompressed: points do not compress, and it halves the time),
     then its stamp."""
     cache.child("own", f"bucket={bucket}").write_table("part-0.parquet", own, compression="none")
     cache.child("peer", f"bucket={bucket}").write_table("part-0.parquet", peer, compression="none")
-    cache.child(_STAMPS).write_json(f"bucket={bucket}.json", {"stamp": stamp})
+    write_stamp(cache, bucket, stamp)
 
 
 def _cached(cache: Folder | None, name: str, bucket: int) -> pa.Table | None:

@@ -27,7 +27,13 @@ sides: fresh secrets, the fresh keys, the old cache deleted.
 
 RSA (:mod:`fedps.algorithms.psi.rsa`): the signer adds the epoch's RSA key
 to its key file (``"rsa"``), the requester the public half; ``own/`` holds
-each party's tags, and the requester sends only ids without one.
+each party's tags, and the requester sends only ids without one; the
+requester keeps the signer's tags (``peer/``), and where both kept the same
+the signer sends only the tags added and removed since.
+
+Each rewrite of a bucket's cache leaves a stamp (``stamps/``): a restarted
+job refuses a cache that another run rewrote since
+(:func:`fedps.algorithms.psi.stream.check_stamp`).
 
 What reusing a key reveals is in docs/protocols.md ("Incremental PSI").
 """

@@ -25,7 +25,10 @@ process serving the bucket, over the bucket's partition of the PSI link:
 Incremental PSI (:mod:`fedps.algorithms.psi.incremental`): the signer keeps
 its key for the epoch (in its key file) and the tags of its ids; the
 requester keeps its ids' unblinded tags and blinds and sends only ids
-without one (so the signer signs only new ids of either side).
+without one (so the signer signs only new ids of either side). The requester
+also keeps the signer's tags; where both sides kept the same (``rsa_base``),
+the signer sends only the tags added and removed since (``rsa_tags_add``,
+``rsa_tags_drop``) instead of all of them (step 2).
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ from typing import Any, Callable
 import gmpy2
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric import rsa as rsa_keys
 
 from fedps.algorithms.psi.storage import Folder
-from fedps.algorithms.psi.stream import BucketIO, Stream, from_matrix, is_in, to_matrix, with_seq
-from fedps.errors import CryptoError, ProtocolError
+from fedps.algorithms.psi.stream import (BucketIO, Stream, check_stamp, from_matrix, is_in, set_digest,
+                                         to_matrix, with_seq, write_stamp)
+from fedps.errors import CryptoError, DataError, ProtocolError
 from fedps.messaging.tags import Message
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,10 @@ TAG_TAG = b"fedps-psi-v1-rsa-tag"
 TAG_BYTES = 32
 PUBLIC_KEY = Message("rsa_public_key", "signer", "requester", dict)
 TAGS = Stream("rsa_tags", "signer", "requester", TAG_BYTES)
+#: Incremental PSI: a digest of the signer's tags as each side kept them, then only the changes.
+BASE = Stream("rsa_base", "either", "other", TAG_BYTES)
+TAGS_ADD = Stream("rsa_tags_add", "signer", "requester", TAG_BYTES)
+TAGS_DROP = Stream("rsa_tags_drop", "signer", "requester", TAG_BYTES)
 MATCHED = Stream("rsa_matched", "requester", "signer", TAG_BYTES)
 
 
@@ -177,32 +186,57 @@ def _match(ids: pa.Array, values: pa.Array, peer_tags: pa.Array) -> pa.Table:
     return pa.table({"id": ids.filter(keep), "value": values.filter(keep)}).sort_by("value")
 
 
-def _unblind_and_match(key: PublicKey, mine: pa.Table, signed: pa.Array, peer_tags: pa.Array) -> pa.Table:
-    return _match(mine.column("id").combine_chunks(), _unblind(key, mine, signed), peer_tags)
+def _cached(cache: Folder | None, bucket: int, name: str = "own") -> pa.Table | None:
+    """Kept by an earlier run: ``own`` (my ids and their tags) or, at the requester, ``peer`` (the
+    signer's tags)."""
+    return None if cache is None else cache.child(name, f"bucket={bucket}").read_table()
 
 
-def _cached(cache: Folder | None, bucket: int) -> pa.Table | None:
-    return None if cache is None else cache.child("own", f"bucket={bucket}").read_table(["id", "value"])
-
-
-def _keep(cache: Folder | None, bucket: int, ids: pa.Array, tags: pa.Array) -> None:
+def _keep(cache: Folder | None, bucket: int, stamp: str, **tables: pa.Table) -> None:
     if cache is not None:
-        cache.child("own", f"bucket={bucket}").write_table("part-0.parquet", pa.table({"id": ids, "value": tags}))
+        for name, table in tables.items():
+            cache.child(name, f"bucket={bucket}").write_table("part-0.parquet", table, compression="none")
+        write_stamp(cache, bucket, stamp)
+
+
+def _views_agree(io: BucketIO, kept_tags: pa.Table | None) -> bool:
+    """Swap ``rsa_base`` (a digest of the signer's tags as this side kept them; random bytes if it
+    kept none) and say whether both kept the same set: then the signer sends only its changes."""
+    base = io.kept("base", lambda: pa.table({"value": [
+        os.urandom(TAG_BYTES) if kept_tags is None else set_digest(kept_tags.column("value"), TAG_BYTES)]}))
+    io.send(BASE, base.column("value"))
+    theirs = to_matrix(io.recv(BASE), TAG_BYTES)
+    same = len(theirs) == 1 and theirs[0].tobytes() == to_matrix(base.column("value"), TAG_BYTES)[0].tobytes()
+    if same:
+        io.stats["changes_only"] = 1
+    return same
 
 
 def serve_signer(key: PrivateKey, i_learn: bool, cache: Folder | None = None) -> Callable[[BucketIO], None]:
-    """``cache`` (incremental PSI): my ids' tags under this same key from earlier runs."""
+    """``cache`` (incremental PSI): my ids' tags under this same key from earlier runs; where the
+    requester kept the same tags of mine, only those added and removed since are sent."""
     def run(io: BucketIO) -> None:
         w = key.public.width
+        stamp = check_stamp(io, cache) if cache is not None else ""
+        old = _cached(cache, io.bucket)
 
         def sign_mine() -> pa.Table:   # only when no earlier serving kept it; the crypto alone is timed
-            ids, cached = io.ids(), _cached(cache, io.bucket)
+            ids = io.ids()
             with io.crypto():
-                return _own_tags(key, ids, io.stats, cached)
+                return _own_tags(key, ids, io.stats, old)
 
         mine = io.kept("mine", sign_mine)                                       # 2
-        _keep(cache, io.bucket, mine.column("id"), mine.column("value"))
-        io.send(TAGS, mine.column("value"))
+        if cache is not None and _views_agree(io, old):
+            known = old.column("id").cast(pa.string())
+            ids = mine.column("id").cast(pa.string())
+            add = io.kept("add", lambda: mine.filter(pc.invert(pc.is_in(ids, value_set=known))).select(["value"]))
+            drop = io.kept("drop", lambda: old.filter(pc.invert(pc.is_in(known, value_set=ids)))
+                           .select(["value"]).sort_by([("value", "ascending")]))   # a set: its order says nothing
+            io.send(TAGS_ADD, add.column("value"))
+            io.send(TAGS_DROP, drop.column("value"))
+        else:
+            io.send(TAGS, mine.column("value"))
+        _keep(cache, io.bucket, stamp, own=mine.select(["id", "value"]))
         blinded = io.recv(blinded_stream(w))                                    # 3
         io.stats["peer_ids"] = len(blinded)    # an incremental requester sends only its new ids
         io.stats["blinded_peer"] = len(blinded)
@@ -217,12 +251,16 @@ def serve_signer(key: PrivateKey, i_learn: bool, cache: Folder | None = None) ->
 
 
 def serve_requester(key: PublicKey, signer_learns: bool, cache: Folder | None = None) -> Callable[[BucketIO], None]:
-    """``cache`` (incremental PSI): my ids' unblinded tags under this same key from earlier runs;
-    only ids without one are blinded and sent to be signed."""
+    """``cache`` (incremental PSI): my ids' unblinded tags under this same key from earlier runs
+    (only ids without one are blinded and sent to be signed), and the signer's tags (where the
+    signer kept the same, it sends only those added and removed since)."""
     def run(io: BucketIO) -> None:
+        stamp = check_stamp(io, cache) if cache is not None else ""
         ids = io.ids()
         column = ids.column("id").combine_chunks() if ids.num_rows else pa.array([], pa.string())
         known = _known(_cached(cache, io.bucket), column)
+        theirs = _cached(cache, io.bucket, "peer")
+        changes = cache is not None and _views_agree(io, theirs)
 
         def fresh() -> pa.Table:
             new = [i for i, found in zip(column.to_pylist(), known) if found is None]
@@ -235,17 +273,34 @@ def serve_requester(key: PublicKey, signer_learns: bool, cache: Folder | None = 
         if len(signed) != mine.num_rows:
             raise ProtocolError(f"the key holder returned {len(signed)} signatures for bucket "
                                 f"{io.bucket}, where {mine.num_rows} values were sent")
-        peer_tags = io.recv(TAGS)                                               # 5
+        if changes:                                                             # 5
+            if theirs is None:   # kept when this job first served the bucket, gone since
+                raise DataError(f"the incremental cache of bucket {io.bucket} ({cache}) is gone since this "
+                                f"job first served the bucket; rerun the PSI under a new job id")
+            added, dropped = _plain(io.recv(TAGS_ADD)), _plain(io.recv(TAGS_DROP))
+            io.stats["peer_ids_added"], io.stats["peer_ids_dropped"] = len(added), len(dropped)
+            kept = _plain(theirs.column("value"))   # less the dropped, and the added (a restart may find them)
+            stay = kept.filter(pc.invert(pc.is_in(kept, value_set=pa.concat_arrays([dropped, added]))))
+            peer_tags = pa.concat_arrays([stay, added])
+        else:
+            peer_tags = _plain(io.recv(TAGS))
         io.stats["peer_ids"] = len(peer_tags)
         signed_now = dict(zip(mine.column("id").to_pylist(), _unblind(key, mine, signed).to_pylist()))  # 6
         tags = [signed_now[i] if i in signed_now else found for i, found in zip(column.to_pylist(), known)]
         values = pa.array(tags, pa.binary()) if tags else pa.array([], pa.binary())
-        _keep(cache, io.bucket, column, values)
+        _keep(cache, io.bucket, stamp, own=pa.table({"id": column, "value": values}),
+              peer=pa.table({"value": peer_tags}))
         matched = _match(column, values, peer_tags)
         if signer_learns:
             io.send(MATCHED, matched.column("value"))                           # 7
         io.save("matched", matched.select(["id"]))
     return run
+
+
+def _plain(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks() if values.num_chunks else pa.array([], values.type)
+    return values
 
 
 def setup(run: Any, saved: dict[str, Any] | None) -> dict[str, Any]:

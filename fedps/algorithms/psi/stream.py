@@ -19,6 +19,8 @@ blinding factor is never drawn twice for one id.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import time
 from contextlib import contextmanager
@@ -225,6 +227,36 @@ def is_in(values: pa.Array | pa.ChunkedArray, others: pa.Array | pa.ChunkedArray
     table: about 3x a Python set's speed)."""
     mine, theirs = from_matrix(to_matrix(values, width)), from_matrix(to_matrix(others, width))
     return pc.is_in(mine, value_set=theirs).to_numpy(zero_copy_only=False)
+
+
+def set_digest(values: pa.Array | pa.ChunkedArray, width: int) -> bytes:
+    """SHA-256 of a set of ``width``-byte values (sorted, so the order they were kept in does not
+    matter): what two parties compare to tell whether they kept the same view of a bucket."""
+    ordered = np.sort(to_matrix(values, width).view(f"V{width}").ravel())
+    return hashlib.sha256(b"fedps/psi/set\0" + width.to_bytes(2, "big") + ordered.tobytes()).digest()
+
+
+_STAMPS = "stamps"
+
+
+def check_stamp(io: BucketIO, cache: Folder) -> str:
+    """An incremental PSI's bucket cache must be the one this job found when it first served the
+    bucket, or the one it wrote since: a restart reuses what the first serving kept (digests,
+    changes, values under the epoch's key), which hold only against those. Each rewrite of the
+    cache leaves a fresh stamp (:func:`write_stamp`); returns the one this job writes."""
+    found = (cache.child(_STAMPS).read_json(f"bucket={io.bucket}.json") or {}).get("stamp", "")
+    stamps = io.kept("cache_stamp", lambda: pa.table({"before": [found], "after": [os.urandom(16).hex()]}))
+    before, after = stamps.column("before")[0].as_py(), stamps.column("after")[0].as_py()
+    if found not in (before, after):
+        raise DataError(f"the incremental cache of bucket {io.bucket} ({cache}) changed since this job first "
+                        f"served the bucket (another run with the same key_file, or a new epoch); rerun "
+                        f"the PSI under a new job id")
+    return after
+
+
+def write_stamp(cache: Folder, bucket: int, stamp: str) -> None:
+    """After a bucket's cache is rewritten: the stamp :func:`check_stamp` looks for."""
+    cache.child(_STAMPS).write_json(f"bucket={bucket}.json", {"stamp": stamp})
 
 
 _ERROR_LINE = re.compile(r"fedps\.errors\.(\w+): (.+)")
