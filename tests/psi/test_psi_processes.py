@@ -68,7 +68,7 @@ def _start(folder: Path, job: str, servers: str, protocol: str, extra: str,
         where = (f'output = "file://{folder}/{name}/psi", work = "file://{folder}/{name}/work", '
                  if uris else "")
         conf.write_text(_toml(job, name, peer, keys[peer], servers, f"{name}.csv",
-                              f'{where}protocol = "{protocol}", {extra}'.rstrip(", ")))
+                              f'{where}protocol = "{protocol}", {extra.replace("<name>", name)}'.rstrip(", ")))
         env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
         procs[name] = subprocess.Popen(_command(conf, folder, submit and name == "guest"),
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -106,3 +106,38 @@ def test_two_process_pairs_align_the_breast_data_with_both_protocols(tmp_path, b
     deadline = time.monotonic() + 840  # each process starts its own Spark: slow on a busy machine
     for protocol, procs in runs.items():
         _check(tmp_path / protocol, procs, deadline)
+
+
+@pytest.mark.timeout(900)
+def test_two_processes_align_incrementally_with_ids_added_and_removed(tmp_path, broker, job_id):
+    """A first run starts an epoch (each party its own key file); between the runs the guest drops
+    shared and unshared ids and the host adds ids the guest has: the second run reuses the epoch,
+    sends only the changes, and finds the plain intersection of the new sets."""
+    folder = tmp_path / "incremental"
+    first = _start(folder, f"{job_id}a", broker.bootstrap_servers, "ecdh", 'key_file = "<name>_psi_key.json"')
+    _check(folder, first, time.monotonic() + 400)
+    guest, host = pd.read_csv(folder / "guest.csv"), pd.read_csv(folder / "host.csv")
+    before = set(guest["id"]) & set(host["id"])
+    gone = sorted(before)[:10] + sorted(set(guest["id"]) - before)[:10]   # 10 shared ids, 10 of the guest's own
+    guest = guest[~guest["id"].isin(gone)]
+    host = pd.concat([host, pd.read_csv(DATA / "breast_hetero_host.csv").iloc[100:110]])   # 10 new ids
+    guest.to_csv(folder / "guest.csv", index=False)
+    host.to_csv(folder / "host.csv", index=False)
+    shared = set(guest["id"]) & set(host["id"])
+    assert before - shared and shared - before   # ids left the intersection and others joined it
+    procs = {}
+    for name in ("guest", "host"):
+        conf = folder / f"{name}.toml"
+        conf.write_text(conf.read_text().replace(f'id = "{job_id}a"', f'id = "{job_id}b"'))
+        procs[name] = subprocess.Popen(_command(conf, folder, False), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True,
+                                       env={**os.environ, "PYSPARK_PYTHON": sys.executable})
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, err[-3000:]
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["psi_key"] == "reused" and result["psi_intersection"] == len(shared)
+        assert result["psi_messages"]["changes_only"] == 3   # every bucket sent only its changes
+        rows = pd.read_parquet(folder / name / "psi" / "rows")
+        assert set(rows["id"].astype(int)) == shared
+    assert result["psi_blinded"] == {"own": 10, "peer": 0}   # the host's: its 10 new ids, no new guest id
