@@ -128,3 +128,17 @@ def test_a_restart_refuses_a_cache_that_changed_since_the_job_first_served_the_b
     cache.child("stamps").write_json("bucket=3.json", {"stamp": "another run"})
     with pytest.raises(DataError, match=r"bucket 3 .*changed since this job first served"):
         check_stamp(io, cache)
+
+
+def test_swapping_the_rsa_key_holder_within_an_epoch_draws_a_new_key(psi_pair, tmp_path):
+    """The new signer's key file holds only the public half of the old signer's key: it draws a
+    fresh key (both caches void) instead of failing on the missing private half."""
+    guest, host, _ = random_sets(80, 60, 25, seed=5)
+    keys = _keys(tmp_path)
+    first = psi_pair(guest, host, party_params=keys, protocol="rsa", rsa_key_holder="host")
+    second = psi_pair(guest, host, party_params=keys, protocol="rsa", rsa_key_holder="guest")
+    for outcome in (*first.values(), *second.values()):
+        assert outcome.error is None, outcome.error
+        assert outcome.manifest["count"] == 25
+    assert second["guest"].metrics["psi_key"] == "reused"
+    assert second["host"].metrics["psi_blinded"]["own"] == len(host)   # nothing signed under the old key reused

@@ -227,6 +227,8 @@ def serve_signer(key: PrivateKey, i_learn: bool, cache: Folder | None = None) ->
 
         mine = io.kept("mine", sign_mine)                                       # 2
         if cache is not None and _views_agree(io, old):
+            if old is None:   # kept when this job first served the bucket, gone since
+                raise _cache_gone(io.bucket, cache)
             known = old.column("id").cast(pa.string())
             ids = mine.column("id").cast(pa.string())
             add = io.kept("add", lambda: mine.filter(pc.invert(pc.is_in(ids, value_set=known))).select(["value"]))
@@ -261,6 +263,8 @@ def serve_requester(key: PublicKey, signer_learns: bool, cache: Folder | None = 
         known = _known(_cached(cache, io.bucket), column)
         theirs = _cached(cache, io.bucket, "peer")
         changes = cache is not None and _views_agree(io, theirs)
+        if changes and theirs is None:   # kept when this job first served the bucket, gone since
+            raise _cache_gone(io.bucket, cache)
 
         def fresh() -> pa.Table:
             new = [i for i, found in zip(column.to_pylist(), known) if found is None]
@@ -274,12 +278,10 @@ def serve_requester(key: PublicKey, signer_learns: bool, cache: Folder | None = 
             raise ProtocolError(f"the key holder returned {len(signed)} signatures for bucket "
                                 f"{io.bucket}, where {mine.num_rows} values were sent")
         if changes:                                                             # 5
-            if theirs is None:   # kept when this job first served the bucket, gone since
-                raise DataError(f"the incremental cache of bucket {io.bucket} ({cache}) is gone since this "
-                                f"job first served the bucket; rerun the PSI under a new job id")
-            added, dropped = _plain(io.recv(TAGS_ADD)), _plain(io.recv(TAGS_DROP))
+            added = _plain(io.recv(TAGS_ADD)).cast(pa.binary())
+            dropped = _plain(io.recv(TAGS_DROP)).cast(pa.binary())
             io.stats["peer_ids_added"], io.stats["peer_ids_dropped"] = len(added), len(dropped)
-            kept = _plain(theirs.column("value"))   # less the dropped, and the added (a restart may find them)
+            kept = _plain(theirs.column("value")).cast(pa.binary())   # less the dropped and the added
             stay = kept.filter(pc.invert(pc.is_in(kept, value_set=pa.concat_arrays([dropped, added]))))
             peer_tags = pa.concat_arrays([stay, added])
         else:
@@ -297,6 +299,11 @@ def serve_requester(key: PublicKey, signer_learns: bool, cache: Folder | None = 
     return run
 
 
+def _cache_gone(bucket: int, cache: Folder) -> DataError:
+    return DataError(f"the incremental cache of bucket {bucket} ({cache}) is gone since this job first "
+                     f"served the bucket; rerun the PSI under a new job id")
+
+
 def _plain(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     if isinstance(values, pa.ChunkedArray):
         return values.combine_chunks() if values.num_chunks else pa.array([], values.type)
@@ -312,7 +319,8 @@ def setup(run: Any, saved: dict[str, Any] | None) -> dict[str, Any]:
     extra = {"cache": persistent["cache"]} if persistent else {}
     if run.role == run.params.rsa_key_holder:
         kept = (persistent or {}).get("rsa")
-        if kept and int(kept["n"], 16).bit_length() == run.params.rsa_bits:
+        # a key file from when this party was the requester holds the public half only: a new key
+        if kept and "private" in kept and int(kept["n"], 16).bit_length() == run.params.rsa_bits:
             state = {**kept, "private": dict(kept["private"])}
         else:
             key = PrivateKey.generate(run.params.rsa_bits)
