@@ -44,9 +44,9 @@ from nacl._sodium import ffi as _ffi, lib as _lib
 
 from fedps.algorithms.psi.ids import ID
 from fedps.algorithms.psi.storage import Folder
-from fedps.algorithms.psi.stream import (BucketIO, Stream, check_stamp, from_matrix, is_in, set_digest,
-                                         to_matrix, with_seq, write_stamp)
-from fedps.errors import CryptoError, DataError, ProtocolError
+from fedps.algorithms.psi.stream import (BucketIO, Stream, cache_gone, check_stamp, from_matrix, is_in,
+                                         keep_cache, plain as _plain, set_digest, to_matrix, with_seq)
+from fedps.errors import CryptoError, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -213,10 +213,9 @@ def serve(secret: bytes, i_learn: bool, peer_learns: bool,
     with this run's sets (ids removed since are dropped).
     """
     def run(io: BucketIO) -> None:
-        stamp = ""
+        stamp = check_stamp(io, cache) if cache is not None else ""
+        own, seen = _cached(cache, "own", io.bucket), _cached(cache, "peer", io.bucket)
         if cache is not None:
-            stamp = check_stamp(io, cache)
-            own, seen = _cached(cache, "own", io.bucket), _cached(cache, "peer", io.bucket)
             base = io.kept("base", lambda: pa.table({"value": [_base(own, seen, i_learn)]}))
             io.send(BASE, base.column("value"))
             theirs = to_matrix(io.recv(BASE), BASE.width)
@@ -224,14 +223,14 @@ def serve(secret: bytes, i_learn: bool, peer_learns: bool,
             if len(theirs) == 1 and _same_view(mine[0], theirs[0]):
                 io.stats["changes_only"] = 1
                 return _serve_changes(io, secret, i_learn, peer_learns, cache, own, seen, stamp)
-        _serve_sets(io, secret, i_learn, peer_learns, cache, stamp)
+        _serve_sets(io, secret, i_learn, peer_learns, cache, own, seen, stamp)
     return run
 
 
 def _serve_sets(io: BucketIO, secret: bytes, i_learn: bool, peer_learns: bool, cache: Folder | None,
-                stamp: str = "") -> None:
-    """Steps 1-7 over the whole sets (every run without a cache, and a cached run whose views differ)."""
-    own = _cached(cache, "own", io.bucket)
+                own: pa.Table | None, seen: pa.Table | None, stamp: str) -> None:
+    """Steps 1-7 over the whole sets (every run without a cache, and a cached run whose views differ);
+    ``own`` and ``seen``: the cache's sets, whose points are reused."""
 
     def blind_mine() -> pa.Table:   # only when no earlier serving kept it; the crypto alone is timed
         ids = io.ids()
@@ -242,7 +241,6 @@ def _serve_sets(io: BucketIO, secret: bytes, i_learn: bool, peer_learns: bool, c
     io.send(SINGLE, mine.column("value"))                                       # 2
     peer_single = io.recv(SINGLE)                                               # 3
     io.stats["peer_ids"] = len(peer_single)
-    seen = _cached(cache, "peer", io.bucket)
     with io.crypto():
         peer_double = _raise(secret, peer_single, io.stats, seen)              # 4
     if peer_learns:
@@ -255,8 +253,9 @@ def _serve_sets(io: BucketIO, secret: bytes, i_learn: bool, peer_learns: bool, c
                                 f"where {mine.num_rows} were sent")
     if cache is not None:   # before `matched`, which ends the bucket: a restart serves it again
         kept = {"id": mine.column("id"), "value": mine.column("value")}
-        _keep(cache, io.bucket, pa.table(kept if mine_double is None else {**kept, "double": mine_double}),
-              pa.table({"id": peer_single, "value": peer_double}), stamp)
+        keep_cache(cache, io.bucket, stamp,
+                   own=pa.table(kept if mine_double is None else {**kept, "double": mine_double}),
+                   peer=pa.table({"id": peer_single, "value": peer_double}))
     if i_learn:
         keep = is_in(mine_double, peer_double, POINT_BYTES)                     # 7
         io.save("matched", pa.table({"id": mine.column("id").filter(pa.array(keep))}))
@@ -274,8 +273,7 @@ def _serve_changes(io: BucketIO, secret: bytes, i_learn: bool, peer_learns: bool
     restart (the cache already updated, or not) gives the same result.
     """
     if own is None or seen is None:   # kept when this job first served the bucket, gone since
-        raise DataError(f"the incremental cache of bucket {io.bucket} ({cache}) is gone since this job "
-                        f"first served the bucket; rerun the PSI under a new job id")
+        raise cache_gone(io.bucket, cache)
     staged = io.staged_ids()   # the whole set, unordered: only the added ids need their private order
     ids = _plain(staged.column(ID)).cast(pa.string())
     known = _plain(own.column("id")).cast(pa.string())
@@ -321,17 +319,10 @@ def _serve_changes(io: BucketIO, secret: bytes, i_learn: bool, peer_learns: bool
         fresh["double"] = add_double
     mine = pa.concat_tables([still.select(columns), pa.table(fresh).select(columns)])
     io.stats["peer_ids"] = peer.num_rows
-    _keep(cache, io.bucket, mine, peer, stamp)
+    keep_cache(cache, io.bucket, stamp, own=mine, peer=peer)
     if i_learn:
         keep = is_in(mine.column("double"), peer.column("value"), POINT_BYTES)
         io.save("matched", pa.table({"id": mine.column("id").filter(pa.array(keep))}))
-
-
-def _plain(values: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """One Arrow array (a received stream, or a table's column)."""
-    if isinstance(values, pa.ChunkedArray):
-        return values.combine_chunks() if values.num_chunks else pa.array([], values.type)
-    return values
 
 
 def _base(own: pa.Table | None, seen: pa.Table | None, i_learn: bool) -> bytes:
@@ -347,14 +338,6 @@ def _same_view(mine: np.ndarray, theirs: np.ndarray) -> bool:
     """Whether each party kept the other's points as the other kept them (mine: own | peer's)."""
     half = POINT_BYTES
     return bool(np.array_equal(mine[:half], theirs[half:]) and np.array_equal(mine[half:], theirs[:half]))
-
-
-def _keep(cache: Folder, bucket: int, own: pa.Table, peer: pa.Table, stamp: str) -> None:
-    """Rewrite the bucket's cache (uncompressed: points do not compress, and it halves the time),
-    then its stamp."""
-    cache.child("own", f"bucket={bucket}").write_table("part-0.parquet", own, compression="none")
-    cache.child("peer", f"bucket={bucket}").write_table("part-0.parquet", peer, compression="none")
-    write_stamp(cache, bucket, stamp)
 
 
 def _cached(cache: Folder | None, name: str, bucket: int) -> pa.Table | None:

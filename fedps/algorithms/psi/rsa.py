@@ -46,9 +46,9 @@ import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric import rsa as rsa_keys
 
 from fedps.algorithms.psi.storage import Folder
-from fedps.algorithms.psi.stream import (BucketIO, Stream, check_stamp, from_matrix, is_in, set_digest,
-                                         to_matrix, with_seq, write_stamp)
-from fedps.errors import CryptoError, DataError, ProtocolError
+from fedps.algorithms.psi.stream import (BucketIO, Stream, cache_gone, check_stamp, from_matrix, is_in,
+                                         keep_cache, plain as _plain, set_digest, to_matrix, with_seq)
+from fedps.errors import CryptoError, ProtocolError
 from fedps.messaging.tags import Message
 
 log = logging.getLogger(__name__)
@@ -194,9 +194,7 @@ def _cached(cache: Folder | None, bucket: int, name: str = "own") -> pa.Table | 
 
 def _keep(cache: Folder | None, bucket: int, stamp: str, **tables: pa.Table) -> None:
     if cache is not None:
-        for name, table in tables.items():
-            cache.child(name, f"bucket={bucket}").write_table("part-0.parquet", table, compression="none")
-        write_stamp(cache, bucket, stamp)
+        keep_cache(cache, bucket, stamp, **tables)
 
 
 def _views_agree(io: BucketIO, kept_tags: pa.Table | None) -> bool:
@@ -228,7 +226,7 @@ def serve_signer(key: PrivateKey, i_learn: bool, cache: Folder | None = None) ->
         mine = io.kept("mine", sign_mine)                                       # 2
         if cache is not None and _views_agree(io, old):
             if old is None:   # kept when this job first served the bucket, gone since
-                raise _cache_gone(io.bucket, cache)
+                raise cache_gone(io.bucket, cache)
             known = old.column("id").cast(pa.string())
             ids = mine.column("id").cast(pa.string())
             add = io.kept("add", lambda: mine.filter(pc.invert(pc.is_in(ids, value_set=known))).select(["value"]))
@@ -264,7 +262,7 @@ def serve_requester(key: PublicKey, signer_learns: bool, cache: Folder | None = 
         theirs = _cached(cache, io.bucket, "peer")
         changes = cache is not None and _views_agree(io, theirs)
         if changes and theirs is None:   # kept when this job first served the bucket, gone since
-            raise _cache_gone(io.bucket, cache)
+            raise cache_gone(io.bucket, cache)
 
         def fresh() -> pa.Table:
             new = [i for i, found in zip(column.to_pylist(), known) if found is None]
@@ -297,17 +295,6 @@ def serve_requester(key: PublicKey, signer_learns: bool, cache: Folder | None = 
             io.send(MATCHED, matched.column("value"))                           # 7
         io.save("matched", matched.select(["id"]))
     return run
-
-
-def _cache_gone(bucket: int, cache: Folder) -> DataError:
-    return DataError(f"the incremental cache of bucket {bucket} ({cache}) is gone since this job first "
-                     f"served the bucket; rerun the PSI under a new job id")
-
-
-def _plain(values: pa.Array | pa.ChunkedArray) -> pa.Array:
-    if isinstance(values, pa.ChunkedArray):
-        return values.combine_chunks() if values.num_chunks else pa.array([], values.type)
-    return values
 
 
 def setup(run: Any, saved: dict[str, Any] | None) -> dict[str, Any]:

@@ -254,9 +254,25 @@ def check_stamp(io: BucketIO, cache: Folder) -> str:
     return after
 
 
-def write_stamp(cache: Folder, bucket: int, stamp: str) -> None:
-    """After a bucket's cache is rewritten: the stamp :func:`check_stamp` looks for."""
+def keep_cache(cache: Folder, bucket: int, stamp: str, **tables: pa.Table) -> None:
+    """Rewrite the bucket's cache (``name=table``; uncompressed: points and tags do not compress,
+    and it halves the time), then leave the stamp :func:`check_stamp` looks for."""
+    for name, table in tables.items():
+        cache.child(name, f"bucket={bucket}").write_table(_PART, table, compression="none")
     cache.child(_STAMPS).write_json(f"bucket={bucket}.json", {"stamp": stamp})
+
+
+def cache_gone(bucket: int, cache: Folder) -> DataError:
+    """The error of a bucket whose cache was there when this job first served it and is gone now."""
+    return DataError(f"the incremental cache of bucket {bucket} ({cache}) is gone since this job first "
+                     f"served the bucket; rerun the PSI under a new job id")
+
+
+def plain(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One Arrow array (a received stream, or a table's column)."""
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks() if values.num_chunks else pa.array([], values.type)
+    return values
 
 
 _ERROR_LINE = re.compile(r"fedps\.errors\.(\w+): (.+)")
